@@ -1,0 +1,5 @@
+"""salt_tf: a deterministic, low-level TensorFlow 2 training system for TGS Salt Identification."""
+
+__version__ = "0.1.0"
+
+IMAGE_SIZE = 101  # The competition's images and masks are 101x101; the model keeps that size end to end.

@@ -1,0 +1,1 @@
+"""Data sources: the Kaggle layout, splits and the embedded synthetic demo set (no TensorFlow here)."""

@@ -1,0 +1,246 @@
+"""The Kaggle TGS Salt layout: ids, images, masks, depths and run-length encoding.
+
+    <root>/train/images/<id>.png   101x101 image (8-bit; gray or RGB with equal channels)
+    <root>/train/masks/<id>.png    101x101 mask (16-bit where salt exists, 8-bit where empty)
+    <root>/train.csv               id,rle_mask
+    <root>/depths.csv              id,z
+    <root>/test/images/<id>.png    unlabelled images
+
+No TensorFlow here: this module turns files into NumPy arrays, and every problem a user can cause
+(missing file, unreadable PNG, wrong size, malformed RLE, duplicate ids) is a `DataError` with one line
+naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from salt_tf import IMAGE_SIZE
+
+
+class DataError(ValueError):
+    """A problem with the user's data files; the message is one line naming the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run-length encoding, exactly as the competition defines it: pixels numbered from 1, top to bottom then
+# left to right (column-major), pairs "start length", runs in increasing order, "" for an empty mask.
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Encodes a 2-D binary mask as the competition's run-length string."""
+    pixels = np.asarray(mask, dtype=bool).flatten(order="F")
+    padded = np.concatenate([[False], pixels, [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1]) + 1  # 1-based positions where runs start/end
+    starts, ends = edges[0::2], edges[1::2]
+    return " ".join(f"{s} {e - s}" for s, e in zip(starts, ends))
+
+
+def rle_decode(rle: str | float | None, shape: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE),
+               what: str = "rle_mask") -> np.ndarray:
+    """Decodes a run-length string into a uint8 {0,1} mask of `shape`.
+
+    Pandas reads an empty rle_mask cell as NaN, so NaN/None/"" all mean "no salt". A malformed string
+    (odd count, non-integers, zero length, runs out of range, overlapping or unordered) raises DataError.
+    """
+    height, width = shape
+    mask = np.zeros(height * width, dtype=np.uint8)
+    if rle is None or (isinstance(rle, float) and np.isnan(rle)):
+        return mask.reshape((width, height)).T
+    tokens = str(rle).split()
+    if not tokens:
+        return mask.reshape((width, height)).T
+    if len(tokens) % 2:
+        raise DataError(f"{what}: run-length string has an odd number of values ({len(tokens)}); "
+                        "it must be 'start length' pairs")
+    try:
+        values = np.array([int(t) for t in tokens], dtype=np.int64)
+    except ValueError:
+        bad = next(t for t in tokens if not t.lstrip("+").isdigit())
+        raise DataError(f"{what}: run-length value {bad!r} is not a whole number") from None
+    starts, lengths = values[0::2], values[1::2]
+    if (starts < 1).any() or (lengths < 1).any():
+        raise DataError(f"{what}: run-length starts must be >= 1 and lengths >= 1")
+    ends = starts + lengths - 1
+    if ends.max() > height * width:
+        raise DataError(f"{what}: a run ends at pixel {ends.max()}, past the image's {height * width} pixels")
+    if (starts[1:] <= ends[:-1]).any():
+        raise DataError(f"{what}: runs overlap or are not in increasing order")
+    for start, length in zip(starts, lengths):
+        mask[start - 1:start - 1 + length] = 1
+    return mask.reshape((width, height)).T
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PNG reading.
+
+
+def read_png(path: str, *, kind: str) -> np.ndarray:
+    """Reads a 101x101 image (kind='image', uint8) or mask (kind='mask', uint8 {0,1}).
+
+    Images may be gray or RGB/RGBA with equal colour channels (Kaggle ships RGB); masks may be 8- or
+    16-bit. Anything else is a DataError naming the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if not raw:
+        raise DataError(f"{path}: file is empty; re-download or remove it")
+    array = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise DataError(f"{path}: not a readable image (truncated or not a PNG); re-download or remove it")
+    if array.ndim == 3:
+        channels = array.shape[2]
+        if channels not in (3, 4):
+            raise DataError(f"{path}: unexpected {channels}-channel image; expected gray or RGB")
+        colour = array[..., :3]
+        if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
+            raise DataError(f"{path}: colour channels differ; expected a gray image stored as gray or equal RGB")
+        array = colour[..., 0]
+    if array.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{path}: size {array.shape[1]}x{array.shape[0]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+    if kind == "mask":
+        return (array > 0).astype(np.uint8)
+    if array.dtype == np.uint16:  # a 16-bit image: keep 8 bits of dynamic range like the rest
+        array = (array >> 8).astype(np.uint8)
+    if array.dtype != np.uint8:
+        raise DataError(f"{path}: unsupported pixel type {array.dtype}; expected 8- or 16-bit")
+    return array
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+    """Writes a PNG atomically (temp file + rename), so an interrupted write never leaves half a file."""
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise DataError(f"{path}: could not encode PNG")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(encoded.tobytes())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The labelled set.
+
+
+@dataclasses.dataclass
+class LabelledSet:
+    """Images, masks and depths of a labelled set, row i belonging to ids[i]."""
+
+    ids: np.ndarray       # [N] str
+    images: np.ndarray    # [N, 101, 101] uint8
+    masks: np.ndarray     # [N, 101, 101] uint8 in {0,1}
+    depths: np.ndarray    # [N] float32, feet (NaN where depths.csv has no entry)
+
+    def coverage(self) -> np.ndarray:
+        """Fraction of salt pixels per image."""
+        return self.masks.reshape(len(self.ids), -1).mean(axis=1)
+
+    def subset(self, ids: Sequence[str]) -> "LabelledSet":
+        index = {i: k for k, i in enumerate(self.ids)}
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise DataError(f"ids not in the data set: {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''}")
+        rows = np.array([index[i] for i in ids], dtype=np.int64)
+        return LabelledSet(self.ids[rows], self.images[rows], self.masks[rows], self.depths[rows])
+
+
+def _read_csv(path: str, columns: Iterable[str]) -> pd.DataFrame:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found; is --data_dir the folder of the Kaggle download?")
+    try:
+        # utf-8-sig drops a BOM; pandas handles CRLF line ends itself. Ids stay strings ("0050766ae2").
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                            encoding_errors="replace")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError) as e:
+        raise DataError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    frame.columns = [c.strip() for c in frame.columns]
+    for column in columns:
+        if column not in frame.columns:
+            raise DataError(f"{path}: missing column {column!r}; expected columns {', '.join(columns)}")
+    frame["id"] = frame["id"].str.strip()
+    duplicated = frame["id"][frame["id"].duplicated()].unique()
+    if len(duplicated):
+        raise DataError(f"{path}: duplicate id {duplicated[0]!r} ({len(duplicated)} duplicated in all)")
+    return frame
+
+
+def read_depths(root: str) -> dict[str, float]:
+    frame = _read_csv(os.path.join(root, "depths.csv"), ("id", "z"))
+    try:
+        return dict(zip(frame["id"], frame["z"].astype(float)))
+    except ValueError:
+        raise DataError(f"{os.path.join(root, 'depths.csv')}: column z must hold numbers") from None
+
+
+def read_train_csv(root: str) -> pd.DataFrame:
+    """train.csv as a frame with columns id, rle_mask (strings; '' for no salt)."""
+    return _read_csv(os.path.join(root, "train.csv"), ("id", "rle_mask"))
+
+
+def train_ids(root: str) -> list[str]:
+    """The labelled ids, in train.csv order, checked against the image and mask folders."""
+    ids = list(read_train_csv(root)["id"])
+    for folder in ("images", "masks"):
+        directory = os.path.join(root, "train", folder)
+        if not os.path.isdir(directory):
+            raise DataError(f"{directory}: folder not found; expected the Kaggle layout train/{folder}/<id>.png")
+        on_disk = {os.path.splitext(n)[0] for n in os.listdir(directory) if n.endswith(".png")}
+        missing = [i for i in ids if i not in on_disk]
+        if missing:
+            raise DataError(f"{os.path.join(directory, missing[0] + '.png')}: listed in train.csv but missing "
+                            f"({len(missing)} missing in all)")
+    images = {os.path.splitext(n)[0] for n in os.listdir(os.path.join(root, "train", "images"))
+              if n.endswith(".png")}
+    masks = {os.path.splitext(n)[0] for n in os.listdir(os.path.join(root, "train", "masks"))
+             if n.endswith(".png")}
+    for name, extra in (("masks", masks - images), ("images", images - masks)):
+        if extra:
+            first = sorted(extra)[0]
+            other = "image" if name == "masks" else "mask"
+            raise DataError(f"{os.path.join(root, 'train', name, first + '.png')}: has no matching {other} "
+                            f"({len(extra)} such files); remove it or add the {other}")
+    return ids
+
+
+def load_labelled(root: str, ids: Sequence[str] | None = None) -> LabelledSet:
+    """Loads images, masks and depths of the labelled set (all of train.csv, or `ids`)."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: data folder not found; pass --data_dir=<Kaggle download> or --dataset=demo")
+    all_ids = train_ids(root)
+    ids = all_ids if ids is None else list(ids)
+    depths = read_depths(root)
+    images = np.stack([read_png(os.path.join(root, "train", "images", f"{i}.png"), kind="image") for i in ids])
+    masks = np.stack([read_png(os.path.join(root, "train", "masks", f"{i}.png"), kind="mask") for i in ids])
+    z = np.array([depths.get(i, np.nan) for i in ids], dtype=np.float32)
+    return LabelledSet(np.array(ids, dtype=object), images, masks, z)
+
+
+def list_images(directory: str) -> list[str]:
+    """Ids of the PNG files in a folder (e.g. test/images), sorted."""
+    if not os.path.isdir(directory):
+        raise DataError(f"{directory}: folder not found")
+    return sorted(os.path.splitext(n)[0] for n in os.listdir(directory) if n.lower().endswith(".png"))
+
+
+def fingerprint(root: str, ids: Sequence[str]) -> str:
+    """SHA-256 over the ids and the bytes of their image and mask files: changes when any input changes."""
+    digest = hashlib.sha256()
+    for i in sorted(ids):
+        digest.update(i.encode())
+        for folder in ("images", "masks"):
+            with open(os.path.join(root, "train", folder, f"{i}.png"), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()

@@ -1,0 +1,197 @@
+"""Per-image segmentation losses for TGS Salt, in plain TensorFlow.
+
+Every loss takes ``labels`` (0/1) and ``logits``, both [B, H, W, 1], and returns a per-image vector [B]:
+the distributed loop averages it over the *global* batch with ``tf.nn.compute_average_loss``, which a
+per-replica mean would get wrong. Inputs are cast to float32 so a mixed-precision model still gets a
+float32 loss. Only ops with deterministic kernels are used, so everything runs under
+``tf.config.experimental.enable_op_determinism()``: the Lovász sort is ``tf.math.top_k`` (ties go to the
+lower index), and no gradient flows through a sort, gather or scatter (see ``lovasz_hinge``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+LOSS_NAMES = ("bce", "focal", "dice", "lovasz", "lovasz_elu")
+
+
+def _flatten(labels, logits):
+    """[B, ...] -> float32 [B, N]; every loss reduces over axis 1 only, so each image keeps its own value."""
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.cast(labels, tf.float32)
+    batch = tf.shape(logits)[0]
+    return tf.reshape(labels, [batch, -1]), tf.reshape(logits, [batch, -1])
+
+
+def bce(labels, logits):
+    """Mean sigmoid cross-entropy over the pixels of each image; the TF op is stable for any logit."""
+    labels, logits = _flatten(labels, logits)
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits), axis=1)
+
+
+def focal(labels, logits, gamma=2.0, alpha=0.25):
+    """Binary focal loss (Lin et al. 2017), mean over the pixels of each image.
+
+    FL = -alpha_t * (1 - p_t)**gamma * log(p_t). Both factors come from log-sigmoids of the signed
+    logit, so neither the value nor the gradient overflows at extreme logits, even for gamma < 1.
+    ``alpha`` weights positive pixels and ``1 - alpha`` negative ones (0.25, as in the paper, down-weights
+    salt); ``alpha=None`` or a negative alpha turns the weighting off (alpha_t = 1).
+    """
+    labels, logits = _flatten(labels, logits)
+    signed = (2.0 * labels - 1.0) * logits  # log p_t = log_sigmoid(signed)
+    cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+    modulation = tf.exp(gamma * tf.math.log_sigmoid(-signed))  # (1 - p_t)**gamma
+    loss = modulation * cross_entropy
+    if alpha is not None and alpha >= 0:
+        loss *= labels * alpha + (1.0 - labels) * (1.0 - alpha)
+    return tf.reduce_mean(loss, axis=1)
+
+
+def dice(labels, logits, smooth=1.0):
+    """Soft Dice loss per image on sigmoid probabilities: 1 - (2*sum(p*y) + s) / (sum(p) + sum(y) + s).
+
+    The smoothing term keeps the ~39% empty-mask images defined: with smooth=1 an empty truth and an
+    all-zero prediction give loss 0, and any predicted salt on an empty image costs sum(p) / (sum(p) + 1).
+    """
+    labels, logits = _flatten(labels, logits)
+    probs = tf.sigmoid(logits)
+    intersection = tf.reduce_sum(probs * labels, axis=1)
+    total = tf.reduce_sum(probs, axis=1) + tf.reduce_sum(labels, axis=1)
+    return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+
+
+def _lovasz_weights(labels, errors):
+    """Per-pixel weights of the Lovász extension of the Jaccard loss, in the *unsorted* pixel order.
+
+    This is ``lovasz_grad`` of the reference applied to the labels sorted by decreasing error, then moved
+    back to the original pixel positions, so the loss is an elementwise product and a sum: its gradient
+    needs no gather/scatter kernel (those are where GPU nondeterminism hides). Constant w.r.t. logits.
+    """
+    _, order = tf.math.top_k(errors, k=tf.shape(errors)[1], sorted=True)
+    labels_sorted = tf.gather(labels, order, batch_dims=1)
+    positives = tf.reduce_sum(labels_sorted, axis=1, keepdims=True)
+    intersection = positives - tf.cumsum(labels_sorted, axis=1)
+    union = positives + tf.cumsum(1.0 - labels_sorted, axis=1)  # >= 1 everywhere, also on empty masks
+    jaccard = 1.0 - intersection / union
+    weights_sorted = tf.concat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=1)
+    return tf.gather(weights_sorted, tf.argsort(order, axis=1), batch_dims=1)
+
+
+def lovasz_hinge(labels, logits, elu_plus_one=False):
+    """Lovász hinge per image (Berman, Triki, Blaschko, CVPR 2018; ``lovasz_hinge_flat`` of LovaszSoftmax).
+
+    A convex surrogate of 1 - IoU: the Lovász extension of the Jaccard loss evaluated at relu(errors),
+    errors = 1 - logit * (2y - 1). Sort order and weights are treated as constants, as in the reference.
+    The weights sum to 1; a pixel gets a non-zero weight iff it is salt or ranks above the last-ranked
+    salt pixel, so confidently-negative pixels ranked below every salt pixel get no gradient at all.
+
+    Empty mask (no salt): every weight is 0 except 1 on the largest-error pixel, so the loss is
+    relu(1 + max logit): only the single most salt-like pixel gets gradient, and none once all logits
+    are below -1. ``elu_plus_one=True`` (used by top TGS solutions) replaces relu(e) with elu(e) + 1,
+    which is smooth and never flat: on an empty mask it is still one pixel, elu(1 + max logit) + 1, but it
+    keeps pushing that pixel down at any margin; on other masks every weighted pixel gets gradient,
+    including correctly classified ones with margin > 1 that plain relu ignores. Its minimum is 0 only as
+    logits go to +/- infinity, so expect a positive loss on a perfect prediction.
+    """
+    labels, logits = _flatten(labels, logits)
+    errors = 1.0 - logits * (2.0 * labels - 1.0)
+    weights = tf.stop_gradient(_lovasz_weights(labels, tf.stop_gradient(errors)))
+    margins = tf.nn.elu(errors) + 1.0 if elu_plus_one else tf.nn.relu(errors)
+    return tf.reduce_sum(margins * weights, axis=1)
+
+
+def _check_term(name, weight, spec, flag):
+    """Validate one (name, weight-text) pair; the error says what was wrong and what would work."""
+    if name not in LOSS_NAMES:
+        raise ValueError(f"{flag}: unknown loss {name!r} in {spec!r}; choose from {', '.join(LOSS_NAMES)}")
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{flag}: weight of {name!r} must be a positive finite number, got {str(weight)!r}")
+    return name, value
+
+
+def _check_terms(pairs, spec, flag):
+    if not pairs:
+        raise ValueError(f"{flag}: empty loss spec; give e.g. 'bce:1,lovasz:1'")
+    terms = tuple(_check_term(name, weight, spec, flag) for name, weight in pairs)
+    names = [name for name, _ in terms]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"{flag}: loss {name!r} appears more than once in {spec!r}; list each loss once")
+    return terms
+
+
+def parse_loss_spec(spec: str, flag: str = "--loss") -> tuple[tuple[str, float], ...]:
+    """Parse 'bce:1.0,lovasz:0.5' into (('bce', 1.0), ('lovasz', 0.5)); a bare name has weight 1.0.
+
+    Raises ValueError with a one-line message naming ``flag``, the bad part and the fix, so a typo in a
+    run's flags fails at start-up rather than after the first epoch.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{flag}: empty loss spec {spec!r}; give e.g. 'bce:1,lovasz:1'")
+    pairs = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"{flag}: empty item in {spec!r}; remove the stray comma")
+        name, sep, weight = item.partition(":")
+        pairs.append((name.strip(), weight.strip() if sep else "1.0"))
+    return _check_terms(pairs, spec, flag)
+
+
+def format_loss_spec(terms) -> str:
+    """Inverse of ``parse_loss_spec``, for logs and run configs."""
+    return ",".join(f"{name}:{weight:g}" for name, weight in terms)
+
+
+class CombinedLoss:
+    """Weighted sum of named losses, built once per spec; cheap enough to rebuild when a run switches loss.
+
+    ``spec`` is a string for ``parse_loss_spec`` or a sequence of (name, weight) pairs. Calling it returns
+    (per-image total [B], {name: unweighted per-image term [B]}) so the loop can log every term.
+    Two instances with the same spec compare equal, so a ``tf.function`` taking one as an argument
+    retraces only when the loss really changes.
+    """
+
+    def __init__(self, spec: str | Sequence[tuple[str, float]], focal_gamma=2.0, focal_alpha=0.25):
+        if isinstance(spec, str):
+            self.terms = parse_loss_spec(spec)
+        else:
+            pairs = [tuple(pair) for pair in spec]
+            self.terms = _check_terms(pairs, ",".join(f"{name}:{weight}" for name, weight in pairs), "--loss")
+        self.focal_gamma = focal_gamma
+        self.focal_alpha = focal_alpha
+        self._fns = {
+            "bce": bce,
+            "focal": lambda y, z: focal(y, z, gamma=focal_gamma, alpha=focal_alpha),
+            "dice": dice,
+            "lovasz": lovasz_hinge,
+            "lovasz_elu": lambda y, z: lovasz_hinge(y, z, elu_plus_one=True),
+        }
+
+    @property
+    def spec(self) -> str:
+        return format_loss_spec(self.terms)
+
+    def __call__(self, labels, logits):
+        parts = {name: self._fns[name](labels, logits) for name, _ in self.terms}
+        total = tf.add_n([weight * parts[name] for name, weight in self.terms])
+        return total, parts
+
+    def _key(self):
+        return (self.terms, self.focal_gamma, self.focal_alpha)
+
+    def __eq__(self, other):
+        return isinstance(other, CombinedLoss) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return f"CombinedLoss({self.spec!r}, focal_gamma={self.focal_gamma}, focal_alpha={self.focal_alpha})"

@@ -1,0 +1,446 @@
+"""Residual squeeze-and-excitation U-Net for 101x101 TGS salt images (Keras 3 layers).
+
+The model is meant to be driven by a custom ``tf.GradientTape`` loop (never ``fit``):
+
+    model = build_model(ModelConfig())
+    logits = model(images, training=True)   # [B, 101, 101, 1] float32 logits
+
+``training=True`` makes BatchNormalization use batch statistics and update its moving
+statistics (and enables spatial dropout if configured); ``training=False`` uses the
+frozen moving statistics and no dropout, so evaluation is deterministic.
+
+Architecture (widths for base_width=w, depth=D):
+
+    encoder/stem          conv3x3 -> w                                       101x101
+    encoder/level{L}      blocks_per_level residual blocks at w*2**L, then 2x2 max-pool
+                          ('valid', floor: 101 -> 50 -> 25 -> 12 -> 6 -> 3)
+    bottleneck            blocks_per_level residual blocks at w*2**D (+ spatial dropout)
+    decoder/level{L}      3x3 stride-2 transposed conv to w*2**L that lands exactly on the
+                          skip's size ('same' if skip == 2s, 'valid' if skip == 2s+1),
+                          concat with the skip (+ spatial dropout), residual blocks at w*2**L
+    head                  BN -> ReLU -> conv1x1 -> 1 logit channel
+
+Every sublayer is assigned to its own attribute (``self.block0``, ``self.level1``, ...),
+never kept in a Python list: Keras 3 wraps lists in its own tracker, which
+``tf.train.Checkpoint`` does not traverse, so list-held layers would silently be missing
+from checkpoints.  Attribute names equal the Keras layer names, which gives readable,
+stable ``variable.path`` values such as ``unet/encoder/level1/block0/se/squeeze/kernel``.
+
+This module deliberately contains no losses and no training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import keras
+from keras import ops
+
+from salt_tf import IMAGE_SIZE
+
+# He et al. 2015 ("Delving deep into rectifiers") initialisation: every convolution,
+# transposed convolution and dense kernel feeds (directly or through BN) a ReLU, so
+# variance scaling with gain 2 keeps activation variance roughly constant with depth.
+# Keras 3's "he_normal" is VarianceScaling(scale=2, mode="fan_in",
+# distribution="truncated_normal"): it samples a normal truncated at +-2 sigma with
+# sigma = sqrt(2 / fan_in) / 0.8796, so the std *after* truncation is sqrt(2 / fan_in).
+# Keras computes fan_in = prod(kernel_shape[:-1]); for Conv2DTranspose kernels, whose
+# layout is (kh, kw, filters, in_channels), that is kh * kw * filters.
+# It is given as a *string* on purpose: each layer then gets a fresh initializer whose seed
+# is drawn from Python's RNG (seeded by keras.utils.set_random_seed), so weights are
+# reproducible; a single shared unseeded initializer instance would hand identical
+# values to every same-shaped kernel.
+KERNEL_INITIALIZER = "he_normal"
+BIAS_INITIALIZER = "zeros"
+
+BN_MOMENTUM = 0.99  # Keras default.
+BN_EPSILON = 1e-3  # Keras default.
+
+MAX_DEPTH = 5  # 101 -> 50 -> 25 -> 12 -> 6 -> 3; a 6th pooling would leave 1x1.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    base_width: int = 16  # filters at level 0; doubles each level
+    depth: int = 4  # number of poolings (101->50->25->12->6 for depth 4); 1..5
+    blocks_per_level: int = 2  # residual blocks per encoder/decoder level and bottleneck
+    se: bool = True
+    se_ratio: int = 4  # SE reduction ratio r (hidden units = max(1, c // r))
+    dropout: float = 0.0  # spatial dropout at the bottleneck and after each skip concat
+    input_channels: int = 1  # 1 = image; 2 = image + depth plane
+
+    def __post_init__(self):
+        if self.base_width < 1:
+            raise ValueError(f"base_width must be >= 1, got {self.base_width}")
+        if not 1 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"depth must be in [1, {MAX_DEPTH}], got {self.depth}")
+        if self.blocks_per_level < 1:
+            raise ValueError(f"blocks_per_level must be >= 1, got {self.blocks_per_level}")
+        if self.se_ratio < 1:
+            raise ValueError(f"se_ratio must be >= 1, got {self.se_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.input_channels < 1:
+            raise ValueError(f"input_channels must be >= 1, got {self.input_channels}")
+
+
+def level_sizes(depth: int, image_size: int = IMAGE_SIZE) -> list[int]:
+    """Spatial sizes at levels 0..depth under 2x2 'valid' max-pooling (floor division)."""
+    sizes = [image_size]
+    for _ in range(depth):
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def level_width(config: ModelConfig, level: int) -> int:
+    return config.base_width * 2**level
+
+
+def upsample_padding(size_in: int, size_out: int) -> str:
+    """Padding for a 3x3 stride-2 transposed conv that maps size_in exactly to size_out.
+
+    'same' gives 2*s, 'valid' gives (s - 1) * 2 + 3 = 2*s + 1.
+    """
+    if size_out == 2 * size_in:
+        return "same"
+    if size_out == 2 * size_in + 1:
+        return "valid"
+    raise ValueError(f"cannot upsample {size_in} -> {size_out} with a 3x3 stride-2 kernel")
+
+
+def _conv(filters: int, kernel_size: int, name: str, use_bias: bool = True) -> keras.layers.Conv2D:
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        padding="same",
+        use_bias=use_bias,
+        kernel_initializer=KERNEL_INITIALIZER,
+        bias_initializer=BIAS_INITIALIZER,
+        name=name,
+    )
+
+
+def _dense(units: int, activation: str, name: str) -> keras.layers.Dense:
+    return keras.layers.Dense(
+        units,
+        activation=activation,
+        kernel_initializer=KERNEL_INITIALIZER,
+        bias_initializer=BIAS_INITIALIZER,
+        name=name,
+    )
+
+
+def _bn(name: str) -> keras.layers.BatchNormalization:
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+
+
+class SqueezeExcite(keras.layers.Layer):
+    """Channel gate of Hu et al. 2018: GAP -> dense(c//r, relu) -> dense(c, sigmoid) -> scale."""
+
+    def __init__(self, channels: int, ratio: int, name: str = "se", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.channels = channels
+        self.hidden = max(1, channels // ratio)
+        self.squeeze = _dense(self.hidden, "relu", "squeeze")
+        self.excite = _dense(channels, "sigmoid", "excite")
+
+    def call(self, x):
+        s = ops.mean(x, axis=(1, 2), keepdims=True)  # [B, 1, 1, c]
+        return x * self.excite(self.squeeze(s))
+
+
+class ResidualBlock(keras.layers.Layer):
+    """Pre-activation residual block with an optional SE gate on the residual branch.
+
+    Order: BN-ReLU-conv3x3-BN-ReLU-conv3x3 (He et al. 2016, "Identity Mappings in Deep
+    Residual Networks"). Putting BN and ReLU *before* each conv leaves the shortcut a pure
+    identity with nothing applied after the addition, so signals and gradients pass
+    unchanged between any two blocks; the paper shows this trains more easily and
+    generalises better than the original post-activation order. The SE gate rescales the
+    residual branch before the addition, exactly as in SE-ResNet (Hu et al. 2018), so the
+    identity path stays untouched.
+
+    When the width changes, the shortcut is a 1x1 projection. Following the authors'
+    reference pre-activation code ("both_preact"), the first BN-ReLU is then shared: the
+    projection reads the pre-activated input, so both branches see normalised features
+    (this matters for decoder blocks whose input is an un-normalised concatenation).
+    conv1 has no bias because BN2 immediately follows it (a bias would be cancelled).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        se: bool,
+        se_ratio: int,
+        name: str,
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.in_channels = in_channels
+        self.channels = channels
+        self.bn1 = _bn("bn1")
+        self.conv1 = _conv(channels, 3, "conv1", use_bias=False)
+        self.bn2 = _bn("bn2")
+        self.conv2 = _conv(channels, 3, "conv2")
+        self.se = SqueezeExcite(channels, se_ratio, name="se") if se else None
+        self.projection = _conv(channels, 1, "projection") if in_channels != channels else None
+
+    def call(self, x, training=False):
+        pre = ops.relu(self.bn1(x, training=training))
+        shortcut = x if self.projection is None else self.projection(pre)
+        y = self.conv1(pre)
+        y = self.conv2(ops.relu(self.bn2(y, training=training)))
+        if self.se is not None:
+            y = self.se(y)
+        return shortcut + y
+
+
+def _make_blocks(owner: keras.layers.Layer, config: ModelConfig, in_channels: int, channels: int) -> None:
+    """Attach blocks_per_level residual blocks to ``owner`` as attributes block0, block1, ..."""
+    owner.num_blocks = config.blocks_per_level
+    for i in range(config.blocks_per_level):
+        block = ResidualBlock(
+            in_channels if i == 0 else channels,
+            channels,
+            se=config.se,
+            se_ratio=config.se_ratio,
+            name=f"block{i}",
+        )
+        setattr(owner, f"block{i}", block)
+
+
+def _run_blocks(owner: keras.layers.Layer, x, training):
+    for i in range(owner.num_blocks):
+        x = getattr(owner, f"block{i}")(x, training=training)
+    return x
+
+
+def _spatial_dropout(rate: float):
+    return keras.layers.SpatialDropout2D(rate, name="dropout") if rate > 0 else None
+
+
+class EncoderLevel(keras.layers.Layer):
+    """Residual blocks at one width; returns (skip features, 2x2 max-pooled features)."""
+
+    def __init__(self, config: ModelConfig, level: int, name: str, **kwargs):
+        super().__init__(name=name, **kwargs)
+        in_channels = config.base_width if level == 0 else level_width(config, level - 1)
+        _make_blocks(self, config, in_channels, level_width(config, level))
+        self.pool = keras.layers.MaxPooling2D(pool_size=2, strides=2, padding="valid", name="pool")
+
+    def call(self, x, training=False):
+        skip = _run_blocks(self, x, training)
+        return skip, self.pool(skip)
+
+
+class Encoder(keras.layers.Layer):
+    def __init__(self, config: ModelConfig, name: str = "encoder", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.depth = config.depth
+        self.stem = _conv(config.base_width, 3, "stem")
+        for level in range(config.depth):
+            setattr(self, f"level{level}", EncoderLevel(config, level, name=f"level{level}"))
+
+    def call(self, x, training=False):
+        """Returns (deepest pooled features, [skip_0, ..., skip_{depth-1}])."""
+        x = self.stem(x)
+        skips = []
+        for level in range(self.depth):
+            skip, x = getattr(self, f"level{level}")(x, training=training)
+            skips.append(skip)
+        return x, skips
+
+
+class Bottleneck(keras.layers.Layer):
+    """Residual blocks at base_width * 2**depth, followed by spatial dropout (if enabled)."""
+
+    def __init__(self, config: ModelConfig, name: str = "bottleneck", **kwargs):
+        super().__init__(name=name, **kwargs)
+        _make_blocks(self, config, level_width(config, config.depth - 1), level_width(config, config.depth))
+        self.dropout = _spatial_dropout(config.dropout)
+
+    def call(self, x, training=False):
+        x = _run_blocks(self, x, training)
+        if self.dropout is not None:
+            x = self.dropout(x, training=training)
+        return x
+
+
+class DecoderLevel(keras.layers.Layer):
+    """Transposed-conv upsample onto the skip's exact size, concat, dropout, residual blocks."""
+
+    def __init__(self, config: ModelConfig, level: int, size_in: int, size_out: int, name: str, **kwargs):
+        super().__init__(name=name, **kwargs)
+        width = level_width(config, level)
+        self.size_out = size_out
+        self.upsample = keras.layers.Conv2DTranspose(
+            width,
+            3,
+            strides=2,
+            padding=upsample_padding(size_in, size_out),
+            kernel_initializer=KERNEL_INITIALIZER,
+            bias_initializer=BIAS_INITIALIZER,
+            name="upsample",
+        )
+        self.dropout = _spatial_dropout(config.dropout)
+        _make_blocks(self, config, 2 * width, width)
+
+    def call(self, x, skip, training=False):
+        x = ops.concatenate([self.upsample(x), skip], axis=-1)
+        if self.dropout is not None:
+            x = self.dropout(x, training=training)
+        return _run_blocks(self, x, training)
+
+
+class Decoder(keras.layers.Layer):
+    def __init__(self, config: ModelConfig, name: str = "decoder", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.depth = config.depth
+        sizes = level_sizes(config.depth)
+        for level in reversed(range(config.depth)):
+            setattr(
+                self,
+                f"level{level}",
+                DecoderLevel(config, level, sizes[level + 1], sizes[level], name=f"level{level}"),
+            )
+
+    def call(self, x, skips, training=False):
+        for level in reversed(range(self.depth)):
+            x = getattr(self, f"level{level}")(x, skips[level], training=training)
+        return x
+
+
+class Head(keras.layers.Layer):
+    """Final BN -> ReLU -> 1x1 conv to a single logit channel."""
+
+    def __init__(self, name: str = "head", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.bn = _bn("bn")
+        self.conv = _conv(1, 1, "conv")
+
+    def call(self, x, training=False):
+        return self.conv(ops.relu(self.bn(x, training=training)))
+
+
+class UNet(keras.Model):
+    """Residual SE U-Net. ``model(x, training=...)`` maps [B,101,101,C] to [B,101,101,1] logits."""
+
+    def __init__(self, config: ModelConfig, name: str = "unet", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.config = config
+        self.encoder = Encoder(config)
+        self.bottleneck = Bottleneck(config)
+        self.decoder = Decoder(config)
+        self.head = Head()
+
+    def blocks(self) -> Iterator[tuple[str, keras.layers.Layer]]:
+        """Top-level blocks in forward order as (display name, layer)."""
+        yield "encoder/stem", self.encoder.stem
+        for level in range(self.config.depth):
+            yield f"encoder/level{level}", getattr(self.encoder, f"level{level}")
+        yield "bottleneck", self.bottleneck
+        for level in reversed(range(self.config.depth)):
+            yield f"decoder/level{level}", getattr(self.decoder, f"level{level}")
+        yield "head", self.head
+
+    def trace(self, x, training=False) -> list[tuple[str, keras.layers.Layer, object]]:
+        """Runs the forward pass block by block; returns [(name, layer, output)] in order.
+
+        For encoder levels the recorded output is the skip (pre-pool) tensor. The final
+        entry's output equals ``self(x, training=training)``.
+        """
+        self._check_input(x)
+        record = []
+        x = self.encoder.stem(x)
+        record.append(("encoder/stem", self.encoder.stem, x))
+        skips = []
+        for level in range(self.config.depth):
+            layer = getattr(self.encoder, f"level{level}")
+            skip, x = layer(x, training=training)
+            skips.append(skip)
+            record.append((f"encoder/level{level}", layer, skip))
+        x = self.bottleneck(x, training=training)
+        record.append(("bottleneck", self.bottleneck, x))
+        for level in reversed(range(self.config.depth)):
+            layer = getattr(self.decoder, f"level{level}")
+            x = layer(x, skips[level], training=training)
+            record.append((f"decoder/level{level}", layer, x))
+        x = ops.cast(self.head(x, training=training), "float32")
+        record.append(("head", self.head, x))
+        return record
+
+    def _check_input(self, x) -> None:
+        shape = tuple(x.shape)
+        expected = (IMAGE_SIZE, IMAGE_SIZE, self.config.input_channels)
+        if len(shape) != 4 or any(s is not None and s != e for s, e in zip(shape[1:], expected)):
+            raise ValueError(f"expected input of shape [B, {IMAGE_SIZE}, {IMAGE_SIZE}, "
+                             f"{self.config.input_channels}], got {shape}")
+
+    def call(self, x, training=False):
+        self._check_input(x)
+        bottom, skips = self.encoder(x, training=training)
+        y = self.bottleneck(bottom, training=training)
+        y = self.decoder(y, skips, training=training)
+        return ops.cast(self.head(y, training=training), "float32")
+
+
+def build_model(config: ModelConfig) -> UNet:
+    """Creates the U-Net and builds all its variables for [None, 101, 101, C] float32 input.
+
+    Weights are reproducible: call ``keras.utils.set_random_seed(s)`` first.
+    """
+    model = UNet(config)
+    # One eager inference-mode call on a dummy batch creates every variable (nested under
+    # the parents' name scopes, which is what makes variable paths hierarchical) without
+    # touching the BN moving statistics.
+    model(ops.zeros((1, IMAGE_SIZE, IMAGE_SIZE, config.input_channels), "float32"), training=False)
+    return model
+
+
+def count_params(model: keras.Model) -> int:
+    """Total number of weights (trainable + non-trainable, e.g. BN moving stats).
+
+    Dropout RNG state (SeedGenerator) variables are not parameters and are excluded.
+    """
+    return int(sum(int(keras.ops.size(w)) for w in model.weights))
+
+
+def forward_flops_per_image(config: ModelConfig) -> int:
+    """Analytical forward FLOPs for one 101x101 image: 2 * MACs of convs, transposed convs
+    and dense layers. Biases, BN, ReLU, pooling, SE scaling, additions are ignored.
+
+    Conv kxk (same padding) on an HxW output: 2 * H * W * k * k * Cin * Cout.
+    Transposed conv: every input pixel scatters a k x k x Cout patch per input channel:
+    2 * Hin * Win * k * k * Cin * Cout.  Dense: 2 * in * out.
+    """
+    sizes = level_sizes(config.depth)
+
+    def conv(size, k, cin, cout):
+        return 2 * size * size * k * k * cin * cout
+
+    def block(size, cin, cout):
+        flops = conv(size, 3, cin, cout) + conv(size, 3, cout, cout)
+        if cin != cout:
+            flops += conv(size, 1, cin, cout)
+        if config.se:
+            hidden = max(1, cout // config.se_ratio)
+            flops += 2 * cout * hidden + 2 * hidden * cout
+        return flops
+
+    def blocks(size, cin, cout):
+        return sum(block(size, cin if i == 0 else cout, cout) for i in range(config.blocks_per_level))
+
+    w = lambda level: level_width(config, level)  # noqa: E731
+    total = conv(sizes[0], 3, config.input_channels, config.base_width)
+    for level in range(config.depth):
+        cin = config.base_width if level == 0 else w(level - 1)
+        total += blocks(sizes[level], cin, w(level))
+    total += blocks(sizes[config.depth], w(config.depth - 1), w(config.depth))
+    for level in reversed(range(config.depth)):
+        s_in = sizes[level + 1]
+        total += 2 * s_in * s_in * 9 * w(level + 1) * w(level)
+        total += blocks(sizes[level], 2 * w(level), w(level))
+    total += conv(sizes[0], 1, config.base_width, 1)
+    return int(total)

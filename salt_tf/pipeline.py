@@ -1,0 +1,105 @@
+"""tf.data input pipelines: in-memory cache, stateless augmentation, batching, prefetch.
+
+Every random choice is a pure function of (seed, epoch, example index):
+  * the order of an epoch is a NumPy permutation seeded by (seed, epoch);
+  * an example's augmentation draws from a stateless key folded from (seed, epoch, index).
+So the batches of epoch e are the same whether the run started at epoch 0 or resumed at e, and parallel
+`map` calls cannot change them (stateful random ops would also force tf.data to run serially under op
+determinism). The whole labelled set is ~40 MB decoded, so it lives in memory as two tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from salt_tf import IMAGE_SIZE
+from salt_tf.data.kaggle import LabelledSet
+
+DEPTH_SCALE = 1000.0  # TGS depths are 50..960 feet; z / 1000 puts the depth plane on the image's scale.
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    hflip: bool = True      # left-right mirror: geology has no preferred horizontal direction
+    translate: int = 0      # max shift in pixels along each axis; the uncovered border is reflected
+
+    def __post_init__(self):
+        if not 0 <= self.translate < IMAGE_SIZE - 1:
+            raise ValueError(f"--translate must be in [0, {IMAGE_SIZE - 2}], got {self.translate}")
+
+
+def to_arrays(data: LabelledSet, use_depth: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs [N,101,101,C] float32 (image / 255, plus a constant depth plane if asked) and masks
+    [N,101,101,1] float32 in {0,1}."""
+    images = data.images.astype(np.float32)[..., None] / 255.0
+    if use_depth:
+        if np.isnan(data.depths).any():
+            missing = data.ids[np.isnan(data.depths)][0]
+            raise ValueError(f"--use_depth: depths.csv has no depth for id {missing!r}; add it or drop --use_depth")
+        plane = np.broadcast_to((data.depths / DEPTH_SCALE)[:, None, None, None], images.shape)
+        images = np.concatenate([images, plane.astype(np.float32)], axis=-1)
+    return images, data.masks.astype(np.float32)[..., None]
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order examples are visited in during `epoch`; a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def example_key(seed: int, epoch, index) -> tf.Tensor:
+    """The stateless RNG key of one example in one epoch: shape [2] int64."""
+    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), tf.cast(epoch, tf.int64))
+    return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
+
+
+def augment(image: tf.Tensor, mask: tf.Tensor, key: tf.Tensor, config: Augmentation) -> tuple[tf.Tensor, tf.Tensor]:
+    """Applies the same random flip and shift to an image [H,W,C] and its mask [H,W,1]."""
+    flip_key, shift_key = tf.unstack(tf.random.experimental.stateless_split(key, num=2))
+    if config.hflip:
+        flip = tf.random.stateless_uniform([], flip_key) < 0.5
+        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+        mask = tf.cond(flip, lambda: tf.reverse(mask, axis=[1]), lambda: mask)
+    if config.translate:
+        m = config.translate
+        offset = tf.random.stateless_uniform([2], shift_key, minval=0, maxval=2 * m + 1, dtype=tf.int32)
+        begin = tf.concat([offset, [0]], axis=0)
+        paddings = [[m, m], [m, m], [0, 0]]
+        image = tf.slice(tf.pad(image, paddings, mode="REFLECT"), begin, tf.shape(image))
+        mask = tf.slice(tf.pad(mask, paddings, mode="REFLECT"), begin, tf.shape(mask))
+    return image, mask
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True  # parallel map keeps input order: same batches for any parallelism
+    return options
+
+
+def train_dataset(images: tf.Tensor, masks: tf.Tensor, *, batch_size: int, seed: int, epoch: int,
+                  augmentation: Augmentation, num_parallel_calls: int = tf.data.AUTOTUNE,
+                  prefetch: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
+    """Augmented, shuffled batches of one epoch; the last partial batch is dropped so every step has the
+    same shape (no retracing) and the same weight in the average."""
+    order = epoch_order(int(images.shape[0]), seed, epoch)
+
+    def load(index):
+        key = example_key(seed, epoch, index)
+        return augment(tf.gather(images, index), tf.gather(masks, index), key, augmentation)
+
+    dataset = tf.data.Dataset.from_tensor_slices(order)
+    dataset = dataset.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    return dataset.prefetch(prefetch).with_options(_options())
+
+
+def eval_dataset(images: tf.Tensor, masks: tf.Tensor, *, batch_size: int) -> tf.data.Dataset:
+    """Every example once, in order, unaugmented (the last batch may be smaller)."""
+    dataset = tf.data.Dataset.from_tensor_slices((images, masks)).batch(batch_size)
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return num_examples // batch_size

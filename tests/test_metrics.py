@@ -1,0 +1,82 @@
+"""The competition metric against hand-computed cases and a per-image brute-force reference."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from salt_tf import metrics
+
+
+def reference_score(truth, predicted):
+    """Per-image score written from the competition's definition, with exact fractions."""
+    truth, predicted = truth.astype(bool), predicted.astype(bool)
+    if not truth.any():
+        return 1.0 if not predicted.any() else 0.0
+    iou = Fraction(int((truth & predicted).sum()), int((truth | predicted).sum()))
+    thresholds = [Fraction(k, 100) for k in range(50, 100, 5)]
+    return sum(iou > t for t in thresholds) / len(thresholds)
+
+
+def masks_with(truth_pixels, predicted_pixels, overlap, size=20):
+    truth = np.zeros(size * size, bool)
+    predicted = np.zeros(size * size, bool)
+    truth[:truth_pixels] = True
+    start = truth_pixels - overlap
+    predicted[start:start + predicted_pixels] = True
+    return truth.reshape(size, size), predicted.reshape(size, size)
+
+
+@pytest.mark.parametrize("truth_empty, pred_empty, expected", [
+    (True, True, 1.0), (True, False, 0.0), (False, True, 0.0)])
+def test_empty_combinations(truth_empty, pred_empty, expected):
+    truth = np.zeros((1, 5, 5)) if truth_empty else np.ones((1, 5, 5))
+    predicted = np.zeros((1, 5, 5)) if pred_empty else np.eye(5)[None]
+    assert metrics.competition_metric(truth, predicted) == expected
+
+
+@pytest.mark.parametrize("truth_pixels, predicted_pixels, overlap, expected", [
+    (100, 100, 100, 1.0),       # perfect
+    (20, 20, 10, 0.0),          # IoU = 10/30 < 0.5
+    (10, 10, 10, 1.0),
+    (100, 50, 50, 0.0),         # IoU exactly 0.50: not > 0.50
+    (100, 51, 51, 0.1),         # IoU 0.51: passes 0.50 only
+    (20, 11, 11, 0.1),          # IoU exactly 0.55: passes 0.50 but not 0.55
+    (100, 95, 95, 0.9),         # IoU exactly 0.95: passes all but 0.95
+    (100, 96, 96, 1.0),
+    (40, 30, 30, 0.5),          # IoU = 0.75: passes 0.50..0.70
+])
+def test_hand_computed_iou_cases(truth_pixels, predicted_pixels, overlap, expected):
+    truth, predicted = masks_with(truth_pixels, predicted_pixels, overlap)
+    assert metrics.image_scores(truth[None], predicted[None])[0] == pytest.approx(expected, abs=1e-12)
+    assert reference_score(truth, predicted) == pytest.approx(expected, abs=1e-12)
+
+
+def test_matches_reference_on_random_masks():
+    rng = np.random.default_rng(0)
+    truth = rng.random((60, 13, 13)) < rng.random((60, 1, 1))
+    truth[:10] = False
+    predicted = truth ^ (rng.random(truth.shape) < 0.15 * rng.random((60, 1, 1)))
+    predicted[5:8] = False
+    expected = np.mean([reference_score(t, p) for t, p in zip(truth, predicted)])
+    assert metrics.competition_metric(truth, predicted) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pixel_iou():
+    truth, predicted = masks_with(30, 20, 10)
+    assert metrics.pixel_iou(truth, predicted) == pytest.approx(10 / 40)
+    assert metrics.pixel_iou(np.zeros((2, 3)), np.zeros((2, 3))) == 1.0
+
+
+def test_threshold_sweep_matches_thresholding_each_time():
+    rng = np.random.default_rng(1)
+    truth = rng.random((40, 11, 11)) < 0.4
+    truth[:8] = False
+    probabilities = np.clip(truth * 0.6 + rng.random(truth.shape) * 0.6 - 0.1, 0, 1).astype(np.float32)
+    probabilities[0, 0, 0] = 0.5  # a pixel exactly at a threshold: predicted only for t < 0.5
+    thresholds = np.round(np.linspace(0.05, 0.95, 19), 4)
+    got_thresholds, got = metrics.threshold_sweep(truth, probabilities, thresholds)
+    expected = [np.mean([reference_score(t, p > th) for t, p in zip(truth, probabilities)]) for th in thresholds]
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    best_t, best_s = metrics.best_threshold(truth, probabilities, thresholds)
+    assert best_s == pytest.approx(max(expected)) and best_t in thresholds
