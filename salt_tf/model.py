@@ -32,16 +32,20 @@ This module deliberately contains no losses and no training code.
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Iterator
 
 import keras
+import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from salt_tf import IMAGE_SIZE
 
-# He et al. 2015 ("Delving deep into rectifiers") initialisation: every convolution,
-# transposed convolution and dense kernel feeds (directly or through BN) a ReLU, so
-# variance scaling with gain 2 keeps activation variance roughly constant with depth.
+# The one place the kernel initialisation is chosen, for every Conv2D, Conv2DTranspose and
+# Dense kernel: He et al. 2015 ("Delving deep into rectifiers"). This is a ReLU network;
+# ReLU zeroes half of a symmetric input and so halves the second moment, which the gain of
+# 2 in Var(w) = 2 / fan_in compensates, keeping activation scale roughly constant with depth.
 # Keras 3's "he_normal" is VarianceScaling(scale=2, mode="fan_in",
 # distribution="truncated_normal"): it samples a normal truncated at +-2 sigma with
 # sigma = sqrt(2 / fan_in) / 0.8796, so the std *after* truncation is sqrt(2 / fan_in).
@@ -54,7 +58,10 @@ from salt_tf import IMAGE_SIZE
 KERNEL_INITIALIZER = "he_normal"
 BIAS_INITIALIZER = "zeros"
 
-BN_MOMENTUM = 0.99  # Keras default.
+# Keras' default 0.99 needs ~300 steps to forget the initial moving statistics: most of a real-data run's
+# first epochs, and all of a demo run, would be evaluated with stale statistics. 0.9 (PyTorch's default)
+# needs ~30.
+BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-3  # Keras default.
 
 MAX_DEPTH = 5  # 101 -> 50 -> 25 -> 12 -> 6 -> 3; a 6th pooling would leave 1x1.
@@ -145,6 +152,11 @@ class SqueezeExcite(keras.layers.Layer):
         self.squeeze = _dense(self.hidden, "relu", "squeeze")
         self.excite = _dense(channels, "sigmoid", "excite")
 
+    def build(self, input_shape):
+        pooled = (input_shape[0], 1, 1, self.channels)
+        self.squeeze.build(pooled)
+        self.excite.build(pooled[:-1] + (self.hidden,))
+
     def call(self, x):
         s = ops.mean(x, axis=(1, 2), keepdims=True)  # [B, 1, 1, c]
         return x * self.excite(self.squeeze(s))
@@ -164,7 +176,7 @@ class ResidualBlock(keras.layers.Layer):
     When the width changes, the shortcut is a 1x1 projection. Following the authors'
     reference pre-activation code ("both_preact"), the first BN-ReLU is then shared: the
     projection reads the pre-activated input, so both branches see normalised features
-    (this matters for decoder blocks whose input is an un-normalised concatenation).
+    (e.g. the raw upsample/skip concatenation in the decoder).
     conv1 has no bias because BN2 immediately follows it (a bias would be cancelled).
     """
 
@@ -186,6 +198,17 @@ class ResidualBlock(keras.layers.Layer):
         self.conv2 = _conv(channels, 3, "conv2")
         self.se = SqueezeExcite(channels, se_ratio, name="se") if se else None
         self.projection = _conv(channels, 1, "projection") if in_channels != channels else None
+
+    def build(self, input_shape):
+        out_shape = tuple(input_shape[:-1]) + (self.channels,)
+        self.bn1.build(input_shape)
+        self.conv1.build(input_shape)
+        self.bn2.build(out_shape)
+        self.conv2.build(out_shape)
+        if self.se is not None:
+            self.se.build(out_shape)
+        if self.projection is not None:
+            self.projection.build(input_shape)
 
     def call(self, x, training=False):
         pre = ops.relu(self.bn1(x, training=training))
@@ -211,14 +234,59 @@ def _make_blocks(owner: keras.layers.Layer, config: ModelConfig, in_channels: in
         setattr(owner, f"block{i}", block)
 
 
+def _build_blocks(owner: keras.layers.Layer, input_shape, channels: int):
+    for i in range(owner.num_blocks):
+        getattr(owner, f"block{i}").build(input_shape)
+        input_shape = tuple(input_shape[:-1]) + (channels,)
+    return input_shape
+
+
 def _run_blocks(owner: keras.layers.Layer, x, training):
     for i in range(owner.num_blocks):
         x = getattr(owner, f"block{i}")(x, training=training)
     return x
 
 
+class SpatialDropout(keras.layers.Layer):
+    """Channel-wise ("spatial") dropout, Tompson et al. 2015; identity unless training=True.
+
+    Replaces keras.layers.SpatialDropout2D, whose RNG lives in a keras SeedGenerator: that
+    variable gets a global, non-nested path ("seed_generator_3/seed_generator_state") and
+    tf.train.Checkpoint does not save it. Here the stateless-RNG seed/counter pair is an
+    ordinary non-trainable int64 weight ``rng_state`` built under this layer's scope, so it
+    has a readable path, is checkpointed and restored (exact resume of the dropout masks),
+    and is excluded from ``count_params`` (not a parameter). The initial seed is drawn from
+    Python's RNG, which keras.utils.set_random_seed seeds, like the kernel initializers.
+    """
+
+    def __init__(self, rate: float, name: str = "dropout", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.rate = float(rate)
+        self._initial_seed = random.randint(1, 2**31 - 1)
+
+    def build(self, input_shape):
+        seed = self._initial_seed
+        self.rng_state = self.add_weight(
+            name="rng_state",
+            shape=(2,),
+            dtype="int64",
+            initializer=lambda shape, dtype=None: ops.convert_to_tensor([seed, 0], dtype="int64"),
+            trainable=False,
+        )
+
+    def call(self, x, training=False):
+        if not training:
+            return x
+        seed = self.rng_state.value
+        self.rng_state.assign(seed + ops.convert_to_tensor([0, 1], dtype="int64"))
+        shape = tf.shape(x)
+        return tf.nn.experimental.stateless_dropout(
+            x, rate=self.rate, noise_shape=[shape[0], 1, 1, shape[3]], seed=seed
+        )
+
+
 def _spatial_dropout(rate: float):
-    return keras.layers.SpatialDropout2D(rate, name="dropout") if rate > 0 else None
+    return SpatialDropout(rate, name="dropout") if rate > 0 else None
 
 
 class EncoderLevel(keras.layers.Layer):
@@ -227,8 +295,12 @@ class EncoderLevel(keras.layers.Layer):
     def __init__(self, config: ModelConfig, level: int, name: str, **kwargs):
         super().__init__(name=name, **kwargs)
         in_channels = config.base_width if level == 0 else level_width(config, level - 1)
-        _make_blocks(self, config, in_channels, level_width(config, level))
+        self.width = level_width(config, level)
+        _make_blocks(self, config, in_channels, self.width)
         self.pool = keras.layers.MaxPooling2D(pool_size=2, strides=2, padding="valid", name="pool")
+
+    def build(self, input_shape):
+        self.pool.build(_build_blocks(self, input_shape, self.width))
 
     def call(self, x, training=False):
         skip = _run_blocks(self, x, training)
@@ -239,9 +311,19 @@ class Encoder(keras.layers.Layer):
     def __init__(self, config: ModelConfig, name: str = "encoder", **kwargs):
         super().__init__(name=name, **kwargs)
         self.depth = config.depth
+        self.base_width = config.base_width
         self.stem = _conv(config.base_width, 3, "stem")
         for level in range(config.depth):
             setattr(self, f"level{level}", EncoderLevel(config, level, name=f"level{level}"))
+
+    def build(self, input_shape):
+        self.stem.build(input_shape)
+        batch, size = input_shape[0], input_shape[1]
+        channels = self.base_width
+        for level in range(self.depth):
+            layer = getattr(self, f"level{level}")
+            layer.build((batch, size, size, channels))
+            size, channels = size // 2, layer.width
 
     def call(self, x, training=False):
         """Returns (deepest pooled features, [skip_0, ..., skip_{depth-1}])."""
@@ -258,8 +340,14 @@ class Bottleneck(keras.layers.Layer):
 
     def __init__(self, config: ModelConfig, name: str = "bottleneck", **kwargs):
         super().__init__(name=name, **kwargs)
-        _make_blocks(self, config, level_width(config, config.depth - 1), level_width(config, config.depth))
+        self.width = level_width(config, config.depth)
+        _make_blocks(self, config, level_width(config, config.depth - 1), self.width)
         self.dropout = _spatial_dropout(config.dropout)
+
+    def build(self, input_shape):
+        out_shape = _build_blocks(self, input_shape, self.width)
+        if self.dropout is not None:
+            self.dropout.build(out_shape)
 
     def call(self, x, training=False):
         x = _run_blocks(self, x, training)
@@ -274,6 +362,7 @@ class DecoderLevel(keras.layers.Layer):
     def __init__(self, config: ModelConfig, level: int, size_in: int, size_out: int, name: str, **kwargs):
         super().__init__(name=name, **kwargs)
         width = level_width(config, level)
+        self.width = width
         self.size_out = size_out
         self.upsample = keras.layers.Conv2DTranspose(
             width,
@@ -286,6 +375,13 @@ class DecoderLevel(keras.layers.Layer):
         )
         self.dropout = _spatial_dropout(config.dropout)
         _make_blocks(self, config, 2 * width, width)
+
+    def build(self, x_shape, skip_shape):
+        self.upsample.build(x_shape)
+        concat_shape = tuple(skip_shape[:-1]) + (self.width + skip_shape[-1],)
+        if self.dropout is not None:
+            self.dropout.build(concat_shape)
+        _build_blocks(self, concat_shape, self.width)
 
     def call(self, x, skip, training=False):
         x = ops.concatenate([self.upsample(x), skip], axis=-1)
@@ -306,6 +402,12 @@ class Decoder(keras.layers.Layer):
                 DecoderLevel(config, level, sizes[level + 1], sizes[level], name=f"level{level}"),
             )
 
+    def build(self, x_shape, skips_shape):
+        for level in reversed(range(self.depth)):
+            layer = getattr(self, f"level{level}")
+            layer.build(x_shape, skips_shape[level])
+            x_shape = tuple(skips_shape[level][:-1]) + (layer.width,)
+
     def call(self, x, skips, training=False):
         for level in reversed(range(self.depth)):
             x = getattr(self, f"level{level}")(x, skips[level], training=training)
@@ -319,6 +421,10 @@ class Head(keras.layers.Layer):
         super().__init__(name=name, **kwargs)
         self.bn = _bn("bn")
         self.conv = _conv(1, 1, "conv")
+
+    def build(self, input_shape):
+        self.bn.build(input_shape)
+        self.conv.build(input_shape)
 
     def call(self, x, training=False):
         return self.conv(ops.relu(self.bn(x, training=training)))
@@ -334,6 +440,24 @@ class UNet(keras.Model):
         self.bottleneck = Bottleneck(config)
         self.decoder = Decoder(config)
         self.head = Head()
+
+    def build(self, input_shape):
+        """Creates every variable from shapes alone (no forward pass, no symbolic tracing).
+
+        Each sublayer's build runs inside its own (nested) name scope, which is what gives
+        the hierarchical variable paths.
+        """
+        config = self.config
+        batch = input_shape[0]
+        sizes = level_sizes(config.depth, input_shape[1])
+        shape = lambda level, channels: (batch, sizes[level], sizes[level], channels)  # noqa: E731
+        self.encoder.build(tuple(input_shape))
+        self.bottleneck.build(shape(config.depth, level_width(config, config.depth - 1)))
+        self.decoder.build(
+            shape(config.depth, level_width(config, config.depth)),
+            [shape(level, level_width(config, level)) for level in range(config.depth)],
+        )
+        self.head.build(shape(0, config.base_width))
 
     def blocks(self) -> Iterator[tuple[str, keras.layers.Layer]]:
         """Top-level blocks in forward order as (display name, layer)."""
@@ -392,19 +516,21 @@ def build_model(config: ModelConfig) -> UNet:
     Weights are reproducible: call ``keras.utils.set_random_seed(s)`` first.
     """
     model = UNet(config)
-    # One eager inference-mode call on a dummy batch creates every variable (nested under
-    # the parents' name scopes, which is what makes variable paths hierarchical) without
-    # touching the BN moving statistics.
-    model(ops.zeros((1, IMAGE_SIZE, IMAGE_SIZE, config.input_channels), "float32"), training=False)
+    model.build((None, IMAGE_SIZE, IMAGE_SIZE, config.input_channels))
     return model
 
 
 def count_params(model: keras.Model) -> int:
-    """Total number of weights (trainable + non-trainable, e.g. BN moving stats).
+    """Number of parameters: trainable + non-trainable (BN moving statistics).
 
-    Dropout RNG state (SeedGenerator) variables are not parameters and are excluded.
+    Only floating-point weights count; the integer dropout RNG counters are state, not
+    parameters.
     """
-    return int(sum(int(keras.ops.size(w)) for w in model.weights))
+    total = 0
+    for w in model.weights:
+        if "float" in str(w.dtype):
+            total += int(np.prod(w.shape))
+    return total
 
 
 def forward_flops_per_image(config: ModelConfig) -> int:

@@ -14,11 +14,11 @@ SHARED_DATA = os.environ.get("SALT_TF_SHARED_DATA",
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
-    """A small synthetic data set in the Kaggle layout (64 labelled, 8 test images)."""
+    """A small synthetic data set in the Kaggle layout (160 labelled, 8 test images)."""
     from salt_tf.data import synthetic
 
     root = str(tmp_path_factory.mktemp("demo"))
-    synthetic.generate(root, num_images=64, seed=123, num_test=8)
+    synthetic.generate(root, num_images=160, seed=123, num_test=8)
     return root
 
 

@@ -116,7 +116,7 @@ def test_load_labelled_synthetic_agrees_with_train_csv(demo_dir):
     assert list(data.ids) == list(frame["id"])
     for k, rle in enumerate(frame["rle_mask"]):
         np.testing.assert_array_equal(kaggle.rle_decode(rle), data.masks[k])
-    assert data.images.shape == (64, 101, 101) and data.images.dtype == np.uint8
+    assert data.images.shape == (160, 101, 101) and data.images.dtype == np.uint8
     assert 0 < (data.coverage() == 0).mean() < 1  # both empty and salt images
 
 

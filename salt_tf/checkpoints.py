@@ -1,0 +1,80 @@
+"""Checkpoints of the training state, resume, and the exported model that `predict` loads.
+
+    <run_dir>/checkpoints/epoch-N.*        the last --keep_checkpoints epochs (resume)
+    <run_dir>/checkpoints/best/best-N.*    the epoch with the best validation metric
+    <run_dir>/export/                      best weights + model.json (config, threshold): what predict loads
+
+A checkpoint holds everything the loop needs to continue as if never stopped: model weights and batch-norm
+statistics, optimizer slots and iteration count, learning rate, the epoch counter and the schedule state.
+TensorFlow writes checkpoint data under temporary names and the index file last, so a kill mid-save leaves
+the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import tensorflow as tf
+
+EXPORT_DIR = "export"
+EXPORT_WEIGHTS = "weights"
+EXPORT_CONFIG = "model.json"
+
+
+class RunCheckpoints:
+    """A tf.train.Checkpoint over the training state with two managers: last K epochs and best."""
+
+    def __init__(self, run_dir: str, keep: int, **state):
+        self.checkpoint = tf.train.Checkpoint(**state)
+        directory = os.path.join(run_dir, "checkpoints")
+        self.last = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep,
+                                               checkpoint_name="epoch")
+        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, "best"),
+                                               max_to_keep=1, checkpoint_name="best")
+
+    def restore_or_initialize(self) -> str | None:
+        """Restores the latest epoch checkpoint if there is one; returns its path (None = fresh start)."""
+        path = self.last.latest_checkpoint
+        if path:
+            # Every saved object must find its variable: a silent partial restore would be a wrong resume.
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        return path
+
+    def save(self, epoch: int) -> str:
+        return self.last.save(checkpoint_number=epoch)
+
+    def save_best(self, epoch: int) -> str:
+        return self.best.save(checkpoint_number=epoch)
+
+
+def export(run_dir: str, model: tf.Module, config: dict) -> str:
+    """Writes the model's weights and its config (JSON) to <run_dir>/export, replacing any old export in
+    one rename, so a reader sees either the old export or the new one."""
+    final = os.path.join(run_dir, EXPORT_DIR)
+    staging = f"{final}.tmp{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    tf.train.Checkpoint(model=model).write(os.path.join(staging, EXPORT_WEIGHTS))
+    with open(os.path.join(staging, EXPORT_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    retired = f"{final}.old{os.getpid()}"
+    if os.path.isdir(final):
+        os.replace(final, retired)
+    os.replace(staging, final)
+    shutil.rmtree(retired, ignore_errors=True)
+    return final
+
+
+def read_export_config(export_dir: str) -> dict:
+    path = os.path.join(export_dir, EXPORT_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{export_dir}: no exported model ({EXPORT_CONFIG} missing); "
+                                "train first or point at a run's export/ folder")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def restore_exported_weights(export_dir: str, model: tf.Module) -> None:
+    tf.train.Checkpoint(model=model).read(os.path.join(export_dir, EXPORT_WEIGHTS)).assert_existing_objects_matched()

@@ -1,0 +1,74 @@
+"""The one `--deterministic` switch, and the weights fingerprint that proves it works.
+
+Seeds alone do not make TensorFlow training repeatable. `configure()` applies, in one place, everything a
+run needs to be bit-identical across processes and across resume, and returns a record of what it applied
+(written to the run directory). Call it before TensorFlow executes its first op: thread-pool sizes are fixed
+at that point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import random
+
+import numpy as np
+import tensorflow as tf
+
+
+def configure(seed: int, deterministic: bool) -> dict:
+    """Seeds Python, NumPy and TensorFlow; with `deterministic`, also makes TensorFlow's ops and their
+    scheduling deterministic. Returns what was applied."""
+    applied = {"seed": seed, "deterministic": deterministic}
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)  # Keras initializers draw from the global TF seed (keras.utils.set_random_seed
+    # does these three too; done directly so the record says exactly what was set).
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        # Ops with several kernels pick deterministic ones, or raise instead of silently racing.
+        tf.config.experimental.enable_op_determinism()
+        applied["op_determinism"] = True
+        # Independent ops of the step graph running concurrently change the order in which oneDNN's
+        # primitives see their thread pool, and with it how they split reductions: measured here to give
+        # different weights across processes. One inter-op thread removes that; intra-op parallelism
+        # (the 2 cores inside each convolution) is kept.
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+            applied["inter_op_threads"] = 1
+        except RuntimeError:
+            applied["inter_op_threads"] = "unchanged: TensorFlow was already initialized"
+    applied["intra_op_threads"] = tf.config.threading.get_intra_op_parallelism_threads()
+    applied["onednn"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")
+    return applied
+
+
+def environment() -> dict:
+    """Versions and machine, for the run record."""
+    build = tf.sysconfig.get_build_info()
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "cuda": build.get("cuda_version"),
+        "cudnn": build.get("cudnn_version"),
+    }
+
+
+def weights_fingerprint(variables) -> str:
+    """SHA-256 over the exact bytes of every variable, in name order: equal iff the weights are bit-equal."""
+    digest = hashlib.sha256()
+    for variable in sorted(variables, key=lambda v: v.path if hasattr(v, "path") else v.name):
+        value = np.ascontiguousarray(variable.numpy())
+        digest.update((variable.path if hasattr(variable, "path") else variable.name).encode())
+        digest.update(str(value.dtype).encode() + str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()

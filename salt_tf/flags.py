@@ -1,0 +1,168 @@
+"""Every command-line flag of `python -m salt_tf.train`, defined in one place and validated up front.
+
+`define_flags()` registers them (idempotent, so tests and tools may call it too); the validators turn a bad
+value or a contradictory combination into one line naming the flag before any work starts. Only entry
+points (train, predict, runs) import this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from absl import flags
+
+from salt_tf import losses
+
+FLAGS = flags.FLAGS
+
+# The flags that define a run; written to <model_dir>/flags.cfg so the file reproduces the run.
+_DEFINED = False
+
+
+def define_flags() -> None:
+    global _DEFINED
+    if _DEFINED:
+        return
+    _DEFINED = True
+
+    # --- Run directory and data.
+    flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, flags.cfg, metrics.csv, events. "
+                        "Running again with the same directory resumes the run.")
+    flags.DEFINE_enum("dataset", "kaggle", ["kaggle", "demo"],
+                      "kaggle: read the competition layout from --data_dir. demo: generate the embedded "
+                      "synthetic set into --data_dir (once) and train on it.")
+    flags.DEFINE_string("data_dir", None, "Folder with train.csv, depths.csv and train/{images,masks}/ "
+                        "(the Kaggle download); for --dataset=demo, where the demo set is written.")
+    flags.DEFINE_integer("demo_images", 800, "Labelled images in the generated demo set.", lower_bound=16)
+    flags.DEFINE_integer("val_images", 400, "Images held out for validation (coverage-stratified).",
+                         lower_bound=1)
+    flags.DEFINE_integer("split_seed", 0, "Seed of the train/validation split; separate from --seed so "
+                         "runs with different training seeds validate on the same images.")
+    flags.DEFINE_boolean("use_depth", False, "Add the depth from depths.csv as a second input channel.")
+
+    # --- Augmentation.
+    flags.DEFINE_boolean("hflip", True, "Random left-right flips.")
+    flags.DEFINE_integer("translate", 0, "Random shift of up to this many pixels along each axis, the "
+                         "border filled by reflection (0 = off).", lower_bound=0, upper_bound=99)
+
+    # --- Model.
+    flags.DEFINE_integer("base_width", 16, "Filters at the first level; doubled at each level down.",
+                         lower_bound=1)
+    flags.DEFINE_integer("depth", 4, "Number of poolings (101 -> 50 -> 25 -> 12 -> 6 -> 3).",
+                         lower_bound=1, upper_bound=5)
+    flags.DEFINE_integer("blocks_per_level", 2, "Residual blocks per level.", lower_bound=1)
+    flags.DEFINE_boolean("se", True, "Squeeze-and-excitation gates in every residual block.")
+    flags.DEFINE_integer("se_ratio", 4, "SE reduction ratio r (hidden units = channels // r).", lower_bound=1)
+    flags.DEFINE_float("dropout", 0.0, "Spatial dropout rate at the bottleneck and decoder levels.",
+                       lower_bound=0.0, upper_bound=0.9)
+
+    # --- Loss.
+    flags.DEFINE_string("loss", "bce:1,dice:1", "Weighted loss terms 'name:weight,...' from "
+                        f"{', '.join(losses.LOSS_NAMES)}.")
+    flags.DEFINE_float("focal_gamma", 2.0, "Focal loss gamma.", lower_bound=0.0)
+    flags.DEFINE_float("focal_alpha", 0.25, "Focal loss weight of positives (negatives get 1 - alpha).",
+                       lower_bound=0.0, upper_bound=1.0)
+
+    # --- Optimization.
+    flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "adam, or sgd with momentum.")
+    flags.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.")
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0, upper_bound=0.999)
+    flags.DEFINE_boolean("nesterov", False, "Nesterov momentum for SGD.")
+    flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (AdamW / SGDW style; 0 = off).",
+                       lower_bound=0.0)
+    flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm (0 = off).", lower_bound=0.0)
+    flags.DEFINE_integer("epochs", 50, "Epochs to train in all (a resumed run continues to this).",
+                         lower_bound=1)
+    flags.DEFINE_integer("batch_size", 32, "Training batch size.", lower_bound=1)
+    flags.DEFINE_integer("eval_batch_size", 64, "Validation batch size.", lower_bound=1)
+
+    # --- Learning-rate schedule: the seed recipe's multiply-on-plateau.
+    flags.DEFINE_float("plateau_factor", 0.7, "Multiply the LR by this when the validation metric has not "
+                       "improved for --plateau_patience epochs.", lower_bound=0.01, upper_bound=1.0)
+    flags.DEFINE_integer("plateau_patience", 5, "Epochs without improvement before the LR drops.",
+                         lower_bound=1)
+    flags.DEFINE_float("min_learning_rate", 1e-5, "Floor of the plateau schedule.", lower_bound=0.0)
+    flags.DEFINE_integer("early_stop_patience", 0, "Stop after this many epochs without improvement "
+                         "(0 = never).", lower_bound=0)
+
+    # --- Reproducibility and bookkeeping.
+    flags.DEFINE_integer("seed", 0, "Seed of initialization, data order and augmentation.")
+    flags.DEFINE_boolean("deterministic", True, "Bit-identical runs for the same flags and seed "
+                         "(see salt_tf/determinism.py).")
+    flags.DEFINE_integer("keep_checkpoints", 2, "Most recent epoch checkpoints kept (the best is kept "
+                         "apart).", lower_bound=1)
+    flags.DEFINE_integer("progress_every", 10, "Steps between progress lines within an epoch (0 = off).",
+                         lower_bound=0)
+
+    _register_validators()
+
+
+def _register_validators() -> None:
+    def loss_spec_ok(spec):
+        try:
+            losses.parse_loss_spec(spec)
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+        return True
+
+    flags.register_validator("loss", loss_spec_ok)
+    flags.register_validator("learning_rate", lambda v: math.isfinite(v) and v > 0,
+                             "--learning_rate must be a positive number")
+    flags.register_validator("model_dir", _model_dir_ok)
+
+    @flags.multi_flags_validator(["dataset", "data_dir"],
+                                 message="--data_dir is required (the folder of the Kaggle download, or "
+                                         "where --dataset=demo writes its images)")
+    def _data_dir_given(values):
+        return bool(values["data_dir"])
+
+    @flags.multi_flags_validator(["dataset", "data_dir"])
+    def _kaggle_data_exists(values):
+        if values["dataset"] == "kaggle" and values["data_dir"] and not os.path.isfile(
+                os.path.join(values["data_dir"], "train.csv")):
+            raise flags.ValidationError(
+                f"--data_dir={values['data_dir']} has no train.csv; point it at the Kaggle download "
+                "(train.csv, depths.csv, train/images, train/masks) or use --dataset=demo")
+        return True
+
+    @flags.multi_flags_validator(["learning_rate", "min_learning_rate"],
+                                 message="--min_learning_rate must not exceed --learning_rate")
+    def _lr_floor(values):
+        return values["min_learning_rate"] <= values["learning_rate"]
+
+    @flags.multi_flags_validator(["dataset", "demo_images", "val_images", "batch_size"])
+    def _enough_training_images(values):
+        if values["dataset"] == "demo" and values["val_images"] + values["batch_size"] > values["demo_images"]:
+            raise flags.ValidationError(
+                f"--val_images={values['val_images']} leaves fewer than one batch (--batch_size="
+                f"{values['batch_size']}) of the {values['demo_images']} demo images for training")
+        return True
+
+
+def _model_dir_ok(path):
+    if path is None:
+        return True  # required-ness is checked by the entry point
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise flags.ValidationError(f"--model_dir={path} is a file; give a directory")
+    parent = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise flags.ValidationError(f"--model_dir={path} is not writable ({parent})")
+    return True
+
+
+def run_flags() -> list:
+    """The flags defined here, i.e. those that describe a run (not absl's own logging flags)."""
+    return FLAGS.get_flags_for_module(__name__)
+
+
+def flagfile_text() -> str:
+    """The effective values of every run flag, as a flagfile: passing it back reproduces the run."""
+    lines = ["# Effective flags of this run; `python -m salt_tf.train --flagfile=<this file>` resumes or",
+             "# reproduces it (override --model_dir to reproduce elsewhere)."]
+    for flag in sorted(run_flags(), key=lambda f: f.name):
+        if flag.value is not None:
+            lines.append(flag.serialize())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,253 @@
+"""The training loop: the train step, the evaluation, and the epoch loop. Read it top to bottom.
+
+    for each epoch from the checkpointed one to --epochs:
+        for each batch of the epoch's dataset (order and augmentation fixed by seed and epoch):
+            train_step: forward (batch-norm in training mode), loss, gradients, clip, apply
+        evaluate: predict the WHOLE validation set, competition metric, loss, pixel IoU, best threshold
+        schedule: LR x factor when the metric has not improved for `patience` epochs
+        save: epoch checkpoint (+ best checkpoint and export when the metric improved), metrics.csv row,
+              TensorBoard scalars, console line
+
+No Keras `fit`, no callbacks: the steps are `tf.function`s over our own variables, and everything between
+them is plain Python a debugger can step through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from salt_tf import checkpoints, determinism, metrics, pipeline, records
+from salt_tf.summaries import Summaries
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    augmentation: pipeline.Augmentation
+    clip_norm: float = 0.0          # 0 = no clipping
+    plateau_factor: float = 0.7
+    plateau_patience: int = 5
+    min_learning_rate: float = 1e-5
+    early_stop_patience: int = 0    # 0 = never stop early
+    keep_checkpoints: int = 2
+    progress_every: int = 10        # steps between progress lines; 0 = none
+
+
+class PlateauSchedule(tf.Module):
+    """Multiply-on-plateau LR schedule whose state lives in variables, so it is checkpointed with the rest."""
+
+    def __init__(self, factor: float, patience: int, min_learning_rate: float):
+        super().__init__(name="plateau")
+        self.factor, self.patience, self.min_learning_rate = factor, patience, min_learning_rate
+        self.best = tf.Variable(-math.inf, dtype=tf.float64, trainable=False, name="best")
+        self.best_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_epoch")
+        self.wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="wait")
+
+    def update(self, epoch: int, metric: float, learning_rate: tf.Variable) -> bool:
+        """Records this epoch's metric; lowers the LR if it is time. Returns whether the metric improved."""
+        if metric > self.best.numpy():
+            self.best.assign(metric)
+            self.best_epoch.assign(epoch)
+            self.wait.assign(0)
+            return True
+        self.wait.assign_add(1)
+        if self.wait.numpy() >= self.patience:
+            learning_rate.assign(max(float(learning_rate.numpy()) * self.factor, self.min_learning_rate))
+            self.wait.assign(0)
+        return False
+
+
+class Trainer:
+    """Owns the step functions and the epoch loop for one run directory."""
+
+    def __init__(self, *, model: tf.Module, optimizer, loss_fn: Callable, train_arrays, val_arrays,
+                 config: LoopConfig, run_dir: str, export_config: dict | None = None):
+        self.model, self.optimizer, self.loss_fn, self.config = model, optimizer, loss_fn, config
+        self.run_dir = run_dir
+        self.export_config = export_config or {}
+        self.train_images, self.train_masks = (tf.constant(a) for a in train_arrays)
+        self.val_images, self.val_masks = (tf.constant(a) for a in val_arrays)
+        self.val_truth = val_arrays[1][..., 0] > 0.5
+
+        # Optimizer slots exist before a restore, so a checkpoint's slots have somewhere to go.
+        self.optimizer.build(self.model.trainable_variables)
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # epochs completed
+        self.schedule = PlateauSchedule(config.plateau_factor, config.plateau_patience,
+                                        config.min_learning_rate)
+        self.checkpoints = checkpoints.RunCheckpoints(run_dir, config.keep_checkpoints, model=model,
+                                                      optimizer=optimizer, epoch=self.epoch,
+                                                      schedule=self.schedule)
+        self.summaries = Summaries(run_dir)
+        self.train_step = tf.function(self._train_step)
+        self.eval_step = tf.function(self._eval_step)
+
+    # ---------------------------------------------------------------------------------- compiled steps
+
+    def _train_step(self, images, masks):
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            per_image_loss, terms = self.loss_fn(masks, logits)
+            loss = tf.reduce_mean(per_image_loss)
+        variables = self.model.trainable_variables
+        gradients = tape.gradient(loss, variables)
+        if self.config.clip_norm > 0:
+            gradients, gradient_norm = tf.clip_by_global_norm(gradients, self.config.clip_norm)
+        else:
+            gradient_norm = tf.linalg.global_norm(gradients)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        outputs = {"loss": loss, "gradient_norm": gradient_norm}
+        outputs.update({f"loss/{name}": tf.reduce_mean(term) for name, term in terms.items()})
+        return outputs
+
+    def _eval_step(self, images, masks):
+        logits = self.model(images, training=False)
+        per_image_loss, _ = self.loss_fn(masks, logits)
+        return tf.sigmoid(logits)[..., 0], per_image_loss
+
+    # ---------------------------------------------------------------------------------- evaluation
+
+    def predict_validation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities [N,101,101] and per-image losses [N] of the whole validation set."""
+        probabilities, losses = [], []
+        for images, masks in pipeline.eval_dataset(self.val_images, self.val_masks,
+                                                   batch_size=self.config.eval_batch_size):
+            p, l = self.eval_step(images, masks)
+            probabilities.append(p.numpy())
+            losses.append(l.numpy())
+        return np.concatenate(probabilities), np.concatenate(losses)
+
+    def evaluate(self) -> dict:
+        probabilities, losses = self.predict_validation()
+        predicted = probabilities > 0.5
+        threshold, threshold_metric = metrics.best_threshold(self.val_truth, probabilities)
+        return {
+            "val_loss": float(losses.mean()),
+            "val_metric": metrics.competition_metric(self.val_truth, predicted),
+            "val_pixel_iou": metrics.pixel_iou(self.val_truth, predicted),
+            "val_best_threshold": threshold,
+            "val_metric_at_best_threshold": threshold_metric,
+        }
+
+    # ---------------------------------------------------------------------------------- epochs
+
+    def train_epoch(self, epoch: int) -> dict:
+        dataset = pipeline.train_dataset(self.train_images, self.train_masks,
+                                         batch_size=self.config.batch_size, seed=self.config.seed,
+                                         epoch=epoch, augmentation=self.config.augmentation)
+        steps = pipeline.steps_per_epoch(int(self.train_images.shape[0]), self.config.batch_size)
+        sums: dict[str, float] = {}
+        start = time.perf_counter()
+        for step, (images, masks) in enumerate(dataset, start=1):
+            outputs = self.train_step(images, masks)
+            for name, value in outputs.items():
+                sums[name] = sums.get(name, 0.0) + value  # stays a tensor: no host sync per step
+            if self.config.progress_every and step % self.config.progress_every == 0 and step < steps:
+                seen = step * self.config.batch_size
+                logging.info("  epoch %d step %d/%d  loss %.4f  %.1f img/s", epoch + 1, step, steps,
+                             float(sums["loss"]) / step, seen / (time.perf_counter() - start))
+        results = {f"train_{name}": float(total) / steps for name, total in sums.items()}
+        results["train_seconds"] = time.perf_counter() - start
+        results["train_images_per_second"] = steps * self.config.batch_size / results["train_seconds"]
+        return results
+
+    def run(self) -> dict:
+        """Trains from the latest checkpoint (or from scratch) to `epochs`; returns the final summary."""
+        restored = self.checkpoints.restore_or_initialize()
+        first_epoch = int(self.epoch.numpy())
+        # Rows of epochs after the checkpoint belong to work that is about to be redone.
+        history = [row for row in records.read_metrics(self.run_dir).to_dict("records")
+                   if row["epoch"] <= first_epoch]
+        if restored:
+            logging.info("resumed from %s at epoch %d", restored, first_epoch)
+        if first_epoch == 0:
+            history = []
+            self._log_epoch_zero()
+        run_start = time.perf_counter()
+        for epoch in range(first_epoch, self.config.epochs):
+            row = {"epoch": epoch + 1, "learning_rate": float(self.optimizer.learning_rate.numpy())}
+            row.update(self.train_epoch(epoch))
+            eval_start = time.perf_counter()
+            row.update(self.evaluate())
+            row["eval_seconds"] = time.perf_counter() - eval_start
+            improved = self.schedule.update(epoch + 1, row["val_metric"], self.optimizer.learning_rate)
+            self.epoch.assign(epoch + 1)
+            row["weights_sha256"] = determinism.weights_fingerprint(self.model.variables)
+            # Checkpoint first, then the CSV row: a crash in between redoes the epoch, and the resume
+            # drops rows past the checkpoint, so metrics.csv never holds an epoch twice.
+            self.checkpoints.save(epoch + 1)
+            if improved:
+                self.checkpoints.save_best(epoch + 1)
+                checkpoints.export(self.run_dir, self.model, dict(
+                    self.export_config, epoch=epoch + 1, val_metric=row["val_metric"],
+                    threshold=row["val_best_threshold"]))
+            history.append(row)
+            records.write_metrics(self.run_dir, history)
+            self._write_epoch_summaries(row)
+            self._log_epoch(row, improved)
+            if self._should_stop_early(epoch + 1):
+                logging.info("early stop: no improvement for %d epochs", self.config.early_stop_patience)
+                break
+        self.summaries.close()
+        return self._final_summary(history, time.perf_counter() - run_start)
+
+    # ---------------------------------------------------------------------------------- edges
+
+    def _should_stop_early(self, epochs_done: int) -> bool:
+        patience = self.config.early_stop_patience
+        return patience > 0 and epochs_done - int(self.schedule.best_epoch.numpy()) >= patience
+
+    def _log_epoch_zero(self) -> None:
+        """The untrained model's validation metric: the baseline every epoch is compared with."""
+        baseline = self.evaluate()
+        self.summaries.scalars(self.summaries.val, {"metric": baseline["val_metric"],
+                                                    "loss": baseline["val_loss"]}, step=0)
+        logging.info("epoch 0 (untrained)  val_loss %.4f  val_metric %.4f", baseline["val_loss"],
+                     baseline["val_metric"])
+
+    def _write_epoch_summaries(self, row: dict) -> None:
+        step = int(self.optimizer.iterations.numpy())
+        self.summaries.scalars(self.summaries.train, {
+            "loss": row["train_loss"], "gradient_norm": row["train_gradient_norm"],
+            "learning_rate": row["learning_rate"], "images_per_second": row["train_images_per_second"],
+            "epoch": row["epoch"],
+            **{name[len("train_"):]: v for name, v in row.items() if name.startswith("train_loss/")},
+        }, step)
+        self.summaries.scalars(self.summaries.val, {
+            "loss": row["val_loss"], "metric": row["val_metric"], "pixel_iou": row["val_pixel_iou"],
+            "best_threshold": row["val_best_threshold"],
+            "metric_at_best_threshold": row["val_metric_at_best_threshold"],
+        }, step)
+        self.summaries.text(self.summaries.train, "weights_sha256", row["weights_sha256"], step)
+        self.summaries.flush()
+
+    def _log_epoch(self, row: dict, improved: bool) -> None:
+        logging.info(
+            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_metric %.4f%s  (%.4f at threshold %.2f)  "
+            "lr %.2e  %.0fs  %.1f img/s", row["epoch"], self.config.epochs, row["train_loss"], row["val_loss"],
+            row["val_metric"], " *" if improved else "", row["val_metric_at_best_threshold"],
+            row["val_best_threshold"], row["learning_rate"], row["train_seconds"] + row["eval_seconds"],
+            row["train_images_per_second"])
+
+    def _final_summary(self, history: list[dict], seconds: float) -> dict:
+        best = max(history, key=lambda r: r["val_metric"]) if history else {}
+        return {
+            "epochs_completed": int(self.epoch.numpy()),
+            "best_epoch": best.get("epoch"),
+            "best_val_metric": best.get("val_metric"),
+            "best_val_metric_at_best_threshold": best.get("val_metric_at_best_threshold"),
+            "best_threshold": best.get("val_best_threshold"),
+            "final_weights_sha256": history[-1]["weights_sha256"] if history else None,
+            "wall_seconds_this_session": seconds,
+            "train_seconds_total": float(sum(r["train_seconds"] + r["eval_seconds"] for r in history)),
+        }

@@ -1,0 +1,81 @@
+"""The run record: every file of the run directory that is not a checkpoint or an event file.
+
+    flags.cfg     effective flags; passing it back with --flagfile reproduces (or resumes) the run
+    split.csv     id, role (train/val), coverage_class
+    record.json   code version, environment, determinism applied, data fingerprint, final summary
+    metrics.csv   one row per finished epoch
+
+Every write is atomic (temp file in the same folder + rename): a crash leaves the old file or the new one,
+never half a file that would break a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+import pandas as pd
+
+FLAGS_FILE = "flags.cfg"
+SPLIT_FILE = "split.csv"
+RECORD_FILE = "record.json"
+METRICS_FILE = "metrics.csv"
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, payload: dict) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def update_record(run_dir: str, **fields: Any) -> dict:
+    """Merges fields into record.json (created if absent) and returns the whole record."""
+    path = os.path.join(run_dir, RECORD_FILE)
+    record = read_json(path) if os.path.isfile(path) else {}
+    record.update(fields)
+    write_json(path, record)
+    return record
+
+
+def code_version(source_dir: str | None = None) -> dict:
+    """Git commit and uncommitted diff of the code that runs (None outside a git checkout)."""
+    source_dir = source_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=source_dir, capture_output=True, text=True,
+                                  timeout=20, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "diff": None}
+    diff = git("diff", "HEAD", "--", ".") or ""
+    return {"commit": commit.strip(), "dirty": bool(diff), "diff": diff}
+
+
+def read_metrics(run_dir: str) -> pd.DataFrame:
+    path = os.path.join(run_dir, METRICS_FILE)
+    return pd.read_csv(path) if os.path.isfile(path) else pd.DataFrame()
+
+
+def write_metrics(run_dir: str, rows: list[dict]) -> None:
+    path = os.path.join(run_dir, METRICS_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    os.replace(tmp, path)

@@ -1,0 +1,131 @@
+"""End to end: the train entry point on tiny synthetic data, resume, and bad flags."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
+
+from salt_tf import flags as salt_flags
+from salt_tf import records, train
+from train_helpers import events_files, run_tiny
+
+FLAGS = flags.FLAGS
+
+
+def test_two_epochs_write_the_run_directory_and_improve(tmp_path, demo_dir):
+    model_dir = str(tmp_path / "run")
+    summary = run_tiny(demo_dir, model_dir)
+    assert summary["epochs_completed"] == 2
+    # Checkpoints: the last epochs, the best, and the export predict loads.
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("epoch-2")
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints", "best")) is not None
+    assert os.path.isfile(os.path.join(model_dir, "export", "model.json"))
+    # The flagfile names the run's values, and parses back to them.
+    text = open(os.path.join(model_dir, "flags.cfg")).read()
+    assert "--base_width=4" in text and f"--data_dir={demo_dir}" in text
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["train", f"--flagfile={os.path.join(model_dir, 'flags.cfg')}"])
+        assert (FLAGS.base_width, FLAGS.translate, FLAGS.model_dir) == (4, 4, model_dir)
+    assert events_files(model_dir)
+    split = pd.read_csv(os.path.join(model_dir, "split.csv"), dtype={"id": str})
+    assert (split["role"] == "val").sum() == 32
+    rows = records.read_metrics(model_dir)
+    assert list(rows["epoch"]) == [1, 2]
+    record = records.read_json(os.path.join(model_dir, "record.json"))
+    assert record["summary"]["best_val_metric"] == rows["val_metric"].max()
+    assert len(record["data"]["fingerprint"]) == 64
+
+
+def test_validation_metric_improves_over_untrained(tmp_path, demo_dir):
+    """A few epochs must beat the untrained model's validation metric, logged at step 0, clearly."""
+    model_dir = str(tmp_path / "run")
+    summary = run_tiny(demo_dir, model_dir, epochs=4, base_width=8, depth=3, learning_rate=0.003)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(os.path.join(model_dir, "events", "val"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    metric = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors("metric")}
+    assert 0 in metric, "the untrained baseline is logged at step 0"
+    assert summary["best_val_metric"] > metric[0] + 0.1
+
+
+def checkpoint_values(model_dir):
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    reader = tf.train.load_checkpoint(path)
+    # save_counter counts saves (best ones too), so it is bookkeeping, not training state.
+    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(path)
+            if name not in ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE")}
+
+
+def test_resume_restores_complete_state(tmp_path, demo_dir):
+    straight = str(tmp_path / "straight")
+    resumed = str(tmp_path / "resumed")
+    run_tiny(demo_dir, straight, epochs=3, plateau_patience=1)
+    run_tiny(demo_dir, resumed, epochs=1, plateau_patience=1)
+    run_tiny(demo_dir, resumed, epochs=3, plateau_patience=1)
+    a, b = checkpoint_values(straight), checkpoint_values(resumed)
+    assert set(a) == set(b)
+    # The state the loop carries: epoch counter, schedule, LR, optimizer step count and slots, weights.
+    names = set(a)
+    for expected in ("epoch/.ATTRIBUTES/VARIABLE_VALUE", "schedule/best/.ATTRIBUTES/VARIABLE_VALUE",
+                     "schedule/wait/.ATTRIBUTES/VARIABLE_VALUE", "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE",
+                     "optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE"):
+        assert expected in names, expected
+    assert any(n.startswith("optimizer/_variables/") for n in names)
+    assert a["epoch/.ATTRIBUTES/VARIABLE_VALUE"] == b["epoch/.ATTRIBUTES/VARIABLE_VALUE"] == 3
+    for name in names:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    rows = records.read_metrics(resumed)
+    assert list(rows["epoch"]) == [1, 2, 3]
+
+
+def test_rerun_of_a_finished_run_trains_nothing(tmp_path, demo_dir):
+    model_dir = str(tmp_path / "run")
+    run_tiny(demo_dir, model_dir, epochs=1)
+    before = open(os.path.join(model_dir, records.METRICS_FILE)).read()
+    summary = run_tiny(demo_dir, model_dir, epochs=1)
+    assert summary["epochs_completed"] == 1
+    assert open(os.path.join(model_dir, records.METRICS_FILE)).read() == before
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--loss=bce:1,lovaz:1"], "lovaz"),
+    (["--learning_rate=-0.1"], "--learning_rate"),
+    (["--dataset=kaggle", "--data_dir=/no/such/dir"], "--data_dir=/no/such/dir"),
+    (["--depth=9"], "--depth"),
+    (["--optimizer=rmsprop"], "--optimizer"),
+    (["--epochs=ten"], "--epochs"),
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["--flagfile=/no/such.cfg"], "/no/such.cfg"),
+])
+def test_bad_flags_stop_with_one_line(tmp_path, capsys, argv, names):
+    salt_flags.define_flags()
+    model_dir = str(tmp_path / "run")
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as exit_info:
+        FLAGS.unparse_flags()
+        train.parse_flags(["train", "--dataset=demo", f"--data_dir={tmp_path}/d", f"--model_dir={model_dir}"]
+                          + argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and names in message, message
+    assert not os.path.exists(model_dir)
+
+
+def test_entry_point_process_exits_nonzero_before_work(tmp_path):
+    """The real command, as a user runs it: a bad value ends it with status 2 and one error line."""
+    model_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "salt_tf.train", "--dataset=demo", f"--data_dir={tmp_path}/d",
+         f"--model_dir={model_dir}", "--loss=hinge:1"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "hinge" in errors[0]
+    assert not model_dir.exists() and not (tmp_path / "d").exists()

@@ -1,0 +1,119 @@
+"""Prints a per-block summary of the salt U-Net and benchmarks a training step on this machine.
+
+    python tools/model_summary.py --base_width=16 --depth=4 --blocks_per_level=2 \
+        [--se|--nose] [--se_ratio=4] [--input_channels=1] [--dropout=0.0] \
+        [--bench_steps=3 --bench_repeats=5 --batch_size=32 | --nobench]
+
+Output: a table of the top-level blocks (encoder stem and levels, bottleneck, decoder
+levels, head) with their parameter counts and output shapes, the total parameter count,
+the analytical forward GFLOPs per 101x101 image, and -- unless --nobench -- the median
+forward+backward throughput (images/s) of a tf.function GradientTape step with a sigmoid
+BCE loss and a plain SGD update. Warm-up steps (tracing) are excluded from the timing.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+from salt_tf import IMAGE_SIZE
+from salt_tf.model import ModelConfig, build_model, count_params, forward_flops_per_image
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("base_width", 16, "Filters at level 0 (doubles each level).")
+flags.DEFINE_integer("depth", 4, "Number of 2x2 poolings (1..5).")
+flags.DEFINE_integer("blocks_per_level", 2, "Residual blocks per level and at the bottleneck.")
+flags.DEFINE_bool("se", True, "Squeeze-and-excitation gates in the residual blocks.")
+flags.DEFINE_integer("se_ratio", 4, "SE reduction ratio r.")
+flags.DEFINE_float("dropout", 0.0, "Spatial dropout rate (bottleneck and after skip concats).")
+flags.DEFINE_integer("input_channels", 1, "1 = image, 2 = image + depth plane.")
+flags.DEFINE_bool("bench", True, "Benchmark a forward+backward training step.")
+flags.DEFINE_integer("batch_size", 32, "Benchmark batch size.")
+flags.DEFINE_integer("bench_warmup", 2, "Untimed warm-up steps (includes tracing).")
+flags.DEFINE_integer("bench_steps", 3, "Timed steps per repeat.")
+flags.DEFINE_integer("bench_repeats", 5, "Timed repeats; the median is reported.")
+flags.DEFINE_integer("seed", 0, "Seed for weights and benchmark data.")
+
+
+def _fmt_shape(shape) -> str:
+    return "(None, " + ", ".join(str(int(d)) for d in shape[1:]) + ")"
+
+
+def print_summary(config: ModelConfig, model) -> None:
+    dummy = tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, config.input_channels], tf.float32)
+    rows = [(name, count_params(layer), _fmt_shape(out.shape)) for name, layer, out in model.trace(dummy)]
+    print(f"{config}")
+    print(f"{'block':<18}{'params':>12}  output shape")
+    print("-" * 52)
+    for name, params, shape in rows:
+        note = "  (skip, before pooling)" if name.startswith("encoder/level") else ""
+        print(f"{name:<18}{params:>12,}  {shape}{note}")
+    print("-" * 52)
+    total = count_params(model)
+    assert total == sum(p for _, p, _ in rows), "block table does not cover every parameter"
+    trainable = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    print(f"{'total':<18}{total:>12,}  ({trainable:,} trainable)")
+    print(f"forward GFLOPs per {IMAGE_SIZE}x{IMAGE_SIZE} image: "
+          f"{forward_flops_per_image(config) / 1e9:.4f} (2 x MACs of conv/transposed conv/dense)")
+
+
+def benchmark(config: ModelConfig, model) -> None:
+    batch = FLAGS.batch_size
+    rng = tf.random.Generator.from_seed(FLAGS.seed)
+    images = rng.normal([batch, IMAGE_SIZE, IMAGE_SIZE, config.input_channels])
+    masks = tf.cast(rng.uniform([batch, IMAGE_SIZE, IMAGE_SIZE, 1]) > 0.5, tf.float32)
+    variables = model.trainable_variables
+    learning_rate = 1e-3
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
+        grads = tape.gradient(loss, variables)
+        for v, g in zip(variables, grads):
+            v.assign_sub(learning_rate * g)
+        return loss
+
+    for _ in range(FLAGS.bench_warmup):
+        train_step(images, masks).numpy()
+    rates = []
+    for _ in range(FLAGS.bench_repeats):
+        start = time.perf_counter()
+        for _ in range(FLAGS.bench_steps):
+            loss = train_step(images, masks)
+        loss.numpy()  # Wait for the last step to finish.
+        rates.append(FLAGS.bench_steps * batch / (time.perf_counter() - start))
+    median = statistics.median(rates)
+    print(f"forward+backward (SGD step) at batch {batch}: {median:.1f} images/s median "
+          f"({batch / median:.2f} s/step; min {min(rates):.1f}, max {max(rates):.1f} over "
+          f"{FLAGS.bench_repeats} repeats x {FLAGS.bench_steps} steps, {FLAGS.bench_warmup} warm-up "
+          f"steps excluded; {os.cpu_count()} CPUs visible)")
+
+
+def main(argv):
+    del argv
+    config = ModelConfig(
+        base_width=FLAGS.base_width,
+        depth=FLAGS.depth,
+        blocks_per_level=FLAGS.blocks_per_level,
+        se=FLAGS.se,
+        se_ratio=FLAGS.se_ratio,
+        dropout=FLAGS.dropout,
+        input_channels=FLAGS.input_channels,
+    )
+    keras.utils.set_random_seed(FLAGS.seed)
+    model = build_model(config)
+    print_summary(config, model)
+    if FLAGS.bench:
+        benchmark(config, model)
+
+
+if __name__ == "__main__":
+    app.run(main)
