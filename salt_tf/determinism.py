@@ -63,12 +63,27 @@ def environment() -> dict:
     }
 
 
-def weights_fingerprint(variables) -> str:
-    """SHA-256 over the exact bytes of every variable, in name order: equal iff the weights are bit-equal."""
-    digest = hashlib.sha256()
-    for variable in sorted(variables, key=lambda v: v.path if hasattr(v, "path") else v.name):
+def variable_fingerprints(variables) -> dict[str, str]:
+    """SHA-256 of the exact bytes (with dtype and shape) of each variable, keyed by its path."""
+    fingerprints = {}
+    for variable in variables:
+        name = getattr(variable, "path", None) or variable.name
         value = np.ascontiguousarray(variable.numpy())
-        digest.update((variable.path if hasattr(variable, "path") else variable.name).encode())
-        digest.update(str(value.dtype).encode() + str(value.shape).encode())
+        digest = hashlib.sha256(f"{value.dtype}{value.shape}".encode())
         digest.update(value.tobytes())
+        fingerprints[name] = digest.hexdigest()
+    return fingerprints
+
+
+def combined_fingerprint(fingerprints: dict[str, str]) -> str:
+    """One SHA-256 over per-variable fingerprints in path order."""
+    digest = hashlib.sha256()
+    for name, value in sorted(fingerprints.items()):
+        digest.update(name.encode() + value.encode())
     return digest.hexdigest()
+
+
+def weights_fingerprint(variables) -> str:
+    """Equal for two sets of variables iff every weight is bit-equal (same paths, dtypes, shapes, bytes)."""
+    return combined_fingerprint(variable_fingerprints(variables))
+

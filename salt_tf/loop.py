@@ -168,10 +168,11 @@ class Trainer:
         # Rows of epochs after the checkpoint belong to work that is about to be redone.
         history = [row for row in records.read_metrics(self.run_dir).to_dict("records")
                    if row["epoch"] <= first_epoch]
+        fingerprints = {epoch: value for epoch, value in records.read_fingerprints(self.run_dir).items()
+                        if epoch <= first_epoch}
         if restored:
             logging.info("resumed from %s at epoch %d", restored, first_epoch)
         if first_epoch == 0:
-            history = []
             self._log_epoch_zero()
         run_start = time.perf_counter()
         for epoch in range(first_epoch, self.config.epochs):
@@ -182,7 +183,8 @@ class Trainer:
             row["eval_seconds"] = time.perf_counter() - eval_start
             improved = self.schedule.update(epoch + 1, row["val_metric"], self.optimizer.learning_rate)
             self.epoch.assign(epoch + 1)
-            row["weights_sha256"] = determinism.weights_fingerprint(self.model.variables)
+            fingerprints[epoch + 1] = determinism.variable_fingerprints(self.model.variables)
+            row["weights_sha256"] = determinism.combined_fingerprint(fingerprints[epoch + 1])
             # Checkpoint first, then the CSV row: a crash in between redoes the epoch, and the resume
             # drops rows past the checkpoint, so metrics.csv never holds an epoch twice.
             self.checkpoints.save(epoch + 1)
@@ -193,6 +195,7 @@ class Trainer:
                     threshold=row["val_best_threshold"]))
             history.append(row)
             records.write_metrics(self.run_dir, history)
+            records.write_fingerprints(self.run_dir, fingerprints)
             self._write_epoch_summaries(row)
             self._log_epoch(row, improved)
             if self._should_stop_early(epoch + 1):

@@ -4,6 +4,7 @@
     split.csv     id, role (train/val), coverage_class
     record.json   code version, environment, determinism applied, data fingerprint, final summary
     metrics.csv   one row per finished epoch
+    fingerprints.json   per epoch, the SHA-256 of every variable (what tools/compare_runs.py reads)
 
 Every write is atomic (temp file in the same folder + rename): a crash leaves the old file or the new one,
 never half a file that would break a resume.
@@ -22,6 +23,7 @@ FLAGS_FILE = "flags.cfg"
 SPLIT_FILE = "split.csv"
 RECORD_FILE = "record.json"
 METRICS_FILE = "metrics.csv"
+FINGERPRINTS_FILE = "fingerprints.json"
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -79,3 +81,29 @@ def write_metrics(run_dir: str, rows: list[dict]) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     pd.DataFrame(rows).to_csv(tmp, index=False)
     os.replace(tmp, path)
+
+
+def read_fingerprints(run_dir: str) -> dict[int, dict[str, str]]:
+    """{epoch: {variable path: sha256}} of a run (empty if it has none)."""
+    path = os.path.join(run_dir, FINGERPRINTS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    return {int(epoch): value for epoch, value in read_json(path).items()}
+
+
+def write_fingerprints(run_dir: str, fingerprints: dict[int, dict[str, str]]) -> None:
+    write_json(os.path.join(run_dir, FINGERPRINTS_FILE), {str(k): v for k, v in sorted(fingerprints.items())})
+
+
+def first_divergence(a: dict[int, dict[str, str]], b: dict[int, dict[str, str]]):
+    """Compares two runs' per-epoch variable fingerprints over the epochs both have.
+
+    Returns (epochs compared, first differing epoch or None, sorted paths that differ there; a path present
+    in only one run counts as differing).
+    """
+    common = sorted(set(a) & set(b))
+    for epoch in common:
+        if a[epoch] != b[epoch]:
+            paths = set(a[epoch]) | set(b[epoch])
+            return common, epoch, sorted(p for p in paths if a[epoch].get(p) != b[epoch].get(p))
+    return common, None, []
