@@ -95,6 +95,17 @@ def define_flags() -> None:
     flags.DEFINE_integer("progress_every", 10, "Steps between progress lines within an epoch (0 = off).",
                          lower_bound=0)
 
+    # --- TensorBoard.
+    flags.DEFINE_integer("summary_every_steps", 100, "Every N steps, write per-variable histograms, norms, "
+                         "gradient norms and update/weight ratios, and the step's losses (0 = never).",
+                         lower_bound=0)
+    flags.DEFINE_integer("summary_images", 8, "Validation images (a fixed, coverage-spread set) drawn with "
+                         "true and predicted outlines every epoch (0 = none).", lower_bound=0, upper_bound=64)
+    flags.DEFINE_integer("summary_worst_images", 4, "Worst-scored validation images drawn every epoch.",
+                         lower_bound=0, upper_bound=64)
+    flags.DEFINE_string("profile_steps", "", "'START,STOP': profile global steps START..STOP-1 into "
+                        "<model_dir>/events for TensorBoard's profile tab (empty = off).")
+
     _register_validators()
 
 
@@ -110,6 +121,8 @@ def _register_validators() -> None:
     flags.register_validator("learning_rate", lambda v: math.isfinite(v) and v > 0,
                              "--learning_rate must be a positive number")
     flags.register_validator("model_dir", _model_dir_ok)
+    flags.register_validator("profile_steps", lambda v: v == "" or parse_profile_steps(v) is not None,
+                             "--profile_steps must be 'START,STOP' with 0 <= START < STOP, e.g. 20,25")
 
     @flags.multi_flags_validator(["dataset", "data_dir"],
                                  message="--data_dir is required (the folder of the Kaggle download, or "
@@ -140,6 +153,17 @@ def _register_validators() -> None:
         return True
 
 
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """'20,25' -> (20, 25); '' or a malformed value -> None."""
+    if not text:
+        return None
+    try:
+        start, stop = (int(part) for part in text.split(","))
+    except ValueError:
+        return None
+    return (start, stop) if 0 <= start < stop else None
+
+
 def _model_dir_ok(path):
     if path is None:
         return True  # required-ness is checked by the entry point
@@ -156,6 +180,11 @@ def _model_dir_ok(path):
 def run_flags() -> list:
     """The flags defined here, i.e. those that describe a run (not absl's own logging flags)."""
     return FLAGS.get_flags_for_module(__name__)
+
+
+def run_flag_values() -> dict:
+    """{name: value} of the run flags, for the HParams dashboard."""
+    return {flag.name: flag.value for flag in run_flags() if flag.value is not None}
 
 
 def flagfile_text() -> str:

@@ -3,6 +3,7 @@
     for each epoch from the checkpointed one to --epochs:
         for each batch of the epoch's dataset (order and augmentation fixed by seed and epoch):
             train_step: forward (batch-norm in training mode), loss, gradients, clip, apply
+            (every --summary_every_steps steps the same step compiled with per-variable summaries)
         evaluate: predict the WHOLE validation set, competition metric, loss, pixel IoU, best threshold
         schedule: LR x factor when the metric has not improved for `patience` epochs
         save: epoch checkpoint (+ best checkpoint and export when the metric improved), metrics.csv row,
@@ -24,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from salt_tf import checkpoints, determinism, metrics, pipeline, records
+from salt_tf import checkpoints, determinism, metrics, pipeline, records, summaries
 from salt_tf.summaries import Summaries
 
 
@@ -42,6 +43,10 @@ class LoopConfig:
     early_stop_patience: int = 0    # 0 = never stop early
     keep_checkpoints: int = 2
     progress_every: int = 10        # steps between progress lines; 0 = none
+    summary_every_steps: int = 0    # per-variable statistics and gradients every N steps; 0 = never
+    summary_images: int = 8         # fixed validation images drawn every epoch; 0 = none
+    summary_worst_images: int = 4   # worst-scored validation images drawn every epoch; 0 = none
+    profile_steps: tuple[int, int] | None = None  # profile global steps [start, stop) into events/
 
 
 class PlateauSchedule(tf.Module):
@@ -72,13 +77,16 @@ class Trainer:
     """Owns the step functions and the epoch loop for one run directory."""
 
     def __init__(self, *, model: tf.Module, optimizer, loss_fn: Callable, train_arrays, val_arrays,
-                 config: LoopConfig, run_dir: str, export_config: dict | None = None):
+                 config: LoopConfig, run_dir: str, export_config: dict | None = None,
+                 hparams: dict | None = None):
         self.model, self.optimizer, self.loss_fn, self.config = model, optimizer, loss_fn, config
         self.run_dir = run_dir
         self.export_config = export_config or {}
         self.train_images, self.train_masks = (tf.constant(a) for a in train_arrays)
         self.val_images, self.val_masks = (tf.constant(a) for a in val_arrays)
         self.val_truth = val_arrays[1][..., 0] > 0.5
+        self.display_indices = summaries.pick_display_indices(self.val_truth, config.summary_images)
+        self.hparams = hparams
 
         # Optimizer slots exist before a restore, so a checkpoint's slots have somewhere to go.
         self.optimizer.build(self.model.trainable_variables)
@@ -90,25 +98,41 @@ class Trainer:
                                                       schedule=self.schedule)
         self.summaries = Summaries(run_dir)
         self.train_step = tf.function(self._train_step)
+        # A second compiled step for summary steps: the plain step carries no summary ops at all, so
+        # histograms of large kernels cost nothing on the other steps.
+        self.train_step_with_summaries = tf.function(self._train_step_with_summaries)
         self.eval_step = tf.function(self._eval_step)
 
     # ---------------------------------------------------------------------------------- compiled steps
 
-    def _train_step(self, images, masks):
+    def _gradients(self, images, masks):
+        """Forward in training mode (batch-norm statistics update), loss, gradients, optional clipping."""
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             per_image_loss, terms = self.loss_fn(masks, logits)
             loss = tf.reduce_mean(per_image_loss)
-        variables = self.model.trainable_variables
-        gradients = tape.gradient(loss, variables)
+        gradients = tape.gradient(loss, self.model.trainable_variables)
         if self.config.clip_norm > 0:
             gradients, gradient_norm = tf.clip_by_global_norm(gradients, self.config.clip_norm)
         else:
             gradient_norm = tf.linalg.global_norm(gradients)
-        self.optimizer.apply_gradients(zip(gradients, variables))
         outputs = {"loss": loss, "gradient_norm": gradient_norm}
         outputs.update({f"loss/{name}": tf.reduce_mean(term) for name, term in terms.items()})
+        return outputs, gradients
+
+    def _train_step(self, images, masks):
+        outputs, gradients = self._gradients(images, masks)
+        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         return outputs
+
+    def _train_step_with_summaries(self, images, masks):
+        outputs, gradients = self._gradients(images, masks)
+        variables = self.model.trainable_variables
+        values_before = [tf.identity(v) for v in variables]
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        statistics = summaries.variable_statistics(variables, gradients, values_before,
+                                                   self.model.non_trainable_variables)
+        return outputs, statistics
 
     def _eval_step(self, images, masks):
         logits = self.model(images, training=False)
@@ -127,17 +151,22 @@ class Trainer:
             losses.append(l.numpy())
         return np.concatenate(probabilities), np.concatenate(losses)
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Validation results, plus the probabilities [N,101,101] and per-image scores [N] behind them."""
         probabilities, losses = self.predict_validation()
         predicted = probabilities > 0.5
+        image_scores = metrics.image_scores(self.val_truth, predicted)
         threshold, threshold_metric = metrics.best_threshold(self.val_truth, probabilities)
-        return {
+        results = {
             "val_loss": float(losses.mean()),
-            "val_metric": metrics.competition_metric(self.val_truth, predicted),
+            "val_metric": float(image_scores.mean()),
             "val_pixel_iou": metrics.pixel_iou(self.val_truth, predicted),
             "val_best_threshold": threshold,
             "val_metric_at_best_threshold": threshold_metric,
         }
+        for group, score in summaries.coverage_group_scores(self.val_truth, image_scores).items():
+            results[f"val_metric_{group}"] = score
+        return results, probabilities, image_scores
 
     # ---------------------------------------------------------------------------------- epochs
 
@@ -147,9 +176,19 @@ class Trainer:
                                          epoch=epoch, augmentation=self.config.augmentation)
         steps = pipeline.steps_per_epoch(int(self.train_images.shape[0]), self.config.batch_size)
         sums: dict[str, float] = {}
+        global_step = int(self.optimizer.iterations.numpy())  # counted here: no device read per step
+        every = self.config.summary_every_steps
         start = time.perf_counter()
         for step, (images, masks) in enumerate(dataset, start=1):
-            outputs = self.train_step(images, masks)
+            self._profile(global_step)
+            if every and global_step % every == 0:
+                outputs, statistics = self.train_step_with_summaries(images, masks)
+                self.summaries.step_statistics(
+                    dict(outputs, learning_rate=self.optimizer.learning_rate), statistics,
+                    self.model.trainable_variables, self.model.non_trainable_variables, global_step)
+            else:
+                outputs = self.train_step(images, masks)
+            global_step += 1
             for name, value in outputs.items():
                 sums[name] = sums.get(name, 0.0) + value  # stays a tensor: no host sync per step
             if self.config.progress_every and step % self.config.progress_every == 0 and step < steps:
@@ -173,13 +212,16 @@ class Trainer:
         if restored:
             logging.info("resumed from %s at epoch %d", restored, first_epoch)
         if first_epoch == 0:
+            if self.hparams is not None:
+                self.summaries.hparams(self.hparams, run_name=os.path.basename(os.path.abspath(self.run_dir)))
             self._log_epoch_zero()
         run_start = time.perf_counter()
         for epoch in range(first_epoch, self.config.epochs):
             row = {"epoch": epoch + 1, "learning_rate": float(self.optimizer.learning_rate.numpy())}
             row.update(self.train_epoch(epoch))
             eval_start = time.perf_counter()
-            row.update(self.evaluate())
+            results, probabilities, image_scores = self.evaluate()
+            row.update(results)
             row["eval_seconds"] = time.perf_counter() - eval_start
             improved = self.schedule.update(epoch + 1, row["val_metric"], self.optimizer.learning_rate)
             self.epoch.assign(epoch + 1)
@@ -196,11 +238,12 @@ class Trainer:
             history.append(row)
             records.write_metrics(self.run_dir, history)
             records.write_fingerprints(self.run_dir, fingerprints)
-            self._write_epoch_summaries(row)
+            self._write_epoch_summaries(row, probabilities, image_scores)
             self._log_epoch(row, improved)
             if self._should_stop_early(epoch + 1):
                 logging.info("early stop: no improvement for %d epochs", self.config.early_stop_patience)
                 break
+        self._profile(None)
         self.summaries.close()
         return self._final_summary(history, time.perf_counter() - run_start)
 
@@ -210,29 +253,64 @@ class Trainer:
         patience = self.config.early_stop_patience
         return patience > 0 and epochs_done - int(self.schedule.best_epoch.numpy()) >= patience
 
+    _profiling = False
+
+    def _profile(self, global_step: int | None) -> None:
+        """Starts/stops the TensorFlow profiler around --profile_steps (None: stop if running)."""
+        if self.config.profile_steps is None:
+            return
+        start, stop = self.config.profile_steps
+        if global_step == start and not self._profiling:
+            tf.profiler.experimental.start(self.summaries.root)
+            self._profiling = True
+        elif self._profiling and (global_step is None or global_step >= stop):
+            tf.profiler.experimental.stop()
+            self._profiling = False
+            logging.info("profile of steps %d-%d written to %s", start, stop - 1, self.summaries.root)
+
     def _log_epoch_zero(self) -> None:
         """The untrained model's validation metric: the baseline every epoch is compared with."""
-        baseline = self.evaluate()
+        baseline, _, _ = self.evaluate()
         self.summaries.scalars(self.summaries.val, {"metric": baseline["val_metric"],
                                                     "loss": baseline["val_loss"]}, step=0)
         logging.info("epoch 0 (untrained)  val_loss %.4f  val_metric %.4f", baseline["val_loss"],
                      baseline["val_metric"])
 
-    def _write_epoch_summaries(self, row: dict) -> None:
+    def _write_epoch_summaries(self, row: dict, probabilities: np.ndarray, image_scores: np.ndarray) -> None:
         step = int(self.optimizer.iterations.numpy())
         self.summaries.scalars(self.summaries.train, {
-            "loss": row["train_loss"], "gradient_norm": row["train_gradient_norm"],
-            "learning_rate": row["learning_rate"], "images_per_second": row["train_images_per_second"],
+            "epoch_loss": row["train_loss"], "epoch_gradient_norm": row["train_gradient_norm"],
+            "epoch_learning_rate": row["learning_rate"], "images_per_second": row["train_images_per_second"],
             "epoch": row["epoch"],
-            **{name[len("train_"):]: v for name, v in row.items() if name.startswith("train_loss/")},
+            **{f"epoch_{name[len('train_'):]}": v for name, v in row.items() if name.startswith("train_loss/")},
         }, step)
         self.summaries.scalars(self.summaries.val, {
             "loss": row["val_loss"], "metric": row["val_metric"], "pixel_iou": row["val_pixel_iou"],
             "best_threshold": row["val_best_threshold"],
             "metric_at_best_threshold": row["val_metric_at_best_threshold"],
+            "best_metric": float(self.schedule.best.numpy()),
+            **{f"metric_by_coverage/{name[len('val_metric_'):]}": v for name, v in row.items()
+               if name[len("val_metric_"):] in summaries.COVERAGE_GROUPS},
         }, step)
         self.summaries.text(self.summaries.train, "weights_sha256", row["weights_sha256"], step)
+        self._write_image_summaries(probabilities, image_scores, step)
         self.summaries.flush()
+
+    def _write_image_summaries(self, probabilities: np.ndarray, image_scores: np.ndarray, step: int) -> None:
+        """Grids of validation images with the true (green) and predicted (red) outlines."""
+        images = self.val_images.numpy()[..., 0]
+        predicted = probabilities > 0.5
+
+        def tiles(indices):
+            return [summaries.overlay(images[i], self.val_truth[i], predicted[i]) for i in indices]
+
+        if len(self.display_indices):
+            self.summaries.image(self.summaries.val, "fixed_images", summaries.grid(tiles(self.display_indices)),
+                                 step, "the same validation images every epoch; green = truth, red = prediction")
+        if self.config.summary_worst_images:
+            worst = np.argsort(image_scores, kind="stable")[:self.config.summary_worst_images]
+            self.summaries.image(self.summaries.val, "worst_images", summaries.grid(tiles(worst)), step,
+                                 "lowest competition score this epoch; green = truth, red = prediction")
 
     def _log_epoch(self, row: dict, improved: bool) -> None:
         logging.info(

@@ -1,20 +1,40 @@
-"""TensorBoard event files of a run: <run_dir>/events/{train,val}.
+"""TensorBoard event files of a run, and what goes in them. The loop decides *when*; this module *how*.
 
-The loop decides when to write; this module only knows how.
+    <run_dir>/events/          HParams session (the run's flags) for the HParams dashboard
+    <run_dir>/events/train/    per-step scalars; on summary steps, per-variable statistics and gradients
+    <run_dir>/events/val/      per-epoch validation scalars, coverage-class scores, image grids
+
+Per-variable tags drop the model's name and keep its readable path, so TensorBoard groups them by part of
+the network: `encoder/level1/block0/conv1/kernel/norm`, `.../gradient_norm`, `.../update_ratio`,
+histograms `.../values` and `.../gradients`.
 """
 
 from __future__ import annotations
 
 import os
 
+import cv2
+import numpy as np
 import tensorflow as tf
+
+from salt_tf.data.splits import coverage_class
+
+# Coverage groups for the per-class validation score: what a user asks ("does it miss small salt?").
+COVERAGE_GROUPS = {"empty": (0, 0), "small": (1, 1), "medium": (2, 5), "large": (6, 10)}
+
+
+def variable_tag(variable) -> str:
+    """The variable's path without the model name: `unet/encoder/...` -> `encoder/...`."""
+    path = getattr(variable, "path", None) or variable.name.split(":")[0]
+    head, _, rest = path.partition("/")
+    return rest if head == "unet" and rest else path
 
 
 class Summaries:
     def __init__(self, run_dir: str):
-        events = os.path.join(run_dir, "events")
-        self.train = tf.summary.create_file_writer(os.path.join(events, "train"))
-        self.val = tf.summary.create_file_writer(os.path.join(events, "val"))
+        self.root = os.path.join(run_dir, "events")
+        self.train = tf.summary.create_file_writer(os.path.join(self.root, "train"))
+        self.val = tf.summary.create_file_writer(os.path.join(self.root, "val"))
 
     @staticmethod
     def scalars(writer, values: dict, step: int) -> None:
@@ -27,6 +47,45 @@ class Summaries:
         with writer.as_default(step=step):
             tf.summary.text(name, value)
 
+    @staticmethod
+    def image(writer, name: str, rgb: np.ndarray, step: int, description: str = "") -> None:
+        with writer.as_default(step=step):
+            tf.summary.image(name, rgb[None], step=step, description=description)
+
+    def step_statistics(self, scalars: dict, statistics: dict, variables, bn_statistics, step: int) -> None:
+        """Writes a summary step: its scalars (losses, LR, ...) and what variable_statistics computed,
+        under each variable's tag. Eager: a few hundred small writes."""
+        from tensorboard.plugins.histogram import metadata as histogram_metadata
+
+        statistics = {name: value.numpy() for name, value in statistics.items()}
+        with self.train.as_default(step=step):
+            for tag, value in scalars.items():
+                tf.summary.scalar(tag, value)
+            for k, variable in enumerate(variables):
+                tag = variable_tag(variable)
+                for name in ("norm", "mean", "std", "gradient_norm", "update_ratio"):
+                    tf.summary.scalar(f"{tag}/{name}", statistics[name][k])
+                for name in ("values", "gradients"):
+                    tf.summary.write(f"{tag}/{name}", statistics[name][k],
+                                     metadata=histogram_metadata.create_summary_metadata(f"{tag}/{name}", ""))
+            for k, variable in enumerate(bn_statistics):
+                tag = variable_tag(variable)
+                tf.summary.scalar(f"{tag}/mean", statistics["bn_mean"][k])
+                tf.summary.write(f"{tag}/values", statistics["bn_values"][k],
+                                 metadata=histogram_metadata.create_summary_metadata(f"{tag}/values", ""))
+
+    def hparams(self, values: dict, run_name: str) -> None:
+        """Writes the run's flags as an HParams session, with the validation metrics it is judged by."""
+        from tensorboard.plugins.hparams import api as hp
+
+        with tf.summary.create_file_writer(self.root).as_default():
+            hp.hparams_config(
+                hparams=[hp.HParam(name) for name in sorted(values)],
+                metrics=[hp.Metric("metric", group="val", display_name="val metric (per epoch)"),
+                         hp.Metric("best_metric", group="val", display_name="best val metric"),
+                         hp.Metric("metric_at_best_threshold", group="val", display_name="val metric, tuned threshold")])
+            hp.hparams(values, trial_id=run_name)
+
     def flush(self) -> None:
         self.train.flush()
         self.val.flush()
@@ -34,3 +93,114 @@ class Summaries:
     def close(self) -> None:
         self.train.close()
         self.val.close()
+
+
+HISTOGRAM_BUCKETS = 30
+
+
+class _Segments:
+    """Many tensors flattened into one vector with a segment id per element, so statistics of every
+    variable come from a handful of segment ops: tracing stays fast however many variables there are."""
+
+    def __init__(self, tensors):
+        sizes = [int(np.prod(t.shape)) for t in tensors]
+        self.count = len(tensors)
+        self.ids = tf.constant(np.repeat(np.arange(self.count), sizes), tf.int32)
+        self.sizes = tf.constant(sizes, tf.float64)
+
+    def flatten(self, tensors) -> tf.Tensor:
+        return tf.concat([tf.reshape(tf.cast(t, tf.float64), [-1]) for t in tensors], axis=0)
+
+    def sum(self, flat) -> tf.Tensor:
+        return tf.math.segment_sum(flat, self.ids)
+
+    def norm(self, flat) -> tf.Tensor:
+        return tf.sqrt(self.sum(tf.square(flat)))
+
+    def mean_std(self, flat) -> tuple[tf.Tensor, tf.Tensor]:
+        mean = self.sum(flat) / self.sizes
+        variance = tf.maximum(self.sum(tf.square(flat)) / self.sizes - tf.square(mean), 0.0)
+        return mean, tf.sqrt(variance)
+
+    def histograms(self, flat) -> tf.Tensor:
+        """[count, buckets, 3] rows of (left edge, right edge, count): TensorBoard's histogram format."""
+        low = tf.math.segment_min(flat, self.ids)
+        high = tf.math.segment_max(flat, self.ids)
+        high = tf.where(high > low, high, low + 1.0)  # a constant tensor still gets a valid range
+        width = (high - low) / HISTOGRAM_BUCKETS
+        bucket = tf.cast(tf.floor((flat - tf.gather(low, self.ids)) / tf.gather(width, self.ids)), tf.int32)
+        bucket = tf.clip_by_value(bucket, 0, HISTOGRAM_BUCKETS - 1)
+        counts = tf.math.bincount(self.ids * HISTOGRAM_BUCKETS + bucket, minlength=self.count * HISTOGRAM_BUCKETS,
+                                  maxlength=self.count * HISTOGRAM_BUCKETS, dtype=tf.float64)
+        counts = tf.reshape(counts, [self.count, HISTOGRAM_BUCKETS])
+        edges = low[:, None] + width[:, None] * tf.range(HISTOGRAM_BUCKETS + 1, dtype=tf.float64)[None, :]
+        return tf.stack([edges[:, :-1], edges[:, 1:], counts], axis=2)
+
+
+def variable_statistics(variables, gradients, values_before, bn_statistics) -> dict:
+    """Per-variable statistics of one training step as stacked tensors, computed inside the compiled
+    summary step; `values_before` are the trainable variables' values before the update.
+    Summaries.step_statistics writes them under each variable's tag."""
+    trainable = _Segments(variables)
+    values = trainable.flatten(variables)
+    grads = trainable.flatten(gradients)
+    mean, std = trainable.mean_std(values)
+    norm = trainable.norm(values)
+    statistics = {
+        "norm": norm, "mean": mean, "std": std,
+        "gradient_norm": trainable.norm(grads),
+        # How far this step moved each variable relative to its size: ~1e-3 is the classic healthy range.
+        "update_ratio": tf.math.divide_no_nan(trainable.norm(values - trainable.flatten(values_before)),
+                                              trainable.norm(trainable.flatten(values_before))),
+        "values": trainable.histograms(values),
+        "gradients": trainable.histograms(grads),
+    }
+    if bn_statistics:
+        moving = _Segments(bn_statistics)
+        flat = moving.flatten(bn_statistics)
+        statistics["bn_mean"] = moving.mean_std(flat)[0]
+        statistics["bn_values"] = moving.histograms(flat)
+    return statistics
+
+
+def coverage_group_scores(truth: np.ndarray, image_scores: np.ndarray) -> dict[str, float]:
+    """Mean per-image competition score within each coverage group (groups absent from the set are left
+    out)."""
+    classes = coverage_class(truth.reshape(len(truth), -1).mean(axis=1))
+    scores = {}
+    for name, (low, high) in COVERAGE_GROUPS.items():
+        members = (classes >= low) & (classes <= high)
+        if members.any():
+            scores[name] = float(image_scores[members].mean())
+    return scores
+
+
+def pick_display_indices(truth: np.ndarray, count: int) -> np.ndarray:
+    """A fixed, coverage-spread choice of validation images: the same ones every epoch, so the grids of
+    two epochs show the same images."""
+    coverage = truth.reshape(len(truth), -1).mean(axis=1)
+    order = np.argsort(coverage, kind="stable")
+    count = min(count, len(order))
+    return order[np.round(np.linspace(0, len(order) - 1, count)).astype(int)] if count else order[:0]
+
+
+def overlay(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """An RGB tile: the image in gray, the true mask's outline in green, the predicted one's in red."""
+    gray = np.clip(image * 255.0, 0, 255).astype(np.uint8)
+    tile = np.repeat(gray[..., None], 3, axis=2)
+    kernel = np.ones((3, 3), np.uint8)
+    for mask, colour in ((truth, (0, 255, 0)), (predicted, (255, 0, 0))):
+        edge = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_GRADIENT, kernel) > 0
+        tile[edge] = colour
+    return tile
+
+
+def grid(tiles: list[np.ndarray], columns: int = 4, gap: int = 2) -> np.ndarray:
+    """Tiles [H,W,3] laid out in rows with a white gap."""
+    rows = (len(tiles) + columns - 1) // columns
+    height, width = tiles[0].shape[:2]
+    canvas = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, columns)
+        canvas[r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = tile
+    return canvas

@@ -89,7 +89,9 @@ def run() -> dict:
         clip_norm=FLAGS.clip_norm, plateau_factor=FLAGS.plateau_factor,
         plateau_patience=FLAGS.plateau_patience, min_learning_rate=FLAGS.min_learning_rate,
         early_stop_patience=FLAGS.early_stop_patience, keep_checkpoints=FLAGS.keep_checkpoints,
-        progress_every=FLAGS.progress_every)
+        progress_every=FLAGS.progress_every, summary_every_steps=FLAGS.summary_every_steps,
+        summary_images=FLAGS.summary_images, summary_worst_images=FLAGS.summary_worst_images,
+        profile_steps=salt_flags.parse_profile_steps(FLAGS.profile_steps))
     records.update_record(run_dir, code=records.code_version(), environment=determinism.environment(),
                           determinism=applied, data={"dir": os.path.abspath(FLAGS.data_dir),
                                                      "fingerprint": data_fingerprint,
@@ -100,7 +102,8 @@ def run() -> dict:
         model=model, optimizer=build_optimizer(), loss_fn=loss_fn,
         train_arrays=pipeline.to_arrays(train_data, FLAGS.use_depth),
         val_arrays=pipeline.to_arrays(val_data, FLAGS.use_depth), config=config, run_dir=run_dir,
-        export_config={"model": dataclasses.asdict(model_config), "use_depth": FLAGS.use_depth})
+        export_config={"model": dataclasses.asdict(model_config), "use_depth": FLAGS.use_depth},
+        hparams=salt_flags.run_flag_values())
     summary = trainer.run()
     records.update_record(run_dir, summary=summary,
                           finished=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()))

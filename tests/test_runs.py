@@ -1,0 +1,299 @@
+"""`python -m salt_tf.runs` (list, diff, reproduce) on real run directories of tiny trainings.
+
+One module fixture makes the runs the way a person would: a training process, then `reproduce` processes.
+Bit-identity is a property of fresh processes (thread pools and op determinism are fixed at start-up), so
+the original is a process too. The list and diff tests then read those run directories in-process:
+
+    runs/a                      original, --learning_rate=0.01, 1 epoch, on a private copy of the demo data
+    runs/a-reproduce-1          `reproduce runs/a`                               -> PASS
+    runs/a_edited               copy of runs/a whose flags.cfg says --learning_rate=0.02
+    runs/a_edited-reproduce-1   `reproduce runs/a_edited`                        -> FAIL, weights diverge
+    runs/a-reproduce-2          `reproduce runs/a` after one training image changed -> FAIL, data differs
+"""
+
+import dataclasses
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from salt_tf import records, runs
+from salt_tf.data import kaggle
+from train_helpers import TINY, tiny_argv
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR = str(TINY["learning_rate"])
+EDITED_LR = str(TINY["learning_rate"] * 2)
+FIXED_COLUMNS = ["name", "started", "best_val_metric", "best_epoch", "epochs_completed"]
+
+
+def start(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process):
+    output, _ = process.communicate(timeout=600)
+    return process.returncode, output
+
+
+def change_one_training_image(data_dir, run_dir):
+    """Inverts a patch of the first training image of the run's split; returns its id."""
+    split = pd.read_csv(os.path.join(run_dir, records.SPLIT_FILE), dtype={"id": str})
+    image_id = split.loc[split["role"] == "train", "id"].iloc[0]
+    path = os.path.join(data_dir, "train", "images", f"{image_id}.png")
+    before = open(path, "rb").read()
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    image[20:40, 20:40] = 255 - image[20:40, 20:40]
+    assert cv2.imwrite(path, image) and open(path, "rb").read() != before
+    return image_id
+
+
+@dataclasses.dataclass
+class Lab:
+    root: str
+    data: str
+    code_changed: bool      # someone edited the checkout while the fixture ran: identity is not owed
+    results: dict           # reproduce case -> (exit status, output)
+
+    def run(self, name):
+        return os.path.join(self.root, name)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, demo_dir):
+    base = tmp_path_factory.mktemp("lab")
+    data, root = str(base / "data"), str(base / "runs")
+    shutil.copytree(demo_dir, data)
+    a, edited = os.path.join(root, "a"), os.path.join(root, "a_edited")
+    code_before = records.code_version()
+    status, output = finish(start("salt_tf.train", *tiny_argv(data, a, epochs=1)[1:]))
+    assert status == 0, output[-3000:]
+
+    shutil.copytree(a, edited)
+    flags_path = os.path.join(edited, records.FLAGS_FILE)
+    lines = open(flags_path).read().splitlines()
+    assert f"--learning_rate={LR}" in lines
+    records.atomic_write_text(flags_path, "\n".join(
+        f"--learning_rate={EDITED_LR}" if line == f"--learning_rate={LR}" else line for line in lines) + "\n")
+
+    # Both read the untouched data, so they may run side by side.
+    same, changed_flag = start("salt_tf.runs", "reproduce", a), start("salt_tf.runs", "reproduce", edited)
+    results = {"same": finish(same), "changed_flag": finish(changed_flag)}
+    change_one_training_image(data, a)
+    results["changed_data"] = finish(start("salt_tf.runs", "reproduce", a))
+    return Lab(root=root, data=data, code_changed=records.code_version() != code_before, results=results)
+
+
+def cli(capsys, *argv):
+    status = runs.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def table(text):
+    """Header names and rows (name, ..., last column) of a `list` table; the date holds one space."""
+    lines = text.strip().splitlines()
+    return lines[0].split(), [line.split() for line in lines[1:]]
+
+
+# ------------------------------------------------------------------------------------------------ reproduce
+
+
+def test_reproduce_of_an_untouched_run_is_bit_identical(lab):
+    status, output = lab.results["same"]
+    if lab.code_changed and status != 0:
+        pytest.skip("the checkout was edited while the runs were made; identity was not expected")
+    assert status == 0, output[-3000:]
+    assert "PASS: bit-identical" in output and "FAIL" not in output
+    copy = lab.run("a-reproduce-1")
+    fa, fb = records.read_fingerprints(lab.run("a")), records.read_fingerprints(copy)
+    assert sorted(fa) == sorted(fb) == [1] and fa == fb
+    # The copy ran from the same flags: only where it lives differs.
+    flags_a = runs.parse_flagfile(open(os.path.join(lab.run("a"), records.FLAGS_FILE)).read())
+    flags_b = runs.parse_flagfile(open(os.path.join(copy, records.FLAGS_FILE)).read())
+    assert {k for k in flags_a if flags_a[k] != flags_b.get(k)} == {"model_dir"}
+
+
+def test_reproduce_reports_an_edited_flag(lab):
+    status, output = lab.results["changed_flag"]
+    assert status == 1, output[-3000:]
+    # Before training: flags.cfg contradicts the learning rate epoch 1 was trained at.
+    assert f"--learning_rate={EDITED_LR}, but metrics.csv" in output
+    # After: the consequence, found from the weights.
+    assert "FAIL: weights diverge at epoch 1" in output and "PASS" not in output
+    fa = records.read_fingerprints(lab.run("a"))
+    fb = records.read_fingerprints(lab.run("a_edited-reproduce-1"))
+    assert fa[1] != fb[1]
+
+
+def test_reproduce_reports_changed_data(lab):
+    status, output = lab.results["changed_data"]
+    assert status == 1, output[-3000:]
+    recorded = records.read_json(os.path.join(lab.run("a"), records.RECORD_FILE))["data"]["fingerprint"]
+    now = kaggle.fingerprint(lab.data, kaggle.train_ids(lab.data))
+    assert now != recorded
+    assert f"before: data fingerprint differs: recorded {recorded[:12]}, now {now[:12]}" in output
+    assert "FAIL: cannot expect identity: data fingerprint differs" in output
+    # It still trained and compared: a changed training image changes the first epoch's weights.
+    assert "weights diverge at epoch 1" in output
+    copy = records.read_json(os.path.join(lab.run("a-reproduce-2"), records.RECORD_FILE))
+    assert copy["data"]["fingerprint"] == now
+
+
+def test_reproduce_refuses_a_used_directory(lab, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    status, out, err = cli(capsys, "reproduce", lab.run("a"), "--into", tmp_path / "taken")
+    assert status == 2 and "must start from scratch" in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path / "taken") == ["file"]
+
+
+# ------------------------------------------------------------------------------------------------ list
+
+
+ALL = {"a", "a-reproduce-1", "a-reproduce-2", "a_edited", "a_edited-reproduce-1"}
+EDITED = {"a_edited", "a_edited-reproduce-1"}
+
+
+def test_list_shows_only_the_differing_flag(lab, capsys):
+    status, out, _ = cli(capsys, "list", lab.root)
+    assert status == 0
+    header, rows = table(out)
+    assert header == FIXED_COLUMNS + ["wall", "learning_rate"]
+    assert {row[0] for row in rows} == ALL
+    for row in rows:
+        assert row[-1] == (EDITED_LR if row[0] in EDITED else LR)
+        summary = records.read_json(os.path.join(lab.run(row[0]), records.RECORD_FILE))["summary"]
+        assert row[3] == f"{summary['best_val_metric']:.4f}" and row[5] == str(summary["epochs_completed"])
+    loaded = [runs.load_run(lab.run(name)) for name in sorted(ALL)]
+    assert runs.differing_flags(loaded) == ["learning_rate"]
+    assert runs.differing_flags(loaded[:2]) == []  # a and its reproduction: nothing but model_dir
+
+
+def test_list_where_filters(lab, capsys):
+    _, out, _ = cli(capsys, "list", lab.root, "--where", f"learning_rate={EDITED_LR}")
+    header, rows = table(out)
+    assert {row[0] for row in rows} == EDITED and "learning_rate" not in header  # equal among these
+    _, out, _ = cli(capsys, "list", lab.root, "--where", "learning_rate=1e-2", "--where", "deterministic=1")
+    assert {row[0] for row in table(out)[1]} == ALL - EDITED
+    status, _, err = cli(capsys, "list", lab.root, "--where", "no_such_flag=1")
+    assert status == 2 and "no_such_flag" in err
+
+
+def test_list_csv_reads_with_pandas(lab, capsys):
+    _, out, _ = cli(capsys, "list", lab.root, "--csv", "--sort=best_val_metric")
+    frame = pd.read_csv(io.StringIO(out), dtype={"learning_rate": str})
+    assert list(frame.columns) == FIXED_COLUMNS + ["train_seconds_total", "learning_rate"]
+    assert set(frame["name"]) == ALL and len(frame) == len(ALL)
+    for row in frame.to_dict("records"):
+        record = records.read_json(os.path.join(lab.run(row["name"]), records.RECORD_FILE))
+        assert row["best_val_metric"] == pytest.approx(record["summary"]["best_val_metric"], rel=1e-12)
+        assert row["train_seconds_total"] == pytest.approx(record["summary"]["train_seconds_total"], rel=1e-12)
+        assert row["started"] == record["started"]
+        assert row["learning_rate"] == (EDITED_LR if row["name"] in EDITED else LR)
+    assert frame["best_val_metric"].is_monotonic_decreasing
+
+
+def test_incomplete_runs_are_listed_not_crashed_on(lab, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(lab.run("a"), root / "finished")
+    # Mid-training: epochs in metrics.csv, no summary yet. Crashed early: no metrics at all.
+    shutil.copytree(lab.run("a"), root / "training")
+    shutil.copytree(lab.run("a"), root / "crashed")
+    for name in ("training", "crashed"):
+        record = records.read_json(str(root / name / records.RECORD_FILE))
+        del record["summary"]
+        records.write_json(str(root / name / records.RECORD_FILE), record)
+    os.remove(root / "crashed" / records.METRICS_FILE)
+    (root / "not_a_run" / "deeper").mkdir(parents=True)
+
+    status, out, _ = cli(capsys, "list", root, "--csv", "--sort=name")
+    assert status == 0
+    frame = pd.read_csv(io.StringIO(out)).set_index("name")
+    assert list(frame.index) == ["crashed", "finished", "training"]
+    assert frame.loc["crashed", ["best_val_metric", "best_epoch", "train_seconds_total"]].isna().all()
+    summary = records.read_json(os.path.join(lab.run("a"), records.RECORD_FILE))["summary"]
+    assert frame.loc["training", "best_val_metric"] == pytest.approx(summary["best_val_metric"])
+    assert frame.loc["training", "epochs_completed"] == summary["epochs_completed"]
+    status, out, _ = cli(capsys, "list", root)
+    assert status == 0 and len(out.strip().splitlines()) == 4
+
+
+# ------------------------------------------------------------------------------------------------ diff
+
+
+def test_diff_reports_the_flag_the_curves_and_the_divergence(lab, tmp_path, capsys):
+    a, b = lab.run("a"), lab.run("a_edited-reproduce-1")
+    d = runs.diff_runs(runs.load_run(a), runs.load_run(b))
+    assert d["flags"] == {"learning_rate": (LR, EDITED_LR)}
+    assert d["data"] == {} and d["weights"]["first_divergence"] == 1
+    ma, mb = records.read_metrics(a), records.read_metrics(b)
+    assert [r["epoch"] for r in d["curves"]] == list(ma["epoch"]) == list(mb["epoch"])
+    for key in runs.CURVE_KEYS:
+        assert [r[f"{key}_a"] for r in d["curves"]] == list(ma[key])
+        assert [r[f"{key}_b"] for r in d["curves"]] == list(mb[key])
+
+    plot = tmp_path / "ab.png"
+    status, out, _ = cli(capsys, "diff", a, b, f"--plot={plot}")
+    assert status == 0
+    assert f"  learning_rate: {LR} -> {EDITED_LR}" in out.splitlines()
+    assert "weights: diverge at epoch 1" in out and "data: same" in out
+    curve_line = next(line for line in out.splitlines() if line.split()[:1] == ["1"])
+    assert curve_line.split() == ["1"] + [f"{m[k].iloc[0]:.4f}" for k in ("val_metric", "train_loss")
+                                          for m in (ma, mb)]
+    image = cv2.imread(str(plot))
+    assert image is not None and image.shape[0] > 200 and image.shape[1] > 400
+    for colour in runs.CV2_COLOURS:  # both runs are drawn (in either renderer: same colours)
+        assert (image == np.array(colour, np.uint8)).all(axis=-1).sum() > 20, colour
+
+
+def test_diff_shows_a_changed_data_fingerprint(lab, capsys):
+    a, b = lab.run("a"), lab.run("a-reproduce-2")
+    fa, fb = (records.read_json(os.path.join(r, records.RECORD_FILE))["data"]["fingerprint"] for r in (a, b))
+    assert fa != fb
+    d = runs.diff_runs(runs.load_run(a), runs.load_run(b))
+    assert d["data"] == {"fingerprint": (fa, fb)} and d["flags"] == {}
+    _, out, _ = cli(capsys, "diff", a, b)
+    assert f"  fingerprint: {fa[:12]} -> {fb[:12]}" in out.splitlines()
+
+
+def test_opencv_plot_draws_both_curves(tmp_path):
+    curves = [{"epoch": e, "val_metric_a": 0.3 + 0.1 * e, "val_metric_b": 0.5, "train_loss_a": 1.0 / e,
+               "train_loss_b": None if e == 3 else 0.9} for e in (1, 2, 3)]
+    path = str(tmp_path / "plot.png")
+    runs.plot_curves_cv2(curves, ("runs/a", "runs/b"), path)
+    image = cv2.imread(path)
+    for colour in runs.CV2_COLOURS:
+        assert (image == np.array(colour, np.uint8)).all(axis=-1).sum() > 100
+    # The two panels sit side by side: A's colour appears in both halves.
+    left, right = image[:, : image.shape[1] // 2], image[:, image.shape[1] // 2:]
+    for half in (left, right):
+        assert (half == np.array(runs.CV2_COLOURS[0], np.uint8)).all(axis=-1).any()
+
+
+# ------------------------------------------------------------------------------------------------ edges
+
+
+def test_parse_flagfile():
+    text = "# comment\n\n--learning_rate=0.01\n--hflip\n--nouse_depth\n--loss=bce:1,dice:1\n--seed=1\n--seed=2\n"
+    assert runs.parse_flagfile(text) == {"learning_rate": "0.01", "hflip": "true", "use_depth": "false",
+                                         "loss": "bce:1,dice:1", "seed": "2"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["list", "{tmp}/missing"], "{tmp}/missing: no such directory"),
+    (["diff", "{tmp}", "{tmp}"], "{tmp}: not a salt_tf run directory (no flags.cfg)"),
+    (["reproduce", "{tmp}/x"], "{tmp}/x: no such directory"),
+])
+def test_bad_paths_stop_with_one_line(tmp_path, capsys, argv, message):
+    status, out, err = cli(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert status == 2 and out == ""
+    assert err.strip() == "error: " + message.format(tmp=tmp_path)
