@@ -3,7 +3,7 @@
     for each epoch from the checkpointed one to --epochs:
         for each batch of the epoch's dataset (order and augmentation fixed by seed and epoch):
             train_step: forward (batch-norm in training mode), loss, gradients, clip, apply
-            (every --summary_every_steps steps the same step compiled with per-variable summaries)
+            (every --summary_every_steps steps, per-variable statistics computed around the same step)
         evaluate: predict the WHOLE validation set, competition metric, loss, pixel IoU, best threshold
         schedule: LR x factor when the metric has not improved for `patience` epochs
         save: epoch checkpoint (+ best checkpoint and export when the metric improved), metrics.csv row,
@@ -98,9 +98,10 @@ class Trainer:
                                                       schedule=self.schedule)
         self.summaries = Summaries(run_dir)
         self.train_step = tf.function(self._train_step)
-        # A second compiled step for summary steps: the plain step carries no summary ops at all, so
-        # histograms of large kernels cost nothing on the other steps.
-        self.train_step_with_summaries = tf.function(self._train_step_with_summaries)
+        # Summary statistics are separate compiled functions around the step, so the step itself carries
+        # no summary ops: they cost nothing on other steps and cannot change the training graph.
+        self.snapshot = tf.function(self._snapshot)
+        self.variable_statistics = tf.function(self._variable_statistics)
         self.eval_step = tf.function(self._eval_step)
 
     # ---------------------------------------------------------------------------------- compiled steps
@@ -123,16 +124,17 @@ class Trainer:
     def _train_step(self, images, masks):
         outputs, gradients = self._gradients(images, masks)
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
-        return outputs
+        # The gradients are returned on every step, needed or not: with one graph for all steps, turning
+        # summaries on cannot change the weights (a separate summary-step graph did, measured: its
+        # different schedule changed the summation order of gradient aggregation).
+        return outputs, gradients
 
-    def _train_step_with_summaries(self, images, masks):
-        outputs, gradients = self._gradients(images, masks)
-        variables = self.model.trainable_variables
-        values_before = [tf.identity(v) for v in variables]
-        self.optimizer.apply_gradients(zip(gradients, variables))
-        statistics = summaries.variable_statistics(variables, gradients, values_before,
-                                                   self.model.non_trainable_variables)
-        return outputs, statistics
+    def _snapshot(self):
+        return [tf.identity(v) for v in self.model.trainable_variables]
+
+    def _variable_statistics(self, gradients, values_before):
+        return summaries.variable_statistics(self.model.trainable_variables, gradients, values_before,
+                                             self.model.non_trainable_variables)
 
     def _eval_step(self, images, masks):
         logits = self.model(images, training=False)
@@ -182,12 +184,14 @@ class Trainer:
         for step, (images, masks) in enumerate(dataset, start=1):
             self._profile(global_step)
             if every and global_step % every == 0:
-                outputs, statistics = self.train_step_with_summaries(images, masks)
+                values_before = self.snapshot()
+                outputs, gradients = self.train_step(images, masks)
                 self.summaries.step_statistics(
-                    dict(outputs, learning_rate=self.optimizer.learning_rate), statistics,
+                    dict(outputs, learning_rate=self.optimizer.learning_rate),
+                    self.variable_statistics(gradients, values_before),
                     self.model.trainable_variables, self.model.non_trainable_variables, global_step)
             else:
-                outputs = self.train_step(images, masks)
+                outputs, _ = self.train_step(images, masks)
             global_step += 1
             for name, value in outputs.items():
                 sums[name] = sums.get(name, 0.0) + value  # stays a tensor: no host sync per step

@@ -1,6 +1,7 @@
 """Experiment tracking without a service: the run directories are the database.
 
-    python -m salt_tf.runs list LOG_ROOT [--sort=best_val_metric|date|name|epochs|wall] [--where FLAG=VALUE ...] [--csv]
+    python -m salt_tf.runs list LOG_ROOT [--sort=best_val_metric|date|name|epochs|wall]
+                                         [--where FLAG=VALUE ...] [--csv]
     python -m salt_tf.runs diff RUN_A RUN_B [--plot=ab.png]
     python -m salt_tf.runs reproduce RUN [--into DIR]
 
@@ -110,7 +111,7 @@ def is_run_dir(path: str) -> bool:
 
 
 def find_runs(root: str) -> list[str]:
-    """Run directories (flags.cfg + record.json) at any depth under root, root included, sorted by path."""
+    """Run directories (flags.cfg + record.json) at any depth under root, root included, in path order."""
     if not os.path.isdir(root):
         raise RunError(f"{root}: no such directory")
     found = []
@@ -131,12 +132,15 @@ def progress(run: Run) -> dict:
     rows = run.metrics
     summary = run.summary
     keys = ("epochs_completed", "best_epoch", "best_val_metric", "train_seconds_total")
-    if rows.empty or summary.get("epochs_completed") == len(rows):
+    if rows.empty or "epoch" not in rows or summary.get("epochs_completed") == len(rows):
         return {k: summary.get(k) for k in keys}
-    best = rows.loc[rows["val_metric"].idxmax()]  # first of equal maxima, as the loop's max() picks
     seconds = rows.get("train_seconds", 0) + rows.get("eval_seconds", 0)
-    return {"epochs_completed": int(rows["epoch"].max()), "best_epoch": int(best["epoch"]),
-            "best_val_metric": float(best["val_metric"]), "train_seconds_total": float(np.sum(seconds))}
+    result = {"epochs_completed": int(rows["epoch"].max()), "best_epoch": None, "best_val_metric": None,
+              "train_seconds_total": float(np.sum(seconds))}
+    if "val_metric" in rows and rows["val_metric"].notna().any():  # a diverged run may log NaN only
+        best = rows.loc[rows["val_metric"].idxmax()]  # first of equal maxima, as the loop's max() picks
+        result.update(best_epoch=int(best["epoch"]), best_val_metric=float(best["val_metric"]))
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ list
@@ -328,12 +332,14 @@ def describe_weights(w: dict) -> str:
     if not common:
         return "weights: no epoch in common to compare"
     if w["first_divergence"] is None:
-        return (f"weights: bit-identical after each of epochs {common[0]}..{common[-1]} "
-                f"({w['total_variables']} variables)")
+        epochs = f"epoch {common[0]}" if len(common) == 1 else f"each of epochs {common[0]}..{common[-1]}"
+        return f"weights: bit-identical after {epochs} ({w['total_variables']} variables)"
     names = w["variables"]
+    total = w["total_variables"]
+    count = f"all {total}" if len(names) == total else f"{len(names)} of {total}"
     shown = ", ".join(names[:5]) + (f", ... (+{len(names) - 5} more)" if len(names) > 5 else "")
-    return (f"weights: diverge at epoch {w['first_divergence']} (identical before it): {len(names)} of "
-            f"{w['total_variables']} variables differ: {shown}")
+    return (f"weights: diverge at epoch {w['first_divergence']} (identical before it): {count} variables "
+            f"differ: {shown}")
 
 
 def _number(value: Any) -> str:
@@ -396,6 +402,7 @@ def plot_curves(curves: list[dict], labels: tuple[str, str], path: str) -> str:
         return "opencv"
     matplotlib.use("Agg")  # files only: no display on a server
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, CURVE_KEYS):
@@ -404,6 +411,7 @@ def plot_curves(curves: list[dict], labels: tuple[str, str], path: str) -> str:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.set_title(key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
@@ -461,8 +469,8 @@ def plot_curves_cv2(curves: list[dict], labels: tuple[str, str], path: str) -> N
             pixels = np.array([to_pixel(e, v) for e, v in points], np.int32)
             if len(pixels) > 1:
                 cv2.polylines(image, [pixels.reshape(-1, 1, 2)], False, CV2_COLOURS[k], 2, cv2.LINE_AA)
-            for x, y in pixels:  # markers: a one-epoch run is a point, not a line
-                cv2.circle(image, (int(x), int(y)), 4, CV2_COLOURS[k], -1, cv2.LINE_AA)
+            for x, y in pixels:  # markers (A drawn larger, so equal values show both): one epoch is a point
+                cv2.circle(image, (int(x), int(y)), 6 - 2 * k, CV2_COLOURS[k], -1, cv2.LINE_AA)
     if not cv2.imwrite(path, image):
         raise RunError(f"--plot={path}: could not write the PNG")
 
@@ -523,8 +531,13 @@ def flags_vs_record(run: Run) -> list[str]:
 
     def check(name, recorded, where, same):
         value = flags.get(name)
-        if value is not None and recorded is not None and not same(value, recorded):
-            problems.append(f"--{name}={value}, but {where} says {recorded}")
+        try:
+            agrees = value is None or recorded is None or same(value, recorded)
+        except ValueError:  # not even a number any more
+            agrees = False
+        if not agrees:
+            shown = f"{recorded:.6g}" if isinstance(recorded, float) else recorded
+            problems.append(f"--{name}={value}, but {where} says {shown}")
 
     if not rows.empty and "learning_rate" in rows and (rows["epoch"] == 1).any():
         first_lr = float(rows.loc[rows["epoch"] == 1, "learning_rate"].iloc[0])
@@ -553,6 +566,8 @@ def code_problem(recorded: dict, now: dict) -> str | None:
 def check_before(run: Run) -> dict:
     """What can be known before spending the compute: code, data and flags as they are now vs the record."""
     data_dir, override = data_dir_for(run)
+    if not data_dir:
+        raise RunError(f"{run.path}: its {records.FLAGS_FILE} has no --data_dir")
     recorded = run.data.get("fingerprint")
     problems = []
     try:
@@ -641,6 +656,9 @@ def reproduce(path: str, into: str | None = None, out=None) -> int:
     if not before["problems"]:
         print(f"before: code, data (fingerprint {short(before['data_fingerprint'])}) and flags agree with "
               "the record", file=out)
+    if before["override_data_dir"]:
+        print(f"note: flags.cfg's --data_dir={run.flags['data_dir']} is relative to where the run started; "
+              f"passing the recorded --data_dir={before['data_dir']}", file=out)
     command = reproduce_command(run, target, epochs, before)
     print("running: " + " ".join(shlex.quote(c) for c in command), file=out)
     out.flush()

@@ -37,16 +37,20 @@ def wait_ok(process):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_dir):
-    """Four runs: a and b identical flags; c stopped after epoch 1 and resumed; d another seed."""
+    """Runs: a and b identical flags; c stopped after epoch 1 and resumed; d another seed; e like a with
+    per-variable summaries on every third step."""
     root = tmp_path_factory.mktemp("determinism")
-    paths = {name: str(root / name) for name in "abcd"}
+    paths = {name: str(root / name) for name in "abcde"}
     first = [train_process(demo_dir, paths["a"]), train_process(demo_dir, paths["b"])]
     for process in first:
         wait_ok(process)
     second = [train_process(demo_dir, paths["c"], epochs=1), train_process(demo_dir, paths["d"], seed=1)]
     for process in second:
         wait_ok(process)
-    wait_ok(train_process(demo_dir, paths["c"], epochs=2))
+    third = [train_process(demo_dir, paths["c"], epochs=2),
+             train_process(demo_dir, paths["e"], summary_every_steps=3)]
+    for process in third:
+        wait_ok(process)
     return paths
 
 
@@ -77,6 +81,10 @@ def test_two_processes_same_flags_are_bit_identical(runs):
 
 def test_resumed_run_is_bit_identical_to_uninterrupted(runs):
     assert_bit_identical(runs["a"], runs["c"])
+
+
+def test_summaries_do_not_change_the_weights(runs):
+    assert_bit_identical(runs["a"], runs["e"])
 
 
 def test_other_seed_gives_other_weights(runs):
