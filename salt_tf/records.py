@@ -67,7 +67,8 @@ def code_version(source_dir: str | None = None) -> dict:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "diff": None}
-    diff = git("diff", "HEAD", "--", ".") or ""
+    # Only what can change a run's numbers: the package and the flagfiles (not docs or tests).
+    diff = git("diff", "HEAD", "--", "salt_tf", "flags") or ""
     return {"commit": commit.strip(), "dirty": bool(diff), "diff": diff}
 
 
