@@ -1,0 +1,207 @@
+"""Training-speed benchmark: one command, one table (and JSON).
+
+    python tools/bench.py                                   # default model, synthetic batches
+    python tools/bench.py --data_dir=../shared/data/tgs_salt --json=bench.json
+
+Measures, each with warm-up excluded and the median of --repeats:
+  * custom train step images/s (the project's `loop.Trainer` step), --deterministic on and off
+  * the same model, data and loss through Keras `model.fit` (what a user would otherwise run), and the ratio
+  * summaries every 100 steps vs off (from the measured cost of a summary step)
+  * achieved GFLOP/s of the train step (3 x forward FLOPs per image) vs a measured float32 matmul ceiling
+  * input pipeline images/s with augmentation, no model
+  * full validation: predict 400 images + competition metric + 49-threshold sweep, seconds
+  * peak resident memory of each measuring process
+Thread-pool settings are fixed when TensorFlow starts, so the determinism on/off pair runs in two child
+processes of this command; everything else for a setting runs in that setting's child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
+    parser.add_argument("--base_width", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--blocks_per_level", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deterministic", type=int, default=1, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def median_rate(fn, images_per_call: int, calls: int, repeats: int) -> float:
+    fn()  # warm-up (tracing)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rates.append(images_per_call * calls / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def load_arrays(data_dir):
+    from salt_tf import pipeline
+    from salt_tf.data import kaggle, synthetic
+
+    if data_dir is None:
+        data_dir = os.path.join(tempfile.mkdtemp(), "demo")
+        synthetic.generate(data_dir, num_images=800, seed=0)
+    data = kaggle.load_labelled(data_dir)
+    return pipeline.to_arrays(data, use_depth=False)
+
+
+def child(args) -> dict:
+    """Measures everything for one determinism setting; prints one JSON line."""
+    from salt_tf import determinism
+
+    applied = determinism.configure(0, bool(args.deterministic))
+    import keras
+    import tensorflow as tf
+
+    from salt_tf import losses, loop, metrics, model as model_lib, pipeline
+
+    images, masks = load_arrays(args.data_dir)
+    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
+                                   blocks_per_level=args.blocks_per_level)
+    flops = model_lib.forward_flops_per_image(config)
+    b = args.batch_size
+    results = {"deterministic": bool(args.deterministic), "applied": applied}
+
+    # The project's step, through the real Trainer (so what is measured is what trains).
+    val = 400 if len(images) > 800 else len(images) // 5
+    trainer = loop.Trainer(
+        model=model_lib.build_model(config), optimizer=keras.optimizers.Adam(1e-3),
+        loss_fn=losses.CombinedLoss("bce:1,dice:1"), train_arrays=(images[val:], masks[val:]),
+        val_arrays=(images[:val], masks[:val]),
+        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=64, seed=0,
+                               augmentation=pipeline.Augmentation(True, 10)),
+        run_dir=tempfile.mkdtemp())
+    x, y = tf.constant(images[val:val + b]), tf.constant(masks[val:val + b])
+    results["custom_images_per_second"] = median_rate(lambda: trainer.train_step(x, y)[0]["loss"].numpy(),
+                                                      b, args.steps, args.repeats)
+    results["train_gflops_per_second"] = results["custom_images_per_second"] * 3 * flops / 1e9
+
+    if args.deterministic:
+        # Summary-step cost: snapshot + step + statistics + writes, against a plain step.
+        def summary_step():
+            before = trainer.snapshot()
+            outputs, gradients = trainer.train_step(x, y)
+            trainer.summaries.step_statistics(dict(outputs), trainer.variable_statistics(gradients, before),
+                                              trainer.model.trainable_variables,
+                                              trainer.model.non_trainable_variables, 0)
+
+        summary_rate = median_rate(summary_step, b, max(2, args.steps // 2), args.repeats)
+        extra = 1 / summary_rate - 1 / results["custom_images_per_second"]  # seconds per image, one step
+        results["summary_every_100_overhead_percent"] = 100 * extra / 100 * results["custom_images_per_second"]
+
+        # Keras fit on the same model, loss and batches.
+        fit_model = model_lib.build_model(config)
+        combined = losses.CombinedLoss("bce:1,dice:1")
+        fit_model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                          loss=lambda yt, yp: tf.reduce_mean(combined(yt, yp)[0]))
+        dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+        fit_model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0)
+        results["keras_fit_images_per_second"] = median_rate(
+            lambda: fit_model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0), b * args.steps, 1,
+            args.repeats)
+
+        # Input pipeline alone.
+        train_images, train_masks = tf.constant(images[val:]), tf.constant(masks[val:])
+
+        def one_epoch():
+            for _ in pipeline.train_dataset(train_images, train_masks, batch_size=b, seed=0, epoch=1,
+                                            augmentation=pipeline.Augmentation(True, 10)):
+                pass
+
+        steps = pipeline.steps_per_epoch(len(images) - val, b)
+        results["pipeline_images_per_second"] = median_rate(one_epoch, steps * b, 1, args.repeats)
+
+        # Full validation as the loop does it.
+        def validate():
+            trainer.evaluate()
+
+        validate()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            validate()
+            times.append(time.perf_counter() - start)
+        results["validation_images"] = val
+        results["validation_seconds"] = statistics.median(times)
+        results["epoch_seconds_estimate"] = (len(images) - val) / results["custom_images_per_second"]
+
+        # Matmul ceiling: the best float32 GFLOP/s this machine's TensorFlow reaches.
+        a = tf.random.normal([4096, 4096])
+        matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
+        results["matmul_gflops_per_second"] = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats) * 2 * 4096 ** 3 / 1e9
+        _ = metrics  # validation above scores with salt_tf.metrics
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    if args.child:
+        print("BENCH " + json.dumps(child(args)))
+        return {}
+    passthrough = [f"--{k}={v}" for k, v in vars(args).items()
+                   if k not in ("child", "deterministic", "json") and v is not None]
+    runs = {}
+    for deterministic in (1, 0):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child=1",
+                              f"--deterministic={deterministic}", *passthrough],
+                             capture_output=True, text=True, env=env, check=False)
+        line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
+        if out.returncode or not line:
+            sys.exit(f"benchmark child failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        runs["on" if deterministic else "off"] = json.loads(line[0][len("BENCH "):])
+    on, off = runs["on"], runs["off"]
+    table = [
+        ("custom step, deterministic on (img/s)", on["custom_images_per_second"]),
+        ("custom step, deterministic off (img/s)", off["custom_images_per_second"]),
+        ("determinism overhead (%)", 100 * (1 - on["custom_images_per_second"] / off["custom_images_per_second"])),
+        ("Keras fit, same model (img/s)", on["keras_fit_images_per_second"]),
+        ("custom / fit", on["custom_images_per_second"] / on["keras_fit_images_per_second"]),
+        ("summaries every 100 steps, overhead (%)", on["summary_every_100_overhead_percent"]),
+        ("train step GFLOP/s (3x forward)", on["train_gflops_per_second"]),
+        ("matmul ceiling GFLOP/s", on["matmul_gflops_per_second"]),
+        ("train step / ceiling", on["train_gflops_per_second"] / on["matmul_gflops_per_second"]),
+        ("input pipeline (img/s)", on["pipeline_images_per_second"]),
+        ("pipeline / train step", on["pipeline_images_per_second"] / on["custom_images_per_second"]),
+        (f"full validation, {on['validation_images']} images (s)", on["validation_seconds"]),
+        ("validation / epoch time", on["validation_seconds"] / on["epoch_seconds_estimate"]),
+        ("peak RSS, deterministic on (MB)", on["peak_rss_mb"]),
+    ]
+    width = max(len(name) for name, _ in table)
+    print(f"model: base_width={args.base_width} depth={args.depth} blocks={args.blocks_per_level}, "
+          f"batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats (median)")
+    for name, value in table:
+        print(f"{name:<{width}}  {value:10.3f}")
+    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("child",)}, "on": on, "off": off,
+               "table": {name: value for name, value in table}}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
