@@ -1,6 +1,7 @@
 """Checkpoints of the training state, resume, and the exported model that `predict` loads.
 
-    <run_dir>/checkpoints/epoch-N.*        the last --keep_checkpoints epochs (resume)
+    <run_dir>/checkpoints/step-N.*         the last --keep_checkpoints (end of an epoch, or where a signal
+                                           stopped the run), N = optimizer steps taken
     <run_dir>/checkpoints/best/best-N.*    the epoch with the best validation metric
     <run_dir>/export/                      best weights + model.json (config, threshold): what predict loads
 
@@ -30,7 +31,7 @@ class RunCheckpoints:
         self.checkpoint = tf.train.Checkpoint(**state)
         directory = os.path.join(run_dir, "checkpoints")
         self.last = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep,
-                                               checkpoint_name="epoch")
+                                               checkpoint_name="step")
         self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, "best"),
                                                max_to_keep=1, checkpoint_name="best")
 
@@ -42,11 +43,11 @@ class RunCheckpoints:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         return path
 
-    def save(self, epoch: int) -> str:
-        return self.last.save(checkpoint_number=epoch)
+    def save(self, step: int) -> str:
+        return self.last.save(checkpoint_number=step)
 
-    def save_best(self, epoch: int) -> str:
-        return self.best.save(checkpoint_number=epoch)
+    def save_best(self, step: int) -> str:
+        return self.best.save(checkpoint_number=step)
 
 
 def export(run_dir: str, model: tf.Module, config: dict) -> str:

@@ -40,6 +40,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("split_seed", 0, "Seed of the train/validation split; separate from --seed so "
                          "runs with different training seeds validate on the same images.")
     flags.DEFINE_boolean("use_depth", False, "Add the depth from depths.csv as a second input channel.")
+    flags.DEFINE_boolean("strict", True, "Stop at the first bad data file. --nostrict skips bad examples with "
+                         "a warning and lists them in <model_dir>/skipped.csv.")
 
     # --- Augmentation.
     flags.DEFINE_boolean("hflip", True, "Random left-right flips.")
@@ -72,6 +74,8 @@ def define_flags() -> None:
     flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (AdamW / SGDW style; 0 = off).",
                        lower_bound=0.0)
     flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm (0 = off).", lower_bound=0.0)
+    flags.DEFINE_integer("max_bad_steps", 20, "A step with a non-finite loss or gradient is skipped; this many "
+                         "in a row stop the run (the last checkpoint stays intact).", lower_bound=1)
     flags.DEFINE_integer("epochs", 50, "Epochs to train in all (a resumed run continues to this).",
                          lower_bound=1)
     flags.DEFINE_integer("batch_size", 32, "Training batch size.", lower_bound=1)

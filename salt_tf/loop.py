@@ -16,8 +16,10 @@ them is plain Python a debugger can step through.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import signal
 import time
 from typing import Callable
 
@@ -47,6 +49,15 @@ class LoopConfig:
     summary_images: int = 8         # fixed validation images drawn every epoch; 0 = none
     summary_worst_images: int = 4   # worst-scored validation images drawn every epoch; 0 = none
     profile_steps: tuple[int, int] | None = None  # profile global steps [start, stop) into events/
+    max_bad_steps: int = 20         # consecutive non-finite steps (skipped) before the run stops
+
+
+class TrainingStopped(Exception):
+    """The run stopped early on purpose; the message is one line for the user, `exit_code` the status."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PlateauSchedule(tf.Module):
@@ -91,11 +102,16 @@ class Trainer:
         # Optimizer slots exist before a restore, so a checkpoint's slots have somewhere to go.
         self.optimizer.build(self.model.trainable_variables)
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # epochs completed
+        # Where an interrupted epoch stopped (steps done, running sums): the epoch resumes at that batch.
+        self.partial_epoch = tf.Variable("", dtype=tf.string, trainable=False, name="partial_epoch")
+        self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
         self.schedule = PlateauSchedule(config.plateau_factor, config.plateau_patience,
                                         config.min_learning_rate)
         self.checkpoints = checkpoints.RunCheckpoints(run_dir, config.keep_checkpoints, model=model,
                                                       optimizer=optimizer, epoch=self.epoch,
-                                                      schedule=self.schedule)
+                                                      schedule=self.schedule, partial_epoch=self.partial_epoch,
+                                                      skipped_steps=self.skipped_steps)
+        self._stop_signal = None
         self.summaries = Summaries(run_dir)
         self.train_step = tf.function(self._train_step)
         # Summary statistics are separate compiled functions around the step, so the step itself carries
@@ -123,7 +139,14 @@ class Trainer:
 
     def _train_step(self, images, masks):
         outputs, gradients = self._gradients(images, masks)
-        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        # A NaN/Inf loss or gradient must not reach the weights: such a step is skipped, not applied.
+        finite = tf.math.is_finite(outputs["loss"]) & tf.math.is_finite(outputs["gradient_norm"])
+
+        def apply():
+            self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+            return tf.constant(True)
+
+        outputs["finite"] = tf.cond(finite, apply, lambda: tf.constant(False))
         # The gradients are returned on every step, needed or not: with one graph for all steps, turning
         # summaries on cannot change the weights (a separate summary-step graph did, measured: its
         # different schedule changed the summation order of gradient aggregation).
@@ -173,15 +196,20 @@ class Trainer:
     # ---------------------------------------------------------------------------------- epochs
 
     def train_epoch(self, epoch: int) -> dict:
+        steps = pipeline.steps_per_epoch(int(self.train_images.shape[0]), self.config.batch_size)
+        # A resumed epoch continues at the batch it stopped at, with the same batches (they depend on
+        # seed and epoch only) and the sums of the steps already done.
+        partial = json.loads(self.partial_epoch.numpy().decode() or '{"steps": 0, "sums": {}, "seconds": 0}')
+        done, sums, seconds_before = partial["steps"], partial["sums"], partial["seconds"]
+        finite_steps = partial.get("finite_steps", done)
         dataset = pipeline.train_dataset(self.train_images, self.train_masks,
                                          batch_size=self.config.batch_size, seed=self.config.seed,
-                                         epoch=epoch, augmentation=self.config.augmentation)
-        steps = pipeline.steps_per_epoch(int(self.train_images.shape[0]), self.config.batch_size)
-        sums: dict[str, float] = {}
-        global_step = int(self.optimizer.iterations.numpy())  # counted here: no device read per step
+                                         epoch=epoch, augmentation=self.config.augmentation).skip(done)
+        global_step = self.global_step()
         every = self.config.summary_every_steps
+        consecutive_bad = 0
         start = time.perf_counter()
-        for step, (images, masks) in enumerate(dataset, start=1):
+        for step, (images, masks) in enumerate(dataset, start=done + 1):
             self._profile(global_step)
             if every and global_step % every == 0:
                 values_before = self.snapshot()
@@ -193,19 +221,69 @@ class Trainer:
             else:
                 outputs, _ = self.train_step(images, masks)
             global_step += 1
-            for name, value in outputs.items():
-                sums[name] = sums.get(name, 0.0) + value  # stays a tensor: no host sync per step
+            if bool(outputs.pop("finite")):
+                consecutive_bad = 0
+                finite_steps += 1
+                for name, value in outputs.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+            else:
+                consecutive_bad += 1
+                self.skipped_steps.assign_add(1)
+                logging.warning("epoch %d step %d: non-finite loss or gradient (loss %s); step skipped, %d in a "
+                                "row", epoch + 1, step, float(outputs["loss"]), consecutive_bad)
+                if consecutive_bad >= self.config.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (epoch {epoch + 1}, "
+                        f"step {step}); stopped. The last good checkpoint is intact: lower --learning_rate or set "
+                        "--clip_norm, then run the same command to resume.", exit_code=3)
             if self.config.progress_every and step % self.config.progress_every == 0 and step < steps:
-                seen = step * self.config.batch_size
+                seen = (step - done) * self.config.batch_size
                 logging.info("  epoch %d step %d/%d  loss %.4f  %.1f img/s", epoch + 1, step, steps,
-                             float(sums["loss"]) / step, seen / (time.perf_counter() - start))
-        results = {f"train_{name}": float(total) / steps for name, total in sums.items()}
-        results["train_seconds"] = time.perf_counter() - start
-        results["train_images_per_second"] = steps * self.config.batch_size / results["train_seconds"]
+                             sums.get("loss", math.nan) / max(finite_steps, 1), seen / (time.perf_counter() - start))
+            if self._stop_signal is not None and step < steps:
+                self.partial_epoch.assign(json.dumps({
+                    "steps": step, "sums": sums, "finite_steps": finite_steps,
+                    "seconds": seconds_before + time.perf_counter() - start}))
+                path = self.checkpoints.save(self.global_step())
+                self._stopped(f"at epoch {epoch + 1} step {step}/{steps}; checkpoint {path}")
+        self.partial_epoch.assign("")
+        results = {f"train_{name}": total / max(finite_steps, 1) for name, total in sums.items()}
+        results["train_skipped_steps"] = steps - finite_steps
+        results["train_seconds"] = seconds_before + time.perf_counter() - start
+        results["train_images_per_second"] = (steps - done) * self.config.batch_size / (time.perf_counter() - start)
         return results
 
+    def global_step(self) -> int:
+        """Training steps taken, skipped (non-finite) ones included: the x axis of every summary."""
+        return int(self.optimizer.iterations.numpy()) + int(self.skipped_steps.numpy())
+
+    def _stopped(self, where: str) -> None:
+        name = signal.Signals(self._stop_signal).name
+        raise TrainingStopped(f"stopped by {name} {where}; run the same command to resume",
+                              exit_code=128 + self._stop_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # a second signal: stop now, the last checkpoint stands
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        logging.warning("%s received: finishing the current step, then writing a checkpoint",
+                        signal.Signals(signum).name)
+
     def run(self) -> dict:
-        """Trains from the latest checkpoint (or from scratch) to `epochs`; returns the final summary."""
+        """Trains from the latest checkpoint (or from scratch) to `epochs`; returns the final summary.
+        SIGINT/SIGTERM finish the current step, write a checkpoint and raise TrainingStopped."""
+        handlers = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handlers[signum] = signal.signal(signum, self._on_signal)
+        try:
+            return self._run()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            self._profile(None)
+            self.summaries.close()
+
+    def _run(self) -> dict:
         restored = self.checkpoints.restore_or_initialize()
         first_epoch = int(self.epoch.numpy())
         # Rows of epochs after the checkpoint belong to work that is about to be redone.
@@ -233,9 +311,10 @@ class Trainer:
             row["weights_sha256"] = determinism.combined_fingerprint(fingerprints[epoch + 1])
             # Checkpoint first, then the CSV row: a crash in between redoes the epoch, and the resume
             # drops rows past the checkpoint, so metrics.csv never holds an epoch twice.
-            self.checkpoints.save(epoch + 1)
+            step = self.global_step()
+            self.checkpoints.save(step)
             if improved:
-                self.checkpoints.save_best(epoch + 1)
+                self.checkpoints.save_best(step)
                 checkpoints.export(self.run_dir, self.model, dict(
                     self.export_config, epoch=epoch + 1, val_metric=row["val_metric"],
                     threshold=row["val_best_threshold"]))
@@ -247,8 +326,8 @@ class Trainer:
             if self._should_stop_early(epoch + 1):
                 logging.info("early stop: no improvement for %d epochs", self.config.early_stop_patience)
                 break
-        self._profile(None)
-        self.summaries.close()
+            if self._stop_signal is not None and epoch + 1 < self.config.epochs:
+                self._stopped(f"after epoch {epoch + 1}")
         return self._final_summary(history, time.perf_counter() - run_start)
 
     # ---------------------------------------------------------------------------------- edges
@@ -281,7 +360,7 @@ class Trainer:
                      baseline["val_metric"])
 
     def _write_epoch_summaries(self, row: dict, probabilities: np.ndarray, image_scores: np.ndarray) -> None:
-        step = int(self.optimizer.iterations.numpy())
+        step = self.global_step()
         self.summaries.scalars(self.summaries.train, {
             "epoch_loss": row["train_loss"], "epoch_gradient_norm": row["train_gradient_norm"],
             "epoch_learning_rate": row["learning_rate"], "images_per_second": row["train_images_per_second"],

@@ -26,15 +26,27 @@ def prepare_run_dir(run_dir: str) -> None:
     records.atomic_write_text(os.path.join(run_dir, records.FLAGS_FILE), salt_flags.flagfile_text())
 
 
-def load_split_data(run_dir: str):
-    """The labelled set and its train/validation split; the split is read back from the run directory on
-    resume, so a run always validates on the images it started with."""
-    from salt_tf.data import kaggle, splits, synthetic
-    from salt_tf import records
+def load_data():
+    """The labelled set (generating the demo set first if asked) and the examples skipped as bad."""
+    from salt_tf.data import kaggle, synthetic
 
     if FLAGS.dataset == "demo":
         synthetic.ensure_demo_data(FLAGS.data_dir, FLAGS.demo_images, seed=0)
-    data = kaggle.load_labelled(FLAGS.data_dir)
+    skipped = None if FLAGS.strict else []
+    data = kaggle.load_labelled(FLAGS.data_dir, skipped=skipped)
+    for id_, reason in skipped or []:
+        logging.warning("skipped %s: %s", id_, reason)
+    if skipped:
+        logging.warning("--nostrict: skipped %d bad examples (listed in skipped.csv)", len(skipped))
+    return data, skipped or []
+
+
+def split_data(data, run_dir: str):
+    """Train and validation subsets; the split is read back from the run directory on resume, so a run
+    always validates on the images it started with."""
+    from salt_tf.data import splits
+    from salt_tf import records
+
     split_path = os.path.join(run_dir, records.SPLIT_FILE)
     if os.path.isfile(split_path):
         split = splits.read_split(split_path)
@@ -43,7 +55,7 @@ def load_split_data(run_dir: str):
         splits.write_split(split, split_path)
     train_ids = list(split.loc[split["role"] == "train", "id"])
     val_ids = list(split.loc[split["role"] == "val", "id"])
-    return data.subset(train_ids), data.subset(val_ids), kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
+    return data.subset(train_ids), data.subset(val_ids)
 
 
 def build_optimizer():
@@ -63,17 +75,25 @@ def build_optimizer():
 def run() -> dict:
     """Runs (or resumes) the training described by FLAGS; returns the final summary."""
     run_dir = FLAGS.model_dir
-    prepare_run_dir(run_dir)
-
     # Before TensorFlow runs its first op: thread pools are fixed then.
     from salt_tf import determinism
 
     applied = determinism.configure(FLAGS.seed, FLAGS.deterministic)
 
     from salt_tf import losses, loop, model as model_lib, pipeline, records
+    from salt_tf.data import kaggle
 
     started = time.time()
-    train_data, val_data, data_fingerprint = load_split_data(run_dir)
+    # Data first: a bad file stops the run before anything is written into the run directory.
+    data, skipped = load_data()
+    data_fingerprint = kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
+    prepare_run_dir(run_dir)
+    if skipped:
+        import pandas as pd
+
+        records.atomic_write_text(os.path.join(run_dir, "skipped.csv"),
+                                  pd.DataFrame(skipped, columns=["id", "reason"]).to_csv(index=False))
+    train_data, val_data = split_data(data, run_dir)
     logging.info("data: %d training, %d validation images from %s", len(train_data.ids), len(val_data.ids),
                  FLAGS.data_dir)
     model_config = model_lib.ModelConfig(
@@ -89,14 +109,16 @@ def run() -> dict:
         clip_norm=FLAGS.clip_norm, plateau_factor=FLAGS.plateau_factor,
         plateau_patience=FLAGS.plateau_patience, min_learning_rate=FLAGS.min_learning_rate,
         early_stop_patience=FLAGS.early_stop_patience, keep_checkpoints=FLAGS.keep_checkpoints,
-        progress_every=FLAGS.progress_every, summary_every_steps=FLAGS.summary_every_steps,
+        progress_every=FLAGS.progress_every, max_bad_steps=FLAGS.max_bad_steps,
+        summary_every_steps=FLAGS.summary_every_steps,
         summary_images=FLAGS.summary_images, summary_worst_images=FLAGS.summary_worst_images,
         profile_steps=salt_flags.parse_profile_steps(FLAGS.profile_steps))
     records.update_record(run_dir, code=records.code_version(), environment=determinism.environment(),
                           determinism=applied, data={"dir": os.path.abspath(FLAGS.data_dir),
                                                      "fingerprint": data_fingerprint,
                                                      "train_images": len(train_data.ids),
-                                                     "val_images": len(val_data.ids)},
+                                                     "val_images": len(val_data.ids),
+                                                     "skipped_examples": len(skipped)},
                           started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)))
     trainer = loop.Trainer(
         model=model, optimizer=build_optimizer(), loss_fn=loss_fn,
@@ -135,15 +157,30 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value")
+    import tensorflow as tf
+
     from salt_tf.data.kaggle import DataError
+    from salt_tf.loop import TrainingStopped
 
     logging.get_absl_handler().addFilter(_QuietSaverLogs())
     try:
         run()
     except DataError as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e), 2)
+    except TrainingStopped as e:
+        _fail(str(e), e.exit_code, prefix="stopped" if e.exit_code > 128 else "error")
+    except (OSError, tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError,
+            tf.errors.FailedPreconditionError, tf.errors.UnavailableError, tf.errors.DataLossError) as e:
+        # A failing write (read-only or full disk) deep inside TensorFlow: one line, not a stack trace.
+        detail = getattr(e, "message", None) or str(e)
+        _fail(f"cannot write the run directory {FLAGS.model_dir}: {detail.splitlines()[0]}; check its "
+              "permissions and free space, then run the same command to resume", 1)
+
+
+def _fail(message: str, status: int, prefix: str = "error") -> None:
+    logging.error("%s", message)
+    print(f"{prefix}: {message}", file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

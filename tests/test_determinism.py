@@ -13,9 +13,8 @@ import pytest
 import tensorflow as tf
 
 from salt_tf import determinism, records
-from train_helpers import tiny_argv
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import REPO_ROOT, assert_bit_identical, wait_ok
+from train_helpers import train_process as start_training
 
 # Big enough that the race this guards against shows: with --nodeterministic, 3 of 3 processes of this
 # configuration ended epoch 1 with different weights (measured); with the switch on they never differ.
@@ -23,16 +22,7 @@ SENSITIVE = dict(base_width=8, depth=4, blocks_per_level=2, batch_size=16)
 
 
 def train_process(data_dir, model_dir, **overrides):
-    """Starts a tiny training run in its own process."""
-    argv = tiny_argv(data_dir, model_dir, **dict(SENSITIVE, **overrides))[1:]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen([sys.executable, "-m", "salt_tf.train", *argv], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_ok(process):
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-3000:]
+    return start_training(data_dir, model_dir, **dict(SENSITIVE, **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +42,6 @@ def runs(tmp_path_factory, demo_dir):
     for process in third:
         wait_ok(process)
     return paths
-
-
-def checkpoint_arrays(model_dir):
-    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    reader = tf.train.load_checkpoint(path)
-    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(path)
-            if name not in ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE")}
-
-
-def assert_bit_identical(dir_a, dir_b):
-    fa, fb = records.read_fingerprints(dir_a), records.read_fingerprints(dir_b)
-    assert sorted(fa) == sorted(fb) == [1, 2]
-    for epoch in fa:
-        assert fa[epoch] == fb[epoch], f"weights differ after epoch {epoch}"
-    a, b = checkpoint_arrays(dir_a), checkpoint_arrays(dir_b)
-    assert set(a) == set(b)
-    for name in a:  # the whole training state, optimizer slots included, byte for byte
-        assert a[name].tobytes() == b[name].tobytes(), name
 
 
 def test_two_processes_same_flags_are_bit_identical(runs):

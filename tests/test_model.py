@@ -3,7 +3,6 @@ initialisation statistics, variable paths, checkpointing, seeding and BatchNorm 
 
 import math
 import os
-import re
 
 import keras
 import numpy as np

@@ -1,6 +1,8 @@
 """Running salt_tf.train in-process on tiny configurations, for the end-to-end tests."""
 
 import os
+import subprocess
+import sys
 
 from absl import flags
 from absl.testing import flagsaver
@@ -40,3 +42,47 @@ def events_files(model_dir):
     for root, _, files in os.walk(os.path.join(model_dir, "events")):
         found += [os.path.join(root, f) for f in files if "tfevents" in f]
     return found
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_process(data_dir, model_dir, **overrides):
+    """Starts a tiny training run as its own `python -m salt_tf.train` process (output on stdout)."""
+    argv = tiny_argv(data_dir, model_dir, **overrides)[1:]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen([sys.executable, "-m", "salt_tf.train", *argv], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_ok(process):
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def checkpoint_state(model_dir):
+    """{name: value} of the latest checkpoint of a run, without save_counter (it counts saves, best
+    ones too: bookkeeping, not training state)."""
+    import tensorflow as tf
+
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    reader = tf.train.load_checkpoint(path)
+    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(path)
+            if name not in ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE")}
+
+
+def assert_bit_identical(dir_a, dir_b, epochs=(1, 2)):
+    """Same weights after every epoch (fingerprints) and the same final training state, byte for byte."""
+    from salt_tf import records
+
+    fa, fb = records.read_fingerprints(dir_a), records.read_fingerprints(dir_b)
+    assert sorted(fa) == sorted(fb) == list(epochs)
+    for epoch in fa:
+        assert fa[epoch] == fb[epoch], f"weights differ after epoch {epoch}"
+    a, b = checkpoint_state(dir_a), checkpoint_state(dir_b)
+    assert set(a) == set(b)
+    for name in a:  # optimizer slots, counters and schedule included
+        value_a, value_b = a[name], b[name]
+        assert (value_a if isinstance(value_a, bytes) else value_a.tobytes()) == \
+            (value_b if isinstance(value_b, bytes) else value_b.tobytes()), name

@@ -190,42 +190,78 @@ def read_train_csv(root: str) -> pd.DataFrame:
     return _read_csv(os.path.join(root, "train.csv"), ("id", "rle_mask"))
 
 
-def train_ids(root: str) -> list[str]:
-    """The labelled ids, in train.csv order, checked against the image and mask folders."""
+def train_ids(root: str, skipped: list | None = None) -> list[str]:
+    """The labelled ids, in train.csv order, checked against the image and mask folders.
+
+    With a `skipped` list (lenient mode), ids whose files are missing are left out and recorded there as
+    (id, reason) instead of raising; image or mask files without a partner are ignored with a record too.
+    """
     ids = list(read_train_csv(root)["id"])
+    on_disk = {}
     for folder in ("images", "masks"):
         directory = os.path.join(root, "train", folder)
         if not os.path.isdir(directory):
             raise DataError(f"{directory}: folder not found; expected the Kaggle layout train/{folder}/<id>.png")
-        on_disk = {os.path.splitext(n)[0] for n in os.listdir(directory) if n.endswith(".png")}
-        missing = [i for i in ids if i not in on_disk]
-        if missing:
-            raise DataError(f"{os.path.join(directory, missing[0] + '.png')}: listed in train.csv but missing "
-                            f"({len(missing)} missing in all)")
-    images = {os.path.splitext(n)[0] for n in os.listdir(os.path.join(root, "train", "images"))
-              if n.endswith(".png")}
-    masks = {os.path.splitext(n)[0] for n in os.listdir(os.path.join(root, "train", "masks"))
-             if n.endswith(".png")}
-    for name, extra in (("masks", masks - images), ("images", images - masks)):
-        if extra:
-            first = sorted(extra)[0]
-            other = "image" if name == "masks" else "mask"
-            raise DataError(f"{os.path.join(root, 'train', name, first + '.png')}: has no matching {other} "
-                            f"({len(extra)} such files); remove it or add the {other}")
+        on_disk[folder] = {os.path.splitext(n)[0] for n in os.listdir(directory) if n.endswith(".png")}
+    for folder in ("images", "masks"):
+        missing = [i for i in ids if i not in on_disk[folder]]
+        if not missing:
+            continue
+        message = (f"{os.path.join(root, 'train', folder, missing[0] + '.png')}: listed in train.csv but missing "
+                   f"({len(missing)} missing in all)")
+        if skipped is None:
+            raise DataError(message)
+        missing = set(missing)
+        skipped.extend((i, f"{os.path.join(root, 'train', folder, i + '.png')}: listed in train.csv but missing")
+                       for i in ids if i in missing)
+        ids = [i for i in ids if i not in missing]
+    for folder, other in (("masks", "images"), ("images", "masks")):
+        extra = sorted(on_disk[folder] - on_disk[other])
+        if not extra:
+            continue
+        partner = other[:-1]
+        message = (f"{os.path.join(root, 'train', folder, extra[0] + '.png')}: has no matching {partner} "
+                   f"({len(extra)} such files); remove it or add the {partner}")
+        if skipped is None:
+            raise DataError(message)
+        skipped.extend((i, f"{os.path.join(root, 'train', folder, i + '.png')}: has no matching {partner}")
+                       for i in extra)
     return ids
 
 
-def load_labelled(root: str, ids: Sequence[str] | None = None) -> LabelledSet:
-    """Loads images, masks and depths of the labelled set (all of train.csv, or `ids`)."""
+def load_labelled(root: str, ids: Sequence[str] | None = None, skipped: list | None = None) -> LabelledSet:
+    """Loads images, masks and depths of the labelled set (all of train.csv, or `ids`).
+
+    Every mask PNG is checked against its train.csv run-length string. Strict by default: the first bad
+    file raises DataError. With a `skipped` list, bad examples are left out and recorded there as
+    (id, reason) — the `--nostrict` mode.
+    """
     if not os.path.isdir(root):
         raise DataError(f"{root}: data folder not found; pass --data_dir=<Kaggle download> or --dataset=demo")
-    all_ids = train_ids(root)
+    all_ids = train_ids(root, skipped)
     ids = all_ids if ids is None else list(ids)
     depths = read_depths(root)
-    images = np.stack([read_png(os.path.join(root, "train", "images", f"{i}.png"), kind="image") for i in ids])
-    masks = np.stack([read_png(os.path.join(root, "train", "masks", f"{i}.png"), kind="mask") for i in ids])
-    z = np.array([depths.get(i, np.nan) for i in ids], dtype=np.float32)
-    return LabelledSet(np.array(ids, dtype=object), images, masks, z)
+    rles = dict(zip(*[read_train_csv(root)[c] for c in ("id", "rle_mask")]))
+    kept, images, masks = [], [], []
+    for i in ids:
+        try:
+            image = read_png(os.path.join(root, "train", "images", f"{i}.png"), kind="image")
+            mask_path = os.path.join(root, "train", "masks", f"{i}.png")
+            mask = read_png(mask_path, kind="mask")
+            if not np.array_equal(rle_decode(rles.get(i), what=f"train.csv rle_mask of id {i}"), mask):
+                raise DataError(f"{mask_path}: differs from its rle_mask in train.csv; one of them is corrupt")
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append((i, str(e)))
+            continue
+        kept.append(i)
+        images.append(image)
+        masks.append(mask)
+    if not kept:
+        raise DataError(f"{root}: no usable labelled images")
+    z = np.array([depths.get(i, np.nan) for i in kept], dtype=np.float32)
+    return LabelledSet(np.array(kept, dtype=object), np.stack(images), np.stack(masks), z)
 
 
 def list_images(directory: str) -> list[str]:

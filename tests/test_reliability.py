@@ -1,0 +1,280 @@
+"""Reliability: bad input gets one clear line and writes nothing; faults lose at most the current work."""
+
+import os
+import random
+import shutil
+import signal
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from salt_tf import determinism, records, train
+from salt_tf import flags as salt_flags
+from salt_tf.data import kaggle
+from train_helpers import assert_bit_identical, run_tiny, tiny_argv, train_process, wait_ok
+
+FLAGS = flags.FLAGS
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def first_id(root):
+    return pd.read_csv(os.path.join(root, "train.csv"), dtype=str).iloc[0]["id"]
+
+
+def image_path(root, id_, folder="images"):
+    return os.path.join(root, "train", folder, f"{id_}.png")
+
+
+def edit_train_csv(root, rle):
+    frame = pd.read_csv(os.path.join(root, "train.csv"), dtype=str, keep_default_na=False)
+    frame.loc[0, "rle_mask"] = rle
+    frame.to_csv(os.path.join(root, "train.csv"), index=False)
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+BAD_DATA = {
+    # case: (how to break a copy of the data, what the one-line message must contain)
+    "missing depths.csv": (lambda r, i: os.remove(os.path.join(r, "depths.csv")), "depths.csv: file not found"),
+    "missing image folder": (lambda r, i: shutil.rmtree(os.path.join(r, "train", "images")),
+                             "images: folder not found"),
+    "truncated image": (lambda r, i: truncate(image_path(r, i)), "not a readable image"),
+    "empty mask": (lambda r, i: open(image_path(r, i, "masks"), "wb").close(), "file is empty"),
+    "not an image": (lambda r, i: open(image_path(r, i), "wb").write(b"GIF89a not really"), "not a readable"),
+    "wrong size": (lambda r, i: cv2.imwrite(image_path(r, i), np.zeros((128, 128), np.uint8)),
+                   "expected 101x101"),
+    "colour image": (lambda r, i: cv2.imwrite(image_path(r, i), np.dstack([np.zeros((101, 101), np.uint8),
+                                                                             np.ones((101, 101), np.uint8),
+                                                                             np.zeros((101, 101), np.uint8)])),
+                     "channels differ"),
+    "mask without image": (lambda r, i: os.remove(image_path(r, i)), "listed in train.csv but missing"),
+    "image without mask": (lambda r, i: os.remove(image_path(r, i, "masks")), "listed in train.csv but missing"),
+    "extra mask file": (lambda r, i: shutil.copy(image_path(r, i, "masks"), image_path(r, "0000000000", "masks")),
+                        "has no matching image"),
+    "odd RLE": (lambda r, i: edit_train_csv(r, "1 2 3"), "odd number"),
+    "overlapping RLE": (lambda r, i: edit_train_csv(r, "1 10 5 3"), "overlap"),
+    "out-of-range RLE": (lambda r, i: edit_train_csv(r, "10200 9"), "past the image"),
+    "non-integer RLE": (lambda r, i: edit_train_csv(r, "1 2.5"), "not a whole number"),
+    "RLE disagrees with mask": (lambda r, i: edit_train_csv(r, "1 3"), "differs from its rle_mask"),
+    "duplicate id": (lambda r, i: open(os.path.join(r, "train.csv"), "a").write(f"{i},\n"), "duplicate id"),
+    "depth not a number": (lambda r, i: open(os.path.join(r, "depths.csv"), "a").write("abc,deep\n"),
+                           "column z must hold numbers"),
+}
+
+
+def run_main(argv):
+    """The entry point as a user runs it, in this process: parse flags, then main. Returns (status,
+    stderr lines)."""
+    salt_flags.define_flags()
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as exit_info:
+        FLAGS.unparse_flags()
+        train.main(train.parse_flags(argv))
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_stops_with_one_line_and_writes_nothing(case, tmp_path, demo_dir, capsys):
+    root = str(tmp_path / "data")
+    shutil.copytree(demo_dir, root)
+    breaker, expected = BAD_DATA[case]
+    breaker(root, first_id(root))
+    model_dir = str(tmp_path / "run")
+    status = run_main(tiny_argv(root, model_dir))
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert status == 2
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not os.path.exists(model_dir), "nothing may be written before the data is known good"
+
+
+def test_latin1_and_crlf_csvs_just_work(tmp_path, demo_dir):
+    root = str(tmp_path / "data")
+    shutil.copytree(demo_dir, root)
+    depths = pd.read_csv(os.path.join(root, "depths.csv"), dtype=str)
+    depths["note"] = "d\xe9p\xf4t"  # Latin-1 bytes, invalid as UTF-8
+    with open(os.path.join(root, "depths.csv"), "wb") as f:
+        f.write(depths.to_csv(index=False, lineterminator="\r\n").encode("latin-1"))
+    np.testing.assert_array_equal(kaggle.load_labelled(root).depths, kaggle.load_labelled(demo_dir).depths)
+
+
+def test_missing_train_csv_is_a_flag_error(tmp_path, demo_dir, capsys):
+    root = str(tmp_path / "data")
+    shutil.copytree(demo_dir, root)
+    os.remove(os.path.join(root, "train.csv"))
+    status = run_main(tiny_argv(root, str(tmp_path / "run")))
+    assert status == 2 and "has no train.csv" in capsys.readouterr().err
+
+
+def test_model_dir_that_is_a_file(tmp_path, demo_dir, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert run_main(tiny_argv(demo_dir, str(target))) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_nostrict_skips_bad_examples_and_lists_them(tmp_path, demo_dir):
+    root = str(tmp_path / "data")
+    shutil.copytree(demo_dir, root)
+    ids = list(pd.read_csv(os.path.join(root, "train.csv"), dtype=str)["id"])
+    truncate(image_path(root, ids[3]))
+    open(image_path(root, ids[7], "masks"), "wb").close()
+    model_dir = str(tmp_path / "run")
+    run_tiny(root, model_dir, epochs=1, strict=False)
+    skipped = pd.read_csv(os.path.join(model_dir, "skipped.csv"), dtype=str)
+    assert sorted(skipped["id"]) == sorted([ids[3], ids[7]])
+    assert records.read_json(os.path.join(model_dir, "record.json"))["data"]["skipped_examples"] == 2
+    split = pd.read_csv(os.path.join(model_dir, "split.csv"), dtype=str)
+    assert len(split) == 158 and not set(split["id"]) & {ids[3], ids[7]}
+
+
+def test_failing_write_is_one_line(tmp_path, demo_dir, capsys, monkeypatch):
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(records, "atomic_write_text", disk_full)
+    status = run_main(tiny_argv(demo_dir, str(tmp_path / "run")))
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert status == 1 and len(lines) == 1
+    assert "cannot write the run directory" in lines[0] and "No space left" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789 -+x.\n", max_size=40))
+def test_rle_decoder_never_crashes(text):
+    try:
+        mask = kaggle.rle_decode(text)
+    except kaggle.DataError as e:
+        assert "\n" not in str(e)
+    else:
+        assert mask.shape == (101, 101) and set(np.unique(mask)) <= {0, 1}
+
+
+PNG = cv2.imencode(".png", np.arange(101 * 101, dtype=np.uint16).reshape(101, 101))[1].tobytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=300),
+                 st.tuples(st.integers(0, len(PNG) - 1), st.integers(0, 255)).map(
+                     lambda p: PNG[:p[0]] + bytes([p[1]]) + PNG[p[0] + 1:]),
+                 st.integers(0, len(PNG)).map(lambda n: PNG[:n])))
+def test_png_loader_never_crashes(tmp_path, data):
+    path = str(tmp_path / "fuzz.png")
+    with open(path, "wb") as f:
+        f.write(data)
+    for kind in ("image", "mask"):
+        try:
+            array = kaggle.read_png(path, kind=kind)
+        except kaggle.DataError as e:
+            assert path in str(e) and "\n" not in str(e)
+        else:
+            assert array.shape == (101, 101) and array.dtype == np.uint8
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path, demo_dir):
+    import keras
+
+    from salt_tf import loop, losses, model as model_lib, pipeline
+
+    data = kaggle.load_labelled(demo_dir)
+    images, masks = pipeline.to_arrays(data, use_depth=False)
+    trainer = loop.Trainer(
+        model=model_lib.build_model(model_lib.ModelConfig(base_width=4, depth=2, blocks_per_level=1)),
+        optimizer=keras.optimizers.Adam(1e-3), loss_fn=losses.CombinedLoss("bce:1"),
+        train_arrays=(images[32:], masks[32:]), val_arrays=(images[:32], masks[:32]),
+        config=loop.LoopConfig(epochs=1, batch_size=8, eval_batch_size=16, seed=0,
+                               augmentation=pipeline.Augmentation(), max_bad_steps=3),
+        run_dir=str(tmp_path / "run"))
+    good = tf.constant(images[32:40]), tf.constant(masks[32:40])
+    poisoned = images[32:40].copy()
+    poisoned[2, 50, 50, 0] = np.nan
+    before = determinism.weights_fingerprint(trainer.model.trainable_variables)
+    outputs, _ = trainer.train_step(tf.constant(poisoned), good[1])
+    assert not bool(outputs["finite"]) and not np.isfinite(float(outputs["loss"]))
+    assert determinism.weights_fingerprint(trainer.model.trainable_variables) == before
+    assert int(trainer.optimizer.iterations) == 0
+    outputs, _ = trainer.train_step(*good)
+    assert bool(outputs["finite"]) and int(trainer.optimizer.iterations) == 1
+
+    # In the loop: every batch poisoned -> skipped and counted, then the run stops after max_bad_steps.
+    trainer.train_images = tf.constant(np.full_like(images[32:], np.nan))
+    with pytest.raises(loop.TrainingStopped, match="3 consecutive steps") as stopped:
+        trainer.train_epoch(0)
+    assert stopped.value.exit_code == 3 and int(trainer.skipped_steps) == 3
+    assert trainer.checkpoints.last.latest_checkpoint is None  # nothing half-trained was saved
+
+
+def read_until(process, needle, limit=2000):
+    """Reads the process's output until a line containing needle; returns the lines read."""
+    lines = []
+    for _ in range(limit):
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen in output:\n{''.join(lines[-30:])}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, demo_dir):
+    model_dir = str(tmp_path_factory.mktemp("reference") / "run")
+    wait_ok(train_process(demo_dir, model_dir))
+    return model_dir
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_is_bit_identical(tmp_path, demo_dir, reference_run):
+    model_dir = str(tmp_path / "run")
+    process = train_process(demo_dir, model_dir, progress_every=1)
+    read_until(process, "epoch 1 step 5/")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "stopped by SIGTERM at epoch 1 step" in output
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert latest is not None and not latest.endswith("step-16")  # mid-epoch, not an epoch's end
+    wait_ok(train_process(demo_dir, model_dir))
+    assert_bit_identical(reference_run, model_dir)
+
+
+def test_sigkill_at_a_random_step_loses_at_most_the_epoch(tmp_path, demo_dir, reference_run):
+    model_dir = str(tmp_path / "run")
+    step = random.Random(1234).randint(1, 15)  # a seeded random step of epoch 2
+    process = train_process(demo_dir, model_dir, progress_every=1)
+    read_until(process, f"epoch 2 step {step}/")
+    process.kill()
+    process.wait(timeout=60)
+    # Everything in the run directory is whole: it reads back, and the run resumes from it.
+    assert len(records.read_metrics(model_dir)) == 1
+    records.read_json(os.path.join(model_dir, "record.json"))
+    output = wait_ok(train_process(demo_dir, model_dir))
+    assert "resumed from" in output
+    assert_bit_identical(reference_run, model_dir)
+
+
+def test_process_exit_status_for_bad_data(tmp_path, demo_dir):
+    """The real process: status 2, one error line, nothing written."""
+    root = str(tmp_path / "data")
+    shutil.copytree(demo_dir, root)
+    truncate(image_path(root, first_id(root)))
+    process = train_process(root, str(tmp_path / "run"))
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2
+    assert len([l for l in output.splitlines() if l.startswith("error:")]) == 1
+    assert not (tmp_path / "run").exists()
