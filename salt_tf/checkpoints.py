@@ -50,10 +50,33 @@ class RunCheckpoints:
         return self.best.save(checkpoint_number=step)
 
 
+SNAPSHOTS_DIR = "snapshots"
+
+
 def export(run_dir: str, model: tf.Module, config: dict) -> str:
-    """Writes the model's weights and its config (JSON) to <run_dir>/export, replacing any old export in
+    """Writes the model's weights and config to <run_dir>/export (the best model)."""
+    return export_to(os.path.join(run_dir, EXPORT_DIR), model, config)
+
+
+def export_snapshot(run_dir: str, index: int, model: tf.Module, config: dict) -> str:
+    """Writes snapshot `index` of a snapshot ensemble to <run_dir>/snapshots/snapshot-<index>."""
+    return export_to(os.path.join(run_dir, SNAPSHOTS_DIR, f"snapshot-{index}"), model, config)
+
+
+def snapshot_dirs(run_dir: str) -> list[str]:
+    """A run's snapshot export folders, in snapshot order (empty if it made none)."""
+    root = os.path.join(run_dir, SNAPSHOTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = [n for n in os.listdir(root) if n.startswith("snapshot-") and n[len("snapshot-"):].isdigit()
+             and os.path.isfile(os.path.join(root, n, EXPORT_CONFIG))]
+    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[len("snapshot-"):]))]
+
+
+def export_to(final: str, model: tf.Module, config: dict) -> str:
+    """Writes the model's weights and its config (JSON) to folder `final`, replacing any old content in
     one rename, so a reader sees either the old export or the new one."""
-    final = os.path.join(run_dir, EXPORT_DIR)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
     staging = f"{final}.tmp{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
