@@ -62,6 +62,12 @@ def define_flags() -> None:
     # --- Loss.
     flags.DEFINE_string("loss", "bce:1,dice:1", "Weighted loss terms 'name:weight,...' from "
                         f"{', '.join(losses.LOSS_NAMES)}.")
+    flags.DEFINE_string("loss_schedule", "", "Loss stages 'spec;spec;...' (each like --loss), overriding "
+                        "--loss: with --lr_schedule=plateau_restart or cosine, snapshot cycle k trains with stage "
+                        "k (the last stage repeats); with plateau, stages change at --loss_switch_epochs. "
+                        "E.g. 'focal:1,dice:1;bce:1,lovasz_elu:1'.")
+    flags.DEFINE_list("loss_switch_epochs", [], "With --lr_schedule=plateau and --loss_schedule: the epochs "
+                      "(0-based) at which the next loss stage starts, e.g. 20.")
     flags.DEFINE_float("focal_gamma", 2.0, "Focal loss gamma.", lower_bound=0.0)
     flags.DEFINE_float("focal_alpha", 0.25, "Focal loss weight of positives (negatives get 1 - alpha).",
                        lower_bound=0.0, upper_bound=1.0)
@@ -81,7 +87,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 32, "Training batch size.", lower_bound=1)
     flags.DEFINE_integer("eval_batch_size", 64, "Validation batch size.", lower_bound=1)
 
-    # --- Learning-rate schedule: the seed recipe's multiply-on-plateau.
+    # --- Learning-rate schedule: the seed recipe's multiply-on-plateau, or snapshot ensembles.
+    flags.DEFINE_enum("lr_schedule", "plateau", ["plateau", "plateau_restart", "cosine"],
+                      "plateau: LR x --plateau_factor on a plateau. plateau_restart: snapshot ensemble (seed "
+                      "variant): on a plateau the cycle's best weights become a snapshot and the LR restarts. "
+                      "cosine: snapshot ensemble of Huang et al. 2017, --snapshot_cycles cosine cycles, a "
+                      "snapshot at the end of each. Snapshots go to <model_dir>/snapshots/.")
+    flags.DEFINE_integer("snapshot_cycles", 4, "Cycles (= snapshots) of --lr_schedule=cosine; must divide "
+                         "--epochs.", lower_bound=1)
     flags.DEFINE_float("plateau_factor", 0.7, "Multiply the LR by this when the validation metric has not "
                        "improved for --plateau_patience epochs.", lower_bound=0.01, upper_bound=1.0)
     flags.DEFINE_integer("plateau_patience", 5, "Epochs without improvement before the LR drops.",
@@ -143,6 +156,29 @@ def _register_validators() -> None:
                 "(train.csv, depths.csv, train/images, train/masks) or use --dataset=demo")
         return True
 
+    @flags.multi_flags_validator(["lr_schedule", "snapshot_cycles", "epochs"])
+    def _cycles_divide_epochs(values):
+        if values["lr_schedule"] == "cosine" and values["epochs"] % values["snapshot_cycles"]:
+            raise flags.ValidationError(f"--snapshot_cycles={values['snapshot_cycles']} must divide "
+                                        f"--epochs={values['epochs']} (equal cosine cycles)")
+        return True
+
+    @flags.multi_flags_validator(["loss_schedule", "loss_switch_epochs", "lr_schedule"])
+    def _loss_schedule_ok(values):
+        stages = loss_stages(values["loss_schedule"]) if values["loss_schedule"] else []
+        switches = values["loss_switch_epochs"]
+        try:
+            epochs = [int(e) for e in switches]
+        except ValueError:
+            raise flags.ValidationError(f"--loss_switch_epochs={','.join(switches)} must be whole numbers") from None
+        if epochs and values["lr_schedule"] != "plateau":
+            raise flags.ValidationError("--loss_switch_epochs is for --lr_schedule=plateau; snapshot schedules "
+                                        "change the loss stage with each cycle")
+        if epochs and (len(epochs) != len(stages) - 1 or epochs != sorted(set(epochs)) or epochs[0] < 1):
+            raise flags.ValidationError(f"--loss_switch_epochs needs {max(len(stages) - 1, 0)} increasing "
+                                        f"epochs >= 1 for the {len(stages)} stages of --loss_schedule")
+        return True
+
     @flags.multi_flags_validator(["learning_rate", "min_learning_rate"],
                                  message="--min_learning_rate must not exceed --learning_rate")
     def _lr_floor(values):
@@ -155,6 +191,17 @@ def _register_validators() -> None:
                 f"--val_images={values['val_images']} leaves fewer than one batch (--batch_size="
                 f"{values['batch_size']}) of the {values['demo_images']} demo images for training")
         return True
+
+
+def loss_stages(schedule: str) -> list[str]:
+    """'a;b' -> ['a', 'b'], each checked like --loss (ValidationError naming the flag)."""
+    stages = [stage.strip() for stage in schedule.split(";")]
+    for stage in stages:
+        try:
+            losses.parse_loss_spec(stage, flag="--loss_schedule")
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+    return stages
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
@@ -187,8 +234,9 @@ def run_flags() -> list:
 
 
 def run_flag_values() -> dict:
-    """{name: value} of the run flags, for the HParams dashboard."""
-    return {flag.name: flag.value for flag in run_flags() if flag.value is not None}
+    """{name: value} of the run flags, for the HParams dashboard (lists as comma-separated text)."""
+    return {flag.name: ",".join(map(str, flag.value)) if isinstance(flag.value, list) else flag.value
+            for flag in run_flags() if flag.value is not None}
 
 
 def flagfile_text() -> str:

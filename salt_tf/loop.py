@@ -5,7 +5,8 @@
             train_step: forward (batch-norm in training mode), loss, gradients, clip, apply
             (every --summary_every_steps steps, per-variable statistics computed around the same step)
         evaluate: predict the WHOLE validation set, competition metric, loss, pixel IoU, best threshold
-        schedule: LR x factor when the metric has not improved for `patience` epochs
+        schedule: LR x factor when the metric has not improved for `patience` epochs (or a snapshot
+                  cycle ends: its snapshot is exported, see schedules.py)
         save: epoch checkpoint (+ best checkpoint and export when the metric improved), metrics.csv row,
               TensorBoard scalars, console line
 
@@ -16,18 +17,19 @@ them is plain Python a debugger can step through.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import signal
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from salt_tf import checkpoints, determinism, metrics, pipeline, records, summaries
+from salt_tf import checkpoints, determinism, metrics, pipeline, records, schedules, summaries
 from salt_tf.summaries import Summaries
 
 
@@ -50,6 +52,9 @@ class LoopConfig:
     summary_worst_images: int = 4   # worst-scored validation images drawn every epoch; 0 = none
     profile_steps: tuple[int, int] | None = None  # profile global steps [start, stop) into events/
     max_bad_steps: int = 20         # consecutive non-finite steps (skipped) before the run stops
+    lr_schedule: str = "plateau"    # plateau | plateau_restart | cosine (see schedules.py)
+    snapshot_cycles: int = 1        # cosine: number of cycles (and snapshots)
+    loss_switch_epochs: tuple[int, ...] = ()  # plateau: epochs at which the next loss stage starts
 
 
 class TrainingStopped(Exception):
@@ -60,37 +65,16 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
-class PlateauSchedule(tf.Module):
-    """Multiply-on-plateau LR schedule whose state lives in variables, so it is checkpointed with the rest."""
-
-    def __init__(self, factor: float, patience: int, min_learning_rate: float):
-        super().__init__(name="plateau")
-        self.factor, self.patience, self.min_learning_rate = factor, patience, min_learning_rate
-        self.best = tf.Variable(-math.inf, dtype=tf.float64, trainable=False, name="best")
-        self.best_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_epoch")
-        self.wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="wait")
-
-    def update(self, epoch: int, metric: float, learning_rate: tf.Variable) -> bool:
-        """Records this epoch's metric; lowers the LR if it is time. Returns whether the metric improved."""
-        if metric > self.best.numpy():
-            self.best.assign(metric)
-            self.best_epoch.assign(epoch)
-            self.wait.assign(0)
-            return True
-        self.wait.assign_add(1)
-        if self.wait.numpy() >= self.patience:
-            learning_rate.assign(max(float(learning_rate.numpy()) * self.factor, self.min_learning_rate))
-            self.wait.assign(0)
-        return False
-
-
 class Trainer:
     """Owns the step functions and the epoch loop for one run directory."""
 
-    def __init__(self, *, model: tf.Module, optimizer, loss_fn: Callable, train_arrays, val_arrays,
+    def __init__(self, *, model: tf.Module, optimizer, loss_fn: Callable | Sequence[Callable], train_arrays,
+                 val_arrays,
                  config: LoopConfig, run_dir: str, export_config: dict | None = None,
                  hparams: dict | None = None):
-        self.model, self.optimizer, self.loss_fn, self.config = model, optimizer, loss_fn, config
+        self.model, self.optimizer, self.config = model, optimizer, config
+        # Loss stages: one loss, or one per snapshot cycle / per --loss_switch_epochs interval.
+        self.loss_stages = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
         self.run_dir = run_dir
         self.export_config = export_config or {}
         self.train_images, self.train_masks = (tf.constant(a) for a in train_arrays)
@@ -105,28 +89,38 @@ class Trainer:
         # Where an interrupted epoch stopped (steps done, running sums): the epoch resumes at that batch.
         self.partial_epoch = tf.Variable("", dtype=tf.string, trainable=False, name="partial_epoch")
         self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
-        self.schedule = PlateauSchedule(config.plateau_factor, config.plateau_patience,
-                                        config.min_learning_rate)
+        self.schedule = schedules.Schedule(
+            config.lr_schedule, float(optimizer.learning_rate.numpy()), config.plateau_factor,
+            config.plateau_patience, config.min_learning_rate, config.snapshot_cycles, config.epochs,
+            pipeline.steps_per_epoch(int(self.train_images.shape[0]), config.batch_size))
         self.checkpoints = checkpoints.RunCheckpoints(run_dir, config.keep_checkpoints, model=model,
                                                       optimizer=optimizer, epoch=self.epoch,
                                                       schedule=self.schedule, partial_epoch=self.partial_epoch,
                                                       skipped_steps=self.skipped_steps)
         self._stop_signal = None
         self.summaries = Summaries(run_dir)
-        self.train_step = tf.function(self._train_step)
+        # One compiled step per loss stage (a loss is part of the graph).
+        self.train_steps = [tf.function(functools.partial(self._train_step, fn)) for fn in self.loss_stages]
+        self.eval_steps = [tf.function(functools.partial(self._eval_step, fn)) for fn in self.loss_stages]
+        self.stage = 0
         # Summary statistics are separate compiled functions around the step, so the step itself carries
         # no summary ops: they cost nothing on other steps and cannot change the training graph.
         self.snapshot = tf.function(self._snapshot)
         self.variable_statistics = tf.function(self._variable_statistics)
-        self.eval_step = tf.function(self._eval_step)
 
     # ---------------------------------------------------------------------------------- compiled steps
 
-    def _gradients(self, images, masks):
+    def train_step(self, images, masks):
+        return self.train_steps[self.stage](images, masks)
+
+    def eval_step(self, images, masks):
+        return self.eval_steps[self.stage](images, masks)
+
+    def _gradients(self, loss_fn, images, masks):
         """Forward in training mode (batch-norm statistics update), loss, gradients, optional clipping."""
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
-            per_image_loss, terms = self.loss_fn(masks, logits)
+            per_image_loss, terms = loss_fn(masks, logits)
             loss = tf.reduce_mean(per_image_loss)
         gradients = tape.gradient(loss, self.model.trainable_variables)
         if self.config.clip_norm > 0:
@@ -137,8 +131,8 @@ class Trainer:
         outputs.update({f"loss/{name}": tf.reduce_mean(term) for name, term in terms.items()})
         return outputs, gradients
 
-    def _train_step(self, images, masks):
-        outputs, gradients = self._gradients(images, masks)
+    def _train_step(self, loss_fn, images, masks):
+        outputs, gradients = self._gradients(loss_fn, images, masks)
         # A NaN/Inf loss or gradient must not reach the weights: such a step is skipped, not applied.
         finite = tf.math.is_finite(outputs["loss"]) & tf.math.is_finite(outputs["gradient_norm"])
 
@@ -159,9 +153,9 @@ class Trainer:
         return summaries.variable_statistics(self.model.trainable_variables, gradients, values_before,
                                              self.model.non_trainable_variables)
 
-    def _eval_step(self, images, masks):
+    def _eval_step(self, loss_fn, images, masks):
         logits = self.model(images, training=False)
-        per_image_loss, _ = self.loss_fn(masks, logits)
+        per_image_loss, _ = loss_fn(masks, logits)
         return tf.sigmoid(logits)[..., 0], per_image_loss
 
     # ---------------------------------------------------------------------------------- evaluation
@@ -211,6 +205,9 @@ class Trainer:
         start = time.perf_counter()
         for step, (images, masks) in enumerate(dataset, start=done + 1):
             self._profile(global_step)
+            learning_rate = self.schedule.step_learning_rate(global_step)
+            if learning_rate is not None:
+                self.optimizer.learning_rate.assign(learning_rate)
             if every and global_step % every == 0:
                 values_before = self.snapshot()
                 outputs, gradients = self.train_step(images, masks)
@@ -299,13 +296,19 @@ class Trainer:
             self._log_epoch_zero()
         run_start = time.perf_counter()
         for epoch in range(first_epoch, self.config.epochs):
-            row = {"epoch": epoch + 1, "learning_rate": float(self.optimizer.learning_rate.numpy())}
+            cycle = self.schedule.current_cycle(epoch)
+            self.stage = self._loss_stage(epoch, cycle)
+            first_step_lr = self.schedule.step_learning_rate(self.global_step())
+            row = {"epoch": epoch + 1, "cycle": cycle, "loss_stage": self.stage,
+                   "learning_rate": float(self.optimizer.learning_rate.numpy()) if first_step_lr is None
+                   else first_step_lr}
             row.update(self.train_epoch(epoch))
             eval_start = time.perf_counter()
             results, probabilities, image_scores = self.evaluate()
             row.update(results)
             row["eval_seconds"] = time.perf_counter() - eval_start
-            improved = self.schedule.update(epoch + 1, row["val_metric"], self.optimizer.learning_rate)
+            outcome = self.schedule.end_epoch(epoch + 1, row["val_metric"], self.optimizer.learning_rate)
+            improved = outcome.improved
             self.epoch.assign(epoch + 1)
             fingerprints[epoch + 1] = determinism.variable_fingerprints(self.model.variables)
             row["weights_sha256"] = determinism.combined_fingerprint(fingerprints[epoch + 1])
@@ -318,6 +321,7 @@ class Trainer:
                 checkpoints.export(self.run_dir, self.model, dict(
                     self.export_config, epoch=epoch + 1, val_metric=row["val_metric"],
                     threshold=row["val_best_threshold"]))
+            self._export_snapshot(outcome, cycle, epoch + 1, row)
             history.append(row)
             records.write_metrics(self.run_dir, history)
             records.write_fingerprints(self.run_dir, fingerprints)
@@ -331,6 +335,23 @@ class Trainer:
         return self._final_summary(history, time.perf_counter() - run_start)
 
     # ---------------------------------------------------------------------------------- edges
+
+    def _loss_stage(self, epoch: int, cycle: int) -> int:
+        """Which loss stage trains epoch `epoch` (0-based): the cycle's, or by --loss_switch_epochs."""
+        if self.config.lr_schedule != "plateau":
+            return min(cycle, len(self.loss_stages) - 1)
+        return min(sum(epoch >= e for e in self.config.loss_switch_epochs), len(self.loss_stages) - 1)
+
+    def _export_snapshot(self, outcome: schedules.EpochOutcome, cycle: int, epoch: int, row: dict) -> None:
+        """plateau_restart: a cycle's snapshot is its best weights so far; cosine: the weights at its end."""
+        config = dict(self.export_config, epoch=epoch, val_metric=row["val_metric"],
+                      threshold=row["val_best_threshold"], cycle=cycle, loss_stage=self.stage)
+        if self.config.lr_schedule == "plateau_restart" and outcome.improved_cycle:
+            checkpoints.export_snapshot(self.run_dir, cycle, self.model, config)
+        elif self.config.lr_schedule == "cosine" and outcome.finished_cycle is not None:
+            checkpoints.export_snapshot(self.run_dir, outcome.finished_cycle, self.model, config)
+        if outcome.finished_cycle is not None:
+            logging.info("snapshot cycle %d ended at epoch %d", outcome.finished_cycle, epoch)
 
     def _should_stop_early(self, epochs_done: int) -> bool:
         patience = self.config.early_stop_patience

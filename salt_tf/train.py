@@ -102,7 +102,9 @@ def run() -> dict:
     model = model_lib.build_model(model_config)
     logging.info("model: %d parameters, %.2f GFLOP forward per image", model_lib.count_params(model),
                  model_lib.forward_flops_per_image(model_config) / 1e9)
-    loss_fn = losses.CombinedLoss(FLAGS.loss, focal_gamma=FLAGS.focal_gamma, focal_alpha=FLAGS.focal_alpha)
+    specs = salt_flags.loss_stages(FLAGS.loss_schedule) if FLAGS.loss_schedule else [FLAGS.loss]
+    loss_fn = [losses.CombinedLoss(spec, focal_gamma=FLAGS.focal_gamma, focal_alpha=FLAGS.focal_alpha)
+               for spec in specs]
     config = loop.LoopConfig(
         epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
         seed=FLAGS.seed, augmentation=pipeline.Augmentation(hflip=FLAGS.hflip, translate=FLAGS.translate),
@@ -110,6 +112,8 @@ def run() -> dict:
         plateau_patience=FLAGS.plateau_patience, min_learning_rate=FLAGS.min_learning_rate,
         early_stop_patience=FLAGS.early_stop_patience, keep_checkpoints=FLAGS.keep_checkpoints,
         progress_every=FLAGS.progress_every, max_bad_steps=FLAGS.max_bad_steps,
+        lr_schedule=FLAGS.lr_schedule, snapshot_cycles=FLAGS.snapshot_cycles,
+        loss_switch_epochs=tuple(int(e) for e in FLAGS.loss_switch_epochs),
         summary_every_steps=FLAGS.summary_every_steps,
         summary_images=FLAGS.summary_images, summary_worst_images=FLAGS.summary_worst_images,
         profile_steps=salt_flags.parse_profile_steps(FLAGS.profile_steps))

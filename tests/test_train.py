@@ -100,6 +100,13 @@ def test_rerun_of_a_finished_run_trains_nothing(tmp_path, demo_dir):
     (["--epochs=ten"], "--epochs"),
     (["--no_such_flag=1"], "no_such_flag"),
     (["--flagfile=/no/such.cfg"], "/no/such.cfg"),
+    (["--loss_schedule=bce:1;focal:1,dize:1"], "dize"),
+    (["--lr_schedule=cosine", "--epochs=5", "--snapshot_cycles=2"], "--snapshot_cycles=2"),
+    (["--loss_schedule=bce:1;dice:1", "--loss_switch_epochs=3", "--lr_schedule=cosine", "--epochs=4",
+      "--snapshot_cycles=2"], "--loss_switch_epochs"),
+    (["--loss_schedule=bce:1;dice:1", "--loss_switch_epochs=3,5"], "--loss_switch_epochs"),
+    (["--profile_steps=5,2"], "--profile_steps"),
+    (["--max_bad_steps=0"], "--max_bad_steps"),
 ])
 def test_bad_flags_stop_with_one_line(tmp_path, capsys, argv, names):
     salt_flags.define_flags()
