@@ -65,7 +65,6 @@ def test_cosine_snapshots_and_loss_stages_in_a_run(tmp_path, demo_dir):
     assert list(rows["cycle"]) == [0, 0, 1, 1] and list(rows["loss_stage"]) == [0, 0, 1, 1]
     assert rows["train_loss/dice"].isna().tolist() == [True, True, False, False]
     # The snapshot holds the weights at the end of its cycle: the fingerprint of that epoch.
-    import keras  # noqa: F401  (Keras layers register before build_model)
     from salt_tf import determinism, model as model_lib
 
     config = json.load(open(os.path.join(snapshots[0], "model.json")))
