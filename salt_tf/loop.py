@@ -69,8 +69,7 @@ class Trainer:
     """Owns the step functions and the epoch loop for one run directory."""
 
     def __init__(self, *, model: tf.Module, optimizer, loss_fn: Callable | Sequence[Callable], train_arrays,
-                 val_arrays,
-                 config: LoopConfig, run_dir: str, export_config: dict | None = None,
+                 val_arrays, config: LoopConfig, run_dir: str, export_config: dict | None = None,
                  hparams: dict | None = None):
         self.model, self.optimizer, self.config = model, optimizer, config
         # Loss stages: one loss, or one per snapshot cycle / per --loss_switch_epochs interval.
