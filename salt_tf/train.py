@@ -189,4 +189,5 @@ def _fail(message: str, status: int, prefix: str = "error") -> None:
 
 if __name__ == "__main__":
     salt_flags.define_flags()
+    flags.adopt_module_key_flags(salt_flags)  # so --help lists the run flags, not only --helpfull
     app.run(main, flags_parser=parse_flags)
