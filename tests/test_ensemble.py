@@ -1,0 +1,258 @@
+"""Stacking, cross-validation and post-processing (NumPy only: no model, no TensorFlow)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from salt_tf import ensemble, metrics, postprocess
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The logistic regression and the meta-model.
+
+
+def test_fit_logistic_recovers_known_weights():
+    rng = np.random.default_rng(0)
+    true_w, true_b = np.array([1.5, -0.8, 0.4]), -0.3
+    x = rng.normal(0.0, 2.0, size=(200_000, 3))
+    y = rng.random(len(x)) < _sigmoid(x @ true_w + true_b)
+    w, b = ensemble.fit_logistic(x.astype(np.float32), y, l2=0.0)
+    np.testing.assert_allclose(w, true_w, atol=0.04)
+    assert abs(b - true_b) < 0.04
+
+
+def test_fit_logistic_solves_the_regularized_optimality_condition():
+    """At the optimum of mean log-loss + l2/2 |w|^2 the gradient is zero: X^T(p - y)/P + l2 w = 0 and
+    mean(p - y) = 0 for the unpenalized bias (checked independently of the solver's own gradient code)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5000, 4))
+    x[:, 3] = x[:, 2]  # collinear features: only the L2 term makes the optimum unique
+    y = rng.random(len(x)) < _sigmoid(2 * x[:, 0] - x[:, 1] + 0.5)
+    l2 = 0.05
+    w, b = ensemble.fit_logistic(x, y, l2=l2)
+    residual = _sigmoid(x @ w + b) - y
+    np.testing.assert_allclose(x.T @ residual / len(x) + l2 * w, 0.0, atol=1e-8)
+    assert abs(residual.mean()) < 1e-8
+    assert w[2] == pytest.approx(w[3], abs=1e-8)  # the penalty splits collinear weight evenly
+    w0, _ = ensemble.fit_logistic(x, y, l2=0.0)
+    assert abs(w[0]) < abs(w0[0])  # and shrinks
+
+
+def test_fit_logistic_stays_finite_on_separable_data():
+    x = np.array([[-2.0], [-1.0], [1.0], [2.0]])
+    y = np.array([0, 0, 1, 1])
+    w, b = ensemble.fit_logistic(x, y, l2=1e-3)
+    assert np.all(np.isfinite(w)) and 1.0 < w[0] < 100.0
+
+
+def _known_logistic_maps(rng, m=3, n=60, size=24, weights=(1.2, 0.6, -0.4), bias=-0.5):
+    """M smooth-ish logit maps per image and labels drawn pixel by pixel from the known logistic model."""
+    maps = rng.normal(0.0, 2.0, size=(m, n, size, size))
+    maps = np.clip(maps, -6, 6)
+    labels = rng.random((n, size, size)) < _sigmoid(np.tensordot(weights, maps, axes=1) + bias)
+    return _sigmoid(maps).astype(np.float32), labels
+
+
+def test_stacker_recovers_the_weights_of_snapshot_logits_and_round_trips_as_json():
+    rng = np.random.default_rng(2)
+    probabilities, labels = _known_logistic_maps(rng)
+    stacker = ensemble.Stacker.fit(probabilities, labels, ["a", "b", "c"], l2=0.0)
+    np.testing.assert_allclose(stacker.weights, [1.2, 0.6, -0.4], atol=0.05)
+    assert stacker.bias == pytest.approx(-0.5, abs=0.05)
+
+    # The stacked probability is sigmoid(sum_m w_m logit(p_m) + b), checked against NumPy directly.
+    p = probabilities.astype(np.float64)
+    reference = _sigmoid(np.tensordot(stacker.weights, np.log(p / (1 - p)), axes=1) + stacker.bias)
+    np.testing.assert_allclose(stacker.predict(probabilities), reference, atol=1e-6)
+
+    again = ensemble.Stacker.from_dict(json.loads(json.dumps(stacker.to_dict())))
+    assert again.models == ["a", "b", "c"]
+    np.testing.assert_array_equal(again.predict(probabilities), stacker.predict(probabilities))
+
+
+def test_ensemble_file_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    probabilities, labels = _known_logistic_maps(rng, n=10)
+    names = ["snapshots/snapshot-1", "snapshots/snapshot-2", "snapshots/snapshot-3"]
+    chosen = ensemble.Ensemble(models=[{"name": n, "epoch": i} for i, n in enumerate(names)], tta=["none", "hflip"],
+                               combine="stacked", postprocessing=postprocess.PostProcessing(0.4, 10, 30),
+                               stacker=ensemble.Stacker.fit(probabilities, labels, names))
+    path = str(tmp_path / "ensemble.json")
+    chosen.save(path)
+    loaded = ensemble.Ensemble.load(path)
+    assert loaded.postprocessing == postprocess.PostProcessing(0.4, 10, 30)
+    assert loaded.models == chosen.models and loaded.tta == ["none", "hflip"]
+    np.testing.assert_array_equal(loaded.masks(probabilities), chosen.masks(probabilities))
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json: not a readable ensemble file"):
+        ensemble.Ensemble.load(str(tmp_path / "broken.json"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-validation over images.
+
+
+def _blob_truth(rng, n=40, size=32):
+    """Images with one random rectangle of salt (about a third empty)."""
+    truth = np.zeros((n, size, size), dtype=bool)
+    for k in range(n):
+        if rng.random() < 0.35:
+            continue
+        y, x = rng.integers(0, size // 2, 2)
+        h, w = rng.integers(6, size // 2, 2)
+        truth[k, y:y + h, x:x + w] = True
+    return truth
+
+
+def test_cross_validation_predicts_each_fold_without_its_labels():
+    rng = np.random.default_rng(4)
+    truth = _blob_truth(rng)
+    good = np.clip(np.where(truth, 0.8, 0.2) + rng.normal(0, 0.15, truth.shape), 0.01, 0.99)
+    noise = rng.uniform(0.01, 0.99, truth.shape)
+    probabilities = np.stack([good, noise]).astype(np.float32)
+    folds_of = ensemble.image_folds(truth, 4, seed=0)
+    assert sorted(np.unique(folds_of)) == [0, 1, 2, 3]
+    first = ensemble.cross_validate(truth, probabilities, folds_of, ["good", "noise"])
+
+    # Flip the labels of fold 0's images: their out-of-fold predictions must not move (the meta-model
+    # that predicts them never saw those labels), while the other folds' predictions do.
+    changed = truth.copy()
+    changed[folds_of == 0] = ~changed[folds_of == 0]
+    second = ensemble.cross_validate(changed, probabilities, folds_of, ["good", "noise"])
+    np.testing.assert_array_equal(first["stacked_oof"][folds_of == 0], second["stacked_oof"][folds_of == 0])
+    assert not np.allclose(first["stacked_oof"][folds_of != 0], second["stacked_oof"][folds_of != 0])
+
+
+def test_evaluate_learns_to_ignore_a_noise_snapshot_and_beats_the_mean():
+    rng = np.random.default_rng(5)
+    truth = _blob_truth(rng, n=50)
+    good = np.clip(np.where(truth, 0.75, 0.25) + rng.normal(0, 0.1, truth.shape), 0.01, 0.99)
+    noise = rng.uniform(0.0, 1.0, truth.shape)
+    probabilities = np.stack([good, noise]).astype(np.float32)
+    rows, chosen = ensemble.evaluate(truth, probabilities, ["good", "noise"], plain_probabilities=probabilities,
+                                     tta=("none", "hflip"), folds=5)
+    by_name = {r.name: r for r in rows}
+    stacked = by_name["stacked of 2 (tta hflip, out-of-fold)"]
+    mean = by_name["mean of 2 (tta hflip)"]
+    assert stacked.cv > mean.cv + 0.05
+    assert chosen.combine == "stacked"
+    w_good, w_noise = chosen.stacker.weights
+    assert w_good > 1.0 and abs(w_noise) < 0.1 * w_good
+    assert chosen.scores["cv_stacked_postprocessed"] > chosen.scores["cv_mean_postprocessed"]
+    # Each model's rows, plain and with TTA, come first; the post-processed rows last.
+    assert [r.name for r in rows][:4] == ["good (plain)", "noise (plain)", "good (tta hflip)", "noise (tta hflip)"]
+    assert [r.name for r in rows][-2:] == ["mean + postprocessing", "stacked + postprocessing"]
+    # The plain rows are the competition metric itself at 0.5 / at the best threshold.
+    assert by_name["good (plain)"].at_half == pytest.approx(metrics.competition_metric(truth, good > 0.5))
+    assert by_name["good (plain)"].tuned == pytest.approx(metrics.best_threshold(truth, good)[1])
+
+
+def test_evaluate_with_one_model_says_n_a_for_stacking():
+    rng = np.random.default_rng(6)
+    truth = _blob_truth(rng, n=20)
+    p = np.clip(np.where(truth, 0.7, 0.3) + rng.normal(0, 0.1, truth.shape), 0, 1).astype(np.float32)[None]
+    rows, chosen = ensemble.evaluate(truth, p, ["export"], plain_probabilities=p, tta=("none", "hflip"))
+    table = ensemble.format_table(rows)
+    stacked_lines = [line for line in table.splitlines() if line.startswith("stacked")]
+    assert len(stacked_lines) == 2 and all(line.split()[-4:] == ["n/a"] * 4 for line in stacked_lines)
+    assert chosen.combine == "mean" and chosen.stacker is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Post-processing.
+
+
+def _hand_mask():
+    m = np.zeros((12, 12), dtype=bool)
+    m[0, 0] = m[1, 1] = m[2, 2] = True        # a diagonal: ONE 8-connected component of 3 (three 4-connected)
+    m[0, 8:10] = m[1, 8:10] = True            # a 2x2 block: 4 pixels
+    m[5, 11] = True                           # a single pixel
+    m[6:11, 2:7] = True                       # a 5x5 block: 25 pixels
+    return m
+
+
+def test_remove_small_components_uses_8_connectivity():
+    mask = _hand_mask()
+    kept3 = postprocess.remove_small_components(mask[None], 3)[0]
+    expected3 = mask.copy()
+    expected3[5, 11] = False                  # only the single pixel is below 3
+    np.testing.assert_array_equal(kept3, expected3)
+
+    kept5 = postprocess.remove_small_components(mask[None], 5)[0]
+    expected5 = np.zeros_like(mask)
+    expected5[6:11, 2:7] = True               # only the 5x5 block has >= 5 pixels
+    np.testing.assert_array_equal(kept5, expected5)
+    np.testing.assert_array_equal(postprocess.remove_small_components(mask[None], 0)[0], mask)
+
+
+def test_empty_rule_and_apply():
+    masks = np.zeros((3, 8, 8), dtype=bool)
+    masks[0, :1, :3] = True    # 3 pixels
+    masks[1, :2, :5] = True    # 10 pixels
+    out = postprocess.empty_if_small(masks, 5)
+    assert not out[0].any()
+    np.testing.assert_array_equal(out[1:], masks[1:])
+
+    probabilities = np.zeros((1, 12, 12), np.float32)
+    probabilities[0][_hand_mask()] = 0.9
+    probabilities[0, 11, 11] = 0.5            # exactly at the threshold: not salt (p > t)
+    choice = postprocess.PostProcessing(threshold=0.5, min_component=3, min_salt=40)
+    assert not postprocess.apply(probabilities, choice).any()   # 3 + 4 + 25 = 32 < 40 after removal
+    choice = postprocess.PostProcessing(threshold=0.5, min_component=3, min_salt=30)
+    expected = _hand_mask()
+    expected[5, 11] = False
+    np.testing.assert_array_equal(postprocess.apply(probabilities, choice)[0], expected)
+    assert postprocess.PostProcessing.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
+
+
+def _case(empty_blob, salt_components, n=10, size=40):
+    """n empty-truth images with a false positive blob of `empty_blob` pixels, and n salt images whose truth
+    is `salt_components` separate squares, predicted exactly; every predicted pixel has probability 0.9, so
+    no threshold separates the false blobs from real salt."""
+    truth = np.zeros((2 * n, size, size), dtype=bool)
+    probabilities = np.full(truth.shape, 0.1, dtype=np.float32)
+    if empty_blob:
+        side = int(round(np.sqrt(empty_blob)))
+        for k in range(n):
+            probabilities[k, 2:2 + side, 2:2 + empty_blob // side] = 0.9
+    for k in range(n, 2 * n):
+        for y, x in salt_components:
+            truth[k, y[0]:y[1], x[0]:x[1]] = True
+    probabilities[truth] = 0.9
+    return truth, probabilities
+
+
+def test_choose_postprocessing_keeps_the_component_rule_when_it_helps():
+    # False positives: 4-pixel specks on empty images; real salt: one 20x20 body.
+    truth, probabilities = _case(4, [((5, 25), (5, 25))])
+    choice = postprocess.choose_postprocessing(truth, probabilities)
+    assert choice.scores["threshold_only"] == pytest.approx(0.5)
+    assert choice.min_component == 5 and choice.min_salt == 0      # the smallest N that removes the specks
+    assert choice.scores["final"] == pytest.approx(1.0)
+    assert metrics.competition_metric(truth, postprocess.apply(probabilities, choice)) == pytest.approx(1.0)
+
+
+def test_choose_postprocessing_drops_rules_that_hurt():
+    # Real salt is made of small bodies (3x3 = 9 pixels) and there are no false positives: every rule hurts.
+    truth, probabilities = _case(0, [((2, 5), (2, 5)), ((20, 23), (20, 23))])
+    probabilities[:10] = 0.1                                        # empty images predicted empty
+    choice = postprocess.choose_postprocessing(truth, probabilities)
+    assert choice.min_component == 0 and choice.min_salt == 0
+    assert choice.scores["final"] == pytest.approx(1.0)
+
+
+def test_choose_postprocessing_keeps_only_the_empty_rule_when_only_it_helps():
+    # False blobs of 30 pixels on empty images; real salt = three separate 20-pixel bodies (60 in all):
+    # removing components <= 30 px also removes the real salt (no gain); emptying masks below K in (30, 60]
+    # fixes the empty images and keeps the real ones.
+    truth, probabilities = _case(30, [((2, 6), (2, 7)), ((15, 19), (15, 20)), ((30, 34), (2, 7))])
+    choice = postprocess.choose_postprocessing(truth, probabilities, component_grid=(10, 25, 40),
+                                               empty_grid=(10, 40, 80))
+    assert choice.min_component == 0
+    assert choice.min_salt == 40
+    assert choice.scores["final"] == pytest.approx(1.0)

@@ -1,0 +1,296 @@
+"""Prediction: TTA against NumPy references, model loading, the submission CSV, bad files, and the two
+commands end to end on a tiny trained run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from salt_tf import checkpoints, ensemble, predict
+from salt_tf.data import kaggle
+from train_helpers import REPO_ROOT, run_tiny
+
+S = 101
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def _images(n, channels=1, seed=0):
+    return np.random.default_rng(seed).normal(0.0, 2.0, size=(n, S, S, channels)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TTA.
+# Eigen's vectorized sigmoid can round the same value differently (in the last bit) at different memory
+# positions, so "exactly" below means to within float32 rounding of the sigmoid (atol 2e-7); the errors the
+# tests guard against are of order 0.1.
+
+
+def test_tta_unflips_each_view_identity_model_gives_sigmoid_of_the_image():
+    identity = keras.Sequential([keras.Input((S, S, 1)), keras.layers.Identity()])
+    x = _images(5)
+    reference = _sigmoid(x[..., 0])
+    for tta in [("none", "hflip"), ("none", "hflip", "vflip"), ("none", "vflip")]:
+        np.testing.assert_allclose(predict.predict_probabilities(identity, x, batch_size=2, tta=tta), reference,
+                                   rtol=0, atol=2e-7, err_msg=str(tta))
+    # What forgetting to un-flip would give: the symmetrized image; the test above tells them apart.
+    wrong = (_sigmoid(x[..., 0]) + _sigmoid(x[:, :, ::-1, 0])) / 2
+    assert np.abs(wrong - reference).max() > 0.1
+
+
+def test_tta_of_a_flip_equivariant_model_equals_its_plain_prediction():
+    conv = keras.layers.Conv2D(1, 1, kernel_initializer=keras.initializers.Constant(1.7),
+                               bias_initializer=keras.initializers.Constant(-0.3))
+    model = keras.Sequential([keras.Input((S, S, 2)), conv])
+    x = _images(6, channels=2, seed=1)
+    plain = predict.predict_probabilities(model, x, batch_size=4, tta=("none",))
+    tta = predict.predict_probabilities(model, x, batch_size=4, tta=("none", "hflip", "vflip"))
+    np.testing.assert_allclose(tta, plain, rtol=0, atol=3e-7)
+    np.testing.assert_allclose(plain, _sigmoid(1.7 * x.sum(-1) - 0.3), rtol=0, atol=1e-6)
+
+
+def test_tta_matches_a_numpy_reference_for_an_asymmetric_model_in_one_trace():
+    kernel = np.random.default_rng(2).normal(size=(3, 3, 1, 1)).astype(np.float32)
+    conv = keras.layers.Conv2D(1, 3, padding="same", kernel_initializer=keras.initializers.Constant(kernel))
+    model = keras.Sequential([keras.Input((S, S, 1)), conv])
+    x = _images(7, seed=3)
+    f = lambda a: model(a, training=False).numpy()[..., 0].astype(np.float64)  # noqa: E731
+    reference = (_sigmoid(f(x)) + _sigmoid(f(x[:, :, ::-1]))[:, :, ::-1]) / 2     # un-flip, then average
+    got = predict.predict_probabilities(model, x, batch_size=3)                 # batches of 3, 3, 1
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-6)
+    assert got.dtype == np.float32 and got.shape == (7, S, S)
+    assert np.abs(got - _sigmoid(f(x))).max() > 0.05                            # TTA did change something
+    plain, tta = predict.predict_plain_and_tta(model, x, batch_size=5)
+    np.testing.assert_allclose(plain, _sigmoid(f(x)), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(tta, predict.predict_probabilities(model, x, batch_size=5))
+    # One compiled function for the model and views, whatever the batch sizes.
+    assert predict.tta_function(model, predict.DEFAULT_TTA, 1).experimental_get_tracing_count() == 1
+
+
+def test_parse_tta():
+    assert predict.parse_tta("hflip") == ("none", "hflip")
+    assert predict.parse_tta("none") == ("none",)
+    assert predict.parse_tta("vflip,hflip") == ("none", "hflip", "vflip")
+    for bad in ("rot90", "", "none,hflip"):
+        with pytest.raises(predict.PredictError, match="--tta"):
+            predict.parse_tta(bad)
+
+
+def test_model_inputs_match_training_preprocessing_with_and_without_depth():
+    images = np.random.default_rng(5).integers(0, 256, size=(3, S, S), dtype=np.uint8)
+    ids = ["a", "b", "c"]
+    x = predict.model_inputs(ids, images, use_depth=False)
+    np.testing.assert_array_equal(x, images[..., None].astype(np.float32) / np.float32(255.0))
+    x = predict.model_inputs(ids, images, use_depth=True, depths={"a": 100.0, "b": 250.0, "c": 960.0})
+    assert x.shape == (3, S, S, 2)
+    np.testing.assert_allclose(x[:, 0, 0, 1], [0.1, 0.25, 0.96], rtol=1e-6)
+    assert np.all(x[..., 1] == x[:, :1, :1, 1])
+    with pytest.raises(kaggle.DataError, match="no depth for id 'b'"):
+        predict.model_inputs(ids, images, use_depth=True, depths={"a": 100.0, "c": 960.0})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The submission file.
+
+
+def test_submission_round_trips_through_rle_decode(tmp_path):
+    rng = np.random.default_rng(4)
+    masks = rng.random((4, S, S)) < 0.3
+    masks[1] = False                                   # no salt: empty rle_mask
+    masks[2] = False
+    masks[2, :, 0] = True                              # one full column: a single run "1 101"
+    ids = ["0a1b2c3d4e", "ffffffffff", "0000000001", "1234567890"]
+    path = str(tmp_path / "submission.csv")
+    predict.write_submission(path, ids, masks)
+    lines = open(path).read().splitlines()
+    assert lines[0] == "id,rle_mask" and lines[2] == "ffffffffff," and lines[3] == "0000000001,1 101"
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(frame["id"]) == ids
+    for id_, rle, mask in zip(frame["id"], frame["rle_mask"], masks):
+        np.testing.assert_array_equal(kaggle.rle_decode(rle), mask.astype(np.uint8), err_msg=id_)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end on a tiny trained run.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(demo_dir, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("predict") / "run")
+    run_tiny(demo_dir, run_dir, epochs=1)
+    assert os.path.isfile(os.path.join(run_dir, "export", "model.json"))
+    return run_dir
+
+
+def _main(argv, capsys):
+    status = predict.main(["predict", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _read_pngs(folder):
+    ids = sorted(os.path.splitext(n)[0] for n in os.listdir(folder) if n.endswith(".png"))
+    return ids, np.stack([cv2.imread(os.path.join(folder, f"{i}.png"), cv2.IMREAD_GRAYSCALE) for i in ids])
+
+
+def test_predict_writes_the_submission_of_the_model(tiny_run, demo_dir, tmp_path, capsys):
+    images_dir = os.path.join(demo_dir, "test", "images")
+    ids, images = _read_pngs(images_dir)
+    assert len(ids) == 8
+    # An independent reference: the Keras model on the image and its mirror, un-flip, average (NumPy).
+    config = json.load(open(os.path.join(tiny_run, "export", "model.json")))
+    assert not config["use_depth"]
+    [entry] = predict.load_models(os.path.join(tiny_run, "export"))
+    x = images[..., None].astype(np.float32) / 255.0
+    logits = entry.model(x, training=False).numpy()[..., 0]
+    flipped = entry.model(x[:, :, ::-1].copy(), training=False).numpy()[..., 0][:, :, ::-1]
+    reference = (_sigmoid(logits) + _sigmoid(flipped)) / 2
+    threshold = float(np.quantile(reference, 0.7))  # ~30% salt pixels whatever one epoch learnt
+
+    output, masks_dir = str(tmp_path / "submission.csv"), str(tmp_path / "masks")
+    status, out, err = _main([f"--model_dir={tiny_run}/export", f"--images={images_dir}", f"--output={output}",
+                              f"--masks_dir={masks_dir}", f"--threshold={threshold}", "--batch_size=3"], capsys)
+    assert status == 0, err
+    assert "8/8 images" in out and "images/s" in out and "wrote" in out
+    frame = pd.read_csv(output, dtype=str, keep_default_na=False)
+    assert list(frame["id"]) == ids
+    decoded = np.stack([kaggle.rle_decode(r) for r in frame["rle_mask"]]).astype(bool)
+    expected = reference > threshold
+    # Pixels may only disagree where the reference sits on the threshold within float32 rounding.
+    assert np.all(np.abs(reference[decoded != expected] - threshold) < 1e-5)
+    assert decoded.any() and not decoded.all()
+    _, pngs = _read_pngs(masks_dir)
+    np.testing.assert_array_equal(pngs > 0, decoded)
+
+
+def test_bad_png_stops_with_one_line_and_no_csv_or_is_skipped(tiny_run, demo_dir, tmp_path, capsys):
+    folder = tmp_path / "images"
+    shutil.copytree(os.path.join(demo_dir, "test", "images"), folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    output = str(tmp_path / "submission.csv")
+    argv = [f"--model_dir={tiny_run}", f"--images={folder}", f"--output={output}"]
+    status, out, err = _main(argv, capsys)
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and "broken.png" in err and "--skip_bad" in err
+    assert not os.path.exists(output) and not [n for n in os.listdir(tmp_path) if n.startswith("submission")]
+
+    status, out, err = _main(argv + ["--skip_bad"], capsys)
+    assert status == 0, err
+    frame = pd.read_csv(output, dtype=str, keep_default_na=False)
+    assert len(frame) == 8 and "broken" not in set(frame["id"])
+    assert "skipped" in err and "broken.png" in err.splitlines()[-1]
+
+
+def test_command_line_process_fails_before_loading_tensorflow(tiny_run, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "empty.png").write_bytes(b"")
+    result = subprocess.run([sys.executable, "-m", "salt_tf.predict", f"--model_dir={tiny_run}",
+                             f"--images={folder}", f"--output={tmp_path / 'out.csv'}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {folder / 'empty.png'}: file is empty; re-download or "
+                                                  "remove it (--skip_bad predicts the others)"]
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_bad_model_folders_give_one_line_errors(tiny_run, demo_dir, tmp_path, capsys):
+    images = os.path.join(demo_dir, "test", "images")
+    broken = tmp_path / "broken_export"
+    shutil.copytree(os.path.join(tiny_run, "export"), broken)
+    for name in os.listdir(broken):
+        if name.startswith("weights") and name.endswith(".index"):
+            os.remove(broken / name)
+    garbled = tmp_path / "garbled_export"
+    garbled.mkdir()
+    (garbled / "model.json").write_text("{oops")
+    cases = [(str(tmp_path / "nowhere"), "not found"),
+             (str(tmp_path), "no exported model"),
+             (str(garbled), "model.json: not valid JSON"),
+             (str(broken), "cannot restore the exported weights")]
+    for path, message in cases:
+        status, _, err = _main([f"--model_dir={path}", f"--images={images}",
+                                f"--output={tmp_path / 'out.csv'}"], capsys)
+        assert status == 2, path
+        assert err.count("\n") == 1 and err.startswith(f"error: {path}") and message in err, err
+    assert not (tmp_path / "out.csv").exists()
+    status, _, err = _main([f"--model_dir={tiny_run}", "--tta=rot90", f"--images={images}",
+                            f"--output={tmp_path / 'out.csv'}"], capsys)
+    assert status == 2 and err.startswith("error: --tta=rot90")
+
+
+def test_evaluate_then_predict_with_the_ensemble(tiny_run, demo_dir, tmp_path, capsys):
+    # One model (export/): stacking rows say n/a; ensemble.json holds the post-processing.
+    single = str(tmp_path / "single")
+    shutil.copytree(tiny_run, single)
+    shutil.rmtree(os.path.join(single, "snapshots"), ignore_errors=True)  # whatever training made: none here
+    status, out, err = _main([f"--model_dir={single}", "--evaluate", "--folds=4"], capsys)
+    assert status == 0, err
+    assert "export (plain)" in out and "export (tta hflip)" in out and "mean of 1 (tta hflip)" in out
+    stacked = [line for line in out.splitlines() if line.startswith("stacked")]
+    assert len(stacked) == 2 and all(line.split()[-4:] == ["n/a"] * 4 for line in stacked)
+    saved = json.load(open(os.path.join(single, "ensemble.json")))
+    assert saved["combine"] == "mean" and [m["name"] for m in saved["models"]] == ["export"]
+
+    # Two snapshots (the second one's head shifted, so they differ): the stacked rows get numbers.
+    run = str(tmp_path / "snapshots_run")
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(os.path.join(run, "snapshots"), ignore_errors=True)
+    [entry] = predict.load_models(os.path.join(run, "export"))
+    checkpoints.export_snapshot(run, 1, entry.model, dict(entry.config, epoch=1))
+    entry.model.head.conv.bias.assign(entry.model.head.conv.bias - 1.0)
+    checkpoints.export_snapshot(run, 2, entry.model, dict(entry.config, epoch=2))
+    status, out, err = _main([f"--model_dir={run}", "--evaluate", "--folds=4"], capsys)
+    assert status == 0, err
+    for name in ("snapshots/snapshot-1 (plain)", "snapshots/snapshot-2 (tta hflip)", "mean of 2 (tta hflip)",
+                 "stacked of 2 (tta hflip, out-of-fold)", "mean + postprocessing", "stacked + postprocessing",
+                 "chosen:"):
+        assert name in out, name
+    row = next(line for line in out.splitlines() if line.startswith("stacked of 2"))
+    assert "n/a" not in row
+    chosen = ensemble.Ensemble.load(os.path.join(run, "ensemble.json"))
+    assert [m["name"] for m in chosen.models] == ["snapshots/snapshot-1", "snapshots/snapshot-2"]
+
+    # predict applies what evaluate chose: same masks as the saved ensemble on the two models' TTA output.
+    images_dir = os.path.join(demo_dir, "test", "images")
+    output = str(tmp_path / "submission.csv")
+    status, out, err = _main([f"--model_dir={run}", f"--images={images_dir}", f"--output={output}"], capsys)
+    assert status == 0, err
+    assert "ensemble.json" in out
+    ids, images = _read_pngs(images_dir)
+    x = images[..., None].astype(np.float32) / 255.0
+    probabilities = [predict.predict_probabilities(e.model, x, tta=tuple(chosen.tta))
+                     for e in predict.load_models(run)]
+    frame = pd.read_csv(output, dtype=str, keep_default_na=False)
+    decoded = np.stack([kaggle.rle_decode(r) for r in frame["rle_mask"]]).astype(bool)
+    np.testing.assert_array_equal(decoded, chosen.masks(probabilities))
+
+    # A new snapshot since --evaluate: the saved ensemble no longer matches; say so.
+    checkpoints.export_snapshot(run, 3, entry.model, dict(entry.config, epoch=3))
+    status, _, err = _main([f"--model_dir={run}", f"--images={images_dir}", f"--output={output}"], capsys)
+    assert status == 2 and "rerun with --evaluate" in err and err.count("\n") == 1
+
+
+def test_evaluate_a_real_snapshot_run(demo_dir, tmp_path, capsys):
+    """The snapshots the training loop itself exports (cosine schedule, 2 cycles) are what load_models and
+    --evaluate pick up, in order."""
+    run = str(tmp_path / "cosine")
+    run_tiny(demo_dir, run, epochs=2, lr_schedule="cosine", snapshot_cycles=2)
+    names = [e.name for e in predict.find_exports(run)]
+    assert len(names) == 2 and all(n.startswith("snapshots" + os.sep + "snapshot-") for n in names)
+    assert names == [os.path.relpath(d, run) for d in checkpoints.snapshot_dirs(run)]
+    status, out, err = _main([f"--model_dir={run}", "--evaluate", "--folds=3", "--tta=none"], capsys)
+    assert status == 0, err
+    assert f"{names[0]} (plain)" in out and f"{names[1]} (plain)" in out and "(tta" not in out
+    row = next(line for line in out.splitlines() if line.startswith("stacked of 2 (out-of-fold)"))
+    assert "n/a" not in row
+    assert [m["name"] for m in ensemble.Ensemble.load(os.path.join(run, "ensemble.json")).models] == names
