@@ -92,6 +92,6 @@ def test_eval_dataset_is_every_example_in_order():
 def test_depth_channel(demo_dir):
     data = kaggle.load_labelled(demo_dir)
     x, y = pipeline.to_arrays(data, use_depth=True)
-    assert x.shape == (160, 101, 101, 2) and y.shape == (64, 101, 101, 1)
+    assert x.shape == (160, 101, 101, 2) and y.shape == (160, 101, 101, 1)
     np.testing.assert_allclose(x[:, 50, 50, 1], data.depths / 1000.0, rtol=1e-6)
     np.testing.assert_allclose(x[..., 0], data.images / 255.0, rtol=1e-6)
