@@ -16,7 +16,7 @@ from salt_tf import losses
 
 FLAGS = flags.FLAGS
 
-# The flags that define a run; written to <model_dir>/flags.cfg so the file reproduces the run.
+# define_flags() may be called by the entry point, tests and tools in one process; absl allows one definition.
 _DEFINED = False
 
 

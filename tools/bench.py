@@ -74,7 +74,7 @@ def child(args) -> dict:
     import keras
     import tensorflow as tf
 
-    from salt_tf import losses, loop, metrics, model as model_lib, pipeline
+    from salt_tf import losses, loop, model as model_lib, pipeline
 
     images, masks = load_arrays(args.data_dir)
     config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
@@ -150,7 +150,6 @@ def child(args) -> dict:
         a = tf.random.normal([4096, 4096])
         matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
         results["matmul_gflops_per_second"] = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats) * 2 * 4096 ** 3 / 1e9
-        _ = metrics  # validation above scores with salt_tf.metrics
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
 
