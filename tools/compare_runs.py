@@ -17,35 +17,31 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: python tools/compare_runs.py RUN_DIR_A RUN_DIR_B", file=sys.stderr)
         return 2
-    from salt_tf import records
+    from salt_tf import records, runs
 
-    runs = argv[1:]
-    fingerprints = []
-    for run in runs:
-        found = records.read_fingerprints(run)
-        if not found:
-            print(f"error: {run}: no {records.FINGERPRINTS_FILE}; is it a salt_tf run directory with a "
-                  "finished epoch?", file=sys.stderr)
-            return 2
-        fingerprints.append(found)
-    common, epoch, paths = records.first_divergence(*fingerprints)
+    run_a, run_b = argv[1:]
+    weights = runs.weights_comparison(run_a, run_b)
+    for missing in weights["missing"]:
+        print(f"error: {missing}: no {records.FINGERPRINTS_FILE}; is it a salt_tf run directory with a "
+              "finished epoch?", file=sys.stderr)
+        return 2
+    common, epoch = weights["epochs_compared"], weights["first_divergence"]
     if not common:
-        print(f"no epoch in common: {runs[0]} has {sorted(fingerprints[0])}, {runs[1]} has "
-              f"{sorted(fingerprints[1])}")
+        print(f"no epoch in common between {run_a} and {run_b}")
         return 1
     if epoch is None:
         print(f"bit-identical weights after each of epochs {common[0]}..{common[-1]} "
-              f"({len(fingerprints[0][common[-1]])} variables)")
+              f"({weights['total_variables']} variables)")
         return 0
-    total = len(set(fingerprints[0][epoch]) | set(fingerprints[1][epoch]))
-    print(f"weights diverge at epoch {epoch} (identical before it): {len(paths)} of {total} variables differ")
-    for path in paths:
+    print(f"weights diverge at epoch {epoch} (identical before it): {len(weights['variables'])} of "
+          f"{weights['total_variables']} variables differ")
+    for path in weights["variables"]:
         print(f"  {path}")
-    flags_a, flags_b = (os.path.join(r, records.FLAGS_FILE) for r in runs)
+    flags_a, flags_b = (os.path.join(r, records.FLAGS_FILE) for r in (run_a, run_b))
     if os.path.isfile(flags_a) and os.path.isfile(flags_b):
-        lines_a = set(open(flags_a).read().splitlines())
-        lines_b = set(open(flags_b).read().splitlines())
-        differing = sorted((lines_a ^ lines_b) - {l for l in lines_a | lines_b if l.startswith("--model_dir")})
+        a, b = (runs.parse_flagfile(open(f).read()) for f in (flags_a, flags_b))
+        differing = [f"--{name}: {a.get(name)} -> {b.get(name)}" for name in sorted(set(a) | set(b))
+                     if name not in runs.IGNORED_FLAGS and a.get(name) != b.get(name)]
         if differing:
             print("flags that differ: " + ", ".join(differing))
     return 1
