@@ -138,8 +138,38 @@ def _dense(units: int, activation: str, name: str) -> keras.layers.Dense:
     )
 
 
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization computed by TensorFlow's fused kernel (FusedBatchNormV3 / oneDNN).
+
+    Keras 3 builds batch norm from tf.nn.moments and elementwise ops, about a dozen kernels forward and
+    more backward per layer; the fused kernel does it in one pass each way, which made the whole train
+    step faster (docs/performance.md). Same variables (gamma, beta, moving_mean, moving_variance), same
+    checkpoints and the same semantics: batch statistics in training, moving statistics in evaluation,
+    the moving variance updated with the biased batch variance as Keras does.
+    """
+
+    def call(self, inputs, training=False, mask=None):
+        if self.axis not in (-1, len(inputs.shape) - 1) or len(inputs.shape) != 4 or mask is not None:
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, tf.float32)  # statistics in float32 also under a bfloat16 policy
+        if training and self.trainable:
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                x, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC", is_training=True)
+            # The kernel returns the unbiased (n - 1) variance; Keras keeps the biased one.
+            count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+            variance = variance * ((count - 1.0) / count)
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        else:
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
+                epsilon=self.epsilon, data_format="NHWC", is_training=False)
+        return tf.cast(y, self.compute_dtype)
+
+
 def _bn(name: str) -> keras.layers.BatchNormalization:
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+    return FusedBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
 
 
 class SqueezeExcite(keras.layers.Layer):

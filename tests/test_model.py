@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from salt_tf.model import ModelConfig, ResidualBlock, build_model, count_params, forward_flops_per_image
+from salt_tf.model import (FusedBatchNormalization, ModelConfig, ResidualBlock, build_model, count_params,
+                           forward_flops_per_image)
 
 # Spatial sizes under repeated 2x2 'valid' max-pooling of a 101x101 image, written out by hand.
 SIZES = [101, 50, 25, 12, 6, 3]
@@ -404,6 +405,51 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
         forward(x, True)
         for path, value in moving().items():
             self.assertFalse(np.array_equal(value, after[path]), msg=path)
+
+    @parameterized.parameters(True, False)
+    def test_fused_batchnorm_matches_float64_reference(self, training):
+        """Output, input/gamma/beta gradients and moving statistics against the textbook formulas."""
+        rng = np.random.default_rng(3)
+        x64 = rng.normal(1.5, 2.0, size=(3, 5, 4, 6))
+        gamma, beta = rng.normal(1.0, 0.3, 6), rng.normal(0.0, 0.5, 6)
+        moving_mean, moving_var = rng.normal(0.0, 1.0, 6), rng.uniform(0.5, 2.0, 6)
+        upstream = rng.normal(size=x64.shape)  # d loss / d y
+        eps, momentum = 1e-3, 0.9
+        layer = FusedBatchNormalization(momentum=momentum, epsilon=eps)
+        layer.build(x64.shape)
+        for variable, value in ((layer.gamma, gamma), (layer.beta, beta), (layer.moving_mean, moving_mean),
+                                (layer.moving_variance, moving_var)):
+            variable.assign(value.astype(np.float32))
+        x = tf.constant(x64, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+            loss = tf.reduce_sum(y * tf.constant(upstream, tf.float32))
+        dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
+
+        axes, n = (0, 1, 2), x64.size // 6
+        if training:
+            mean, var = x64.mean(axis=axes), x64.var(axis=axes)  # biased, as used for normalising
+        else:
+            mean, var = moving_mean, moving_var
+        inv = 1.0 / np.sqrt(var + eps)
+        xhat = (x64 - mean) * inv
+        expected_y = gamma * xhat + beta
+        expected_dbeta = upstream.sum(axis=axes)
+        expected_dgamma = (upstream * xhat).sum(axis=axes)
+        if training:  # the batch statistics depend on x too
+            expected_dx = gamma * inv / n * (n * upstream - expected_dbeta - xhat * expected_dgamma)
+            expected_moving = (momentum * moving_mean + (1 - momentum) * mean,
+                               momentum * moving_var + (1 - momentum) * var)
+        else:
+            expected_dx = gamma * inv * upstream
+            expected_moving = (moving_mean, moving_var)
+        self.assertAllClose(y, expected_y, rtol=1e-4, atol=1e-4)
+        self.assertAllClose(dx, expected_dx, rtol=1e-3, atol=1e-4)
+        self.assertAllClose(dgamma, expected_dgamma, rtol=1e-3, atol=1e-3)
+        self.assertAllClose(dbeta, expected_dbeta, rtol=1e-4, atol=1e-4)
+        self.assertAllClose(layer.moving_mean, expected_moving[0], rtol=1e-5, atol=1e-5)
+        self.assertAllClose(layer.moving_variance, expected_moving[1], rtol=1e-5, atol=1e-5)
 
     def test_dropout_only_in_training(self):
         model = _build(base_width=2, depth=2, blocks_per_level=1, dropout=0.5)

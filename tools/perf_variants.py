@@ -1,0 +1,194 @@
+"""Measures candidate speed-ups of the training step, each in its own child process.
+
+    python tools/perf_variants.py --data_dir=../shared/data/tgs_salt
+    python tools/perf_variants.py --variants=baseline,fused_bn --repeats=5
+
+Every variant times the project's real step (`loop.Trainer.train_step`, BCE + Dice, Adam, batch 32) on the
+same batch, warm-up excluded, median of --repeats, and the table gives its images/s relative to `baseline`
+measured in the same command. Variants that are not the shipped default are built here by patching (an
+experiment, not a second code path in salt_tf/). The outcomes are recorded in docs/performance.md.
+
+  baseline        the shipped step (deterministic mode on)
+  no_se           ablation: the model without squeeze-and-excitation gates
+  no_bn           ablation: batch normalization replaced by the identity (what BN costs at most)
+  keras_bn        Keras 3's BatchNormalization (moments + elementwise ops) instead of the fused kernel
+  steps_per_loop  4 steps inside one tf.function (tf.range loop), one host round-trip per 4 steps
+  bf16            Keras mixed_bfloat16 policy (bfloat16 convolutions, float32 variables and loss)
+  onednn_off      TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own Eigen kernels)
+  xla             the step with jit_compile=True (deterministic mode off: XLA conflicts with it)
+  nchw_conv       micro-benchmark: one 3x3 conv (16->16 channels, 101x101) forward+backward, NCHW vs NHWC
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = ("baseline", "no_se", "no_bn", "keras_bn", "steps_per_loop", "bf16", "onednn_off", "xla",
+            "nchw_conv")
+STEPS_PER_LOOP = 4
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def timed(fn, calls: int, repeats: int) -> float:
+    """Median seconds per call, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def nchw_conv(args) -> dict:
+    import tensorflow as tf
+
+    results = {}
+    for layout in ("NHWC", "NCHW"):
+        shape = [args.batch_size, 101, 101, 16] if layout == "NHWC" else [args.batch_size, 16, 101, 101]
+        x = tf.random.normal(shape)
+        w = tf.Variable(tf.random.normal([3, 3, 16, 16]))
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = tf.nn.conv2d(x, w, 1, "SAME", data_format=layout)
+                loss = tf.reduce_sum(y * y)
+            return tape.gradient(loss, [x, w])
+
+        try:
+            seconds = timed(lambda: step()[1].numpy(), args.steps, args.repeats)
+            results[layout] = args.batch_size / seconds
+        except Exception as error:  # TF's CPU conv has no NCHW kernel without oneDNN
+            results[layout] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    return {"images_per_second": results["NHWC"], "nchw_images_per_second": results["NCHW"]}
+
+
+def child(args) -> dict:
+    variant = args.child
+    from salt_tf import determinism
+
+    determinism.configure(0, variant != "xla")
+    if variant == "nchw_conv":
+        return nchw_conv(args)
+    import keras
+    import tensorflow as tf
+
+    from salt_tf import losses, loop, model as model_lib, pipeline
+    from salt_tf.data import kaggle, synthetic
+
+    if variant == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    if variant == "no_bn":
+        model_lib._bn = lambda name: keras.layers.Identity(name=name)
+    if variant == "keras_bn":
+        model_lib._bn = lambda name: keras.layers.BatchNormalization(
+            momentum=model_lib.BN_MOMENTUM, epsilon=model_lib.BN_EPSILON, name=name)
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = os.path.join(tempfile.mkdtemp(), "demo")
+        synthetic.generate(data_dir, num_images=200, seed=0)
+    images, masks = pipeline.to_arrays(kaggle.load_labelled(data_dir), use_depth=False)
+    config = model_lib.ModelConfig(se=variant != "no_se")
+    b = args.batch_size
+    combined = losses.CombinedLoss("bce:1,dice:1")
+    loss_fn = (lambda y, logits: combined(y, tf.cast(logits, tf.float32))) if variant == "bf16" else combined
+    trainer = loop.Trainer(
+        model=model_lib.build_model(config), optimizer=keras.optimizers.Adam(1e-3), loss_fn=loss_fn,
+        train_arrays=(images[:b * STEPS_PER_LOOP], masks[:b * STEPS_PER_LOOP]),
+        val_arrays=(images[:b], masks[:b]),
+        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=64, seed=0,
+                               augmentation=pipeline.Augmentation(True, 10)),
+        run_dir=tempfile.mkdtemp())
+    x, y = tf.constant(images[:b]), tf.constant(masks[:b])
+    if variant == "xla":
+        step = tf.function(lambda: trainer._train_step(combined, x, y)[0]["loss"], jit_compile=True)
+        seconds = timed(lambda: step().numpy(), args.steps, args.repeats)
+    elif variant == "steps_per_loop":
+        xs = tf.reshape(tf.constant(images[:b * STEPS_PER_LOOP]), [STEPS_PER_LOOP, b, 101, 101, -1])
+        ys = tf.reshape(tf.constant(masks[:b * STEPS_PER_LOOP]), [STEPS_PER_LOOP, b, 101, 101, 1])
+
+        @tf.function
+        def steps():
+            total = tf.constant(0.0)
+            for i in tf.range(STEPS_PER_LOOP):
+                outputs, _ = trainer._train_step(combined, xs[i], ys[i])
+                total += outputs["loss"]
+            return total
+
+        seconds = timed(lambda: steps().numpy(), max(1, args.steps // STEPS_PER_LOOP), args.repeats)
+        seconds /= STEPS_PER_LOOP
+    else:
+        # Exactly what the epoch loop does per step: the step, then the outputs to the host.
+        def step():
+            outputs, _ = trainer.train_step(x, y)
+            return bool(outputs["finite"]) and [float(v) for v in outputs.values()]
+
+        seconds = timed(step, args.steps, args.repeats)
+    return {"images_per_second": b / seconds}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    if args.child:
+        print("VARIANT " + json.dumps(child(args)))
+        return {}
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    passthrough = [f"--{k}={v}" for k, v in vars(args).items()
+                   if k in ("data_dir", "batch_size", "steps", "repeats") and v is not None]
+    results = {}
+    for variant in variants:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        if variant == "onednn_off":
+            env["TF_ENABLE_ONEDNN_OPTS"] = "0"
+        child_variant = "baseline" if variant == "onednn_off" else variant
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={child_variant}", *passthrough],
+                             capture_output=True, text=True, env=env, check=False)
+        line = [l for l in out.stdout.splitlines() if l.startswith("VARIANT ")]
+        if out.returncode or not line:
+            results[variant] = {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        else:
+            results[variant] = json.loads(line[0][len("VARIANT "):])
+        print(f"{variant:<16} {json.dumps(results[variant])}", flush=True)
+    base = results.get("baseline", {}).get("images_per_second")
+    print(f"\nbatch {args.batch_size}, {args.steps} steps x {args.repeats} repeats (median); images/s")
+    for variant, result in results.items():
+        rate = result.get("images_per_second")
+        if rate is None:
+            print(f"{variant:<16} error: {result['error']}")
+            continue
+        ratio = f"{rate / base:6.3f}x baseline" if base else ""
+        extra = f"   NCHW {result['nchw_images_per_second']}" if "nchw_images_per_second" in result else ""
+        print(f"{variant:<16} {rate:8.2f}  {ratio}{extra}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
