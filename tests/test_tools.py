@@ -33,3 +33,18 @@ def test_bench_pipeline_reports(demo_dir, capsys):
     assert results["images"] == 160 and results["pipeline_images_per_second"] > 0
     assert results["sweep_400_images_50_thresholds_seconds"] > 0
     assert "pipeline_images_per_second" in capsys.readouterr().out
+
+
+def test_perf_variants_reports_each_variant(tmp_path, demo_dir):
+    out = tmp_path / "variants.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", "perf_variants.py"), f"--data_dir={demo_dir}",
+         "--variants=baseline,keras_bn,steps_per_loop", "--base_width=4", "--depth=2", "--blocks_per_level=1",
+         "--batch_size=4", "--steps=4", "--repeats=1", f"--json={out}"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())["results"]
+    assert set(report) == {"baseline", "keras_bn", "steps_per_loop"}
+    for name, value in report.items():
+        assert value.get("images_per_second", 0) > 0, (name, value)
+        assert name in result.stdout

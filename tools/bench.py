@@ -9,7 +9,9 @@ Measures, each with warm-up excluded and the median of --repeats:
   * summaries every 100 steps vs off (from the measured cost of a summary step)
   * achieved GFLOP/s of the train step (3 x forward FLOPs per image) vs a measured float32 matmul ceiling
   * input pipeline images/s with augmentation, no model
-  * full validation: predict 400 images + competition metric + 49-threshold sweep, seconds
+  * full validation: predict 400 images + competition metric + 49-threshold sweep, seconds (and the
+    forward passes alone)
+  * predict images/s with flip TTA (identity + hflip in one graph, as `salt_tf.predict` runs it)
   * peak resident memory of each measuring process
 Thread-pool settings are fixed when TensorFlow starts, so the determinism on/off pair runs in two child
 processes of this command; everything else for a setting runs in that setting's child.
@@ -144,6 +146,22 @@ def child(args) -> dict:
             times.append(time.perf_counter() - start)
         results["validation_images"] = val
         results["validation_seconds"] = statistics.median(times)
+        # Where the validation time goes: the forward passes alone (what a larger eval batch could speed up).
+        forward_times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            trainer.predict_validation()
+            forward_times.append(time.perf_counter() - start)
+        results["validation_forward_seconds"] = statistics.median(forward_times)
+
+        # Prediction with flip TTA (identity + hflip views in one graph), as `salt_tf.predict` runs it.
+        from salt_tf import predict
+
+        tta_images = images[:val]
+        predict.predict_probabilities(trainer.model, tta_images[:64], batch_size=64, tta=("none", "hflip"))
+        results["predict_tta_images_per_second"] = median_rate(
+            lambda: predict.predict_probabilities(trainer.model, tta_images, batch_size=64, tta=("none", "hflip")),
+            len(tta_images), 1, args.repeats)
         results["epoch_seconds_estimate"] = (len(images) - val) / results["custom_images_per_second"]
 
         # Matmul ceiling: the best float32 GFLOP/s this machine's TensorFlow reaches.
@@ -185,7 +203,9 @@ def main(argv=None) -> dict:
         ("input pipeline (img/s)", on["pipeline_images_per_second"]),
         ("pipeline / train step", on["pipeline_images_per_second"] / on["custom_images_per_second"]),
         (f"full validation, {on['validation_images']} images (s)", on["validation_seconds"]),
+        ("  of which forward passes (s)", on["validation_forward_seconds"]),
         ("validation / epoch time", on["validation_seconds"] / on["epoch_seconds_estimate"]),
+        ("predict with hflip TTA (img/s)", on["predict_tta_images_per_second"]),
         ("peak RSS, deterministic on (MB)", on["peak_rss_mb"]),
     ]
     width = max(len(name) for name, _ in table)

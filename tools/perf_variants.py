@@ -39,6 +39,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--base_width", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--blocks_per_level", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
@@ -110,7 +113,8 @@ def child(args) -> dict:
         data_dir = os.path.join(tempfile.mkdtemp(), "demo")
         synthetic.generate(data_dir, num_images=200, seed=0)
     images, masks = pipeline.to_arrays(kaggle.load_labelled(data_dir), use_depth=False)
-    config = model_lib.ModelConfig(se=variant != "no_se")
+    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
+                                   blocks_per_level=args.blocks_per_level, se=variant != "no_se")
     b = args.batch_size
     combined = losses.CombinedLoss("bce:1,dice:1")
     loss_fn = (lambda y, logits: combined(y, tf.cast(logits, tf.float32))) if variant == "bf16" else combined
@@ -159,7 +163,8 @@ def main(argv=None) -> dict:
     if unknown:
         sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     passthrough = [f"--{k}={v}" for k, v in vars(args).items()
-                   if k in ("data_dir", "batch_size", "steps", "repeats") and v is not None]
+                   if k in ("data_dir", "base_width", "depth", "blocks_per_level", "batch_size", "steps", "repeats")
+                   and v is not None]
     results = {}
     for variant in variants:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
