@@ -103,6 +103,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("early_stop_patience", 0, "Stop after this many epochs without improvement "
                          "(0 = never).", lower_bound=0)
 
+    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"],
+                      "float32, or Keras' mixed_bfloat16 policy: bfloat16 activations and convolutions, float32 "
+                      "variables, batch-norm statistics and losses. Faster on CPUs with AVX512_BF16/AMX and on "
+                      "GPUs with bfloat16 units; see docs/performance.md for speed and accuracy measured here.")
+
     # --- Reproducibility and bookkeeping.
     flags.DEFINE_integer("seed", 0, "Seed of initialization, data order and augmentation.")
     flags.DEFINE_boolean("deterministic", True, "Bit-identical runs for the same flags and seed "

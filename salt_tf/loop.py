@@ -155,7 +155,7 @@ class Trainer:
     def _eval_step(self, loss_fn, images, masks):
         logits = self.model(images, training=False)
         per_image_loss, _ = loss_fn(masks, logits)
-        return tf.sigmoid(logits)[..., 0], per_image_loss
+        return tf.sigmoid(tf.cast(logits, tf.float32))[..., 0], per_image_loss
 
     # ---------------------------------------------------------------------------------- evaluation
 

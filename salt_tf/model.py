@@ -540,13 +540,26 @@ class UNet(keras.Model):
         return ops.cast(self.head(y, training=training), "float32")
 
 
-def build_model(config: ModelConfig) -> UNet:
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def build_model(config: ModelConfig, precision: str = "float32") -> UNet:
     """Creates the U-Net and builds all its variables for [None, 101, 101, C] float32 input.
 
-    Weights are reproducible: call ``keras.utils.set_random_seed(s)`` first.
+    Weights are reproducible: call ``keras.utils.set_random_seed(s)`` first. ``precision`` is a Keras dtype
+    policy: "mixed_bfloat16" computes activations in bfloat16 (logits too: cast them before a loss) while the
+    variables stay float32, so checkpoints do not depend on it. Layers take the global policy when they are
+    created; it is set for the construction only, so nothing else in the process changes.
     """
-    model = UNet(config)
-    model.build((None, IMAGE_SIZE, IMAGE_SIZE, config.input_channels))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        model = UNet(config)
+        model.build((None, IMAGE_SIZE, IMAGE_SIZE, config.input_channels))
+    finally:
+        keras.config.set_dtype_policy(previous)
     return model
 
 

@@ -99,7 +99,7 @@ def run() -> dict:
     model_config = model_lib.ModelConfig(
         base_width=FLAGS.base_width, depth=FLAGS.depth, blocks_per_level=FLAGS.blocks_per_level, se=FLAGS.se,
         se_ratio=FLAGS.se_ratio, dropout=FLAGS.dropout, input_channels=2 if FLAGS.use_depth else 1)
-    model = model_lib.build_model(model_config)
+    model = model_lib.build_model(model_config, precision=FLAGS.precision)
     logging.info("model: %d parameters, %.2f GFLOP forward per image", model_lib.count_params(model),
                  model_lib.forward_flops_per_image(model_config) / 1e9)
     specs = salt_flags.loss_stages(FLAGS.loss_schedule) if FLAGS.loss_schedule else [FLAGS.loss]
@@ -128,7 +128,8 @@ def run() -> dict:
         model=model, optimizer=build_optimizer(), loss_fn=loss_fn,
         train_arrays=pipeline.to_arrays(train_data, FLAGS.use_depth),
         val_arrays=pipeline.to_arrays(val_data, FLAGS.use_depth), config=config, run_dir=run_dir,
-        export_config={"model": dataclasses.asdict(model_config), "use_depth": FLAGS.use_depth},
+        export_config={"model": dataclasses.asdict(model_config), "use_depth": FLAGS.use_depth,
+                       "precision": FLAGS.precision},
         hparams=salt_flags.run_flag_values())
     summary = trainer.run()
     records.update_record(run_dir, summary=summary,

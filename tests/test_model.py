@@ -451,6 +451,26 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(layer.moving_mean, expected_moving[0], rtol=1e-5, atol=1e-5)
         self.assertAllClose(layer.moving_variance, expected_moving[1], rtol=1e-5, atol=1e-5)
 
+    def test_mixed_bfloat16_computes_in_bfloat16_with_the_same_float32_variables(self):
+        config = dict(base_width=4, depth=2, blocks_per_level=1)
+        full = _build(seed=5, **config)
+        keras.utils.set_random_seed(5)
+        mixed = build_model(ModelConfig(**config), precision="mixed_bfloat16")
+        self.assertEqual(keras.config.dtype_policy().name, "float32")  # the global policy is left alone
+        self.assertEqual(mixed.encoder.level0.block0.conv1.compute_dtype, "bfloat16")
+        for a, b in zip(full.variables, mixed.variables, strict=True):
+            self.assertEqual((a.path, b.dtype), (b.path, "float32"))
+            self.assertAllEqual(a, b)
+        x = _images(2, seed=4)
+        reference = full(x, training=False).numpy()
+        logits = tf.cast(mixed(x, training=False), tf.float32).numpy()
+        self.assertFalse(np.array_equal(logits, reference))  # bfloat16 arithmetic really happened
+        # bfloat16 keeps 8 significant bits (relative step 2**-8); a few layers of rounding stay ~1e-2.
+        scale = np.abs(reference).max()
+        self.assertLess(np.abs(logits - reference).max(), 0.05 * scale)
+        with self.assertRaisesRegex(ValueError, "precision"):
+            build_model(ModelConfig(**config), precision="float16")
+
     def test_dropout_only_in_training(self):
         model = _build(base_width=2, depth=2, blocks_per_level=1, dropout=0.5)
         x = _images(2)

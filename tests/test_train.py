@@ -48,13 +48,30 @@ def test_validation_metric_improves_over_untrained(tmp_path, demo_dir):
     """A few epochs must beat the untrained model's validation metric, logged at step 0, clearly."""
     model_dir = str(tmp_path / "run")
     summary = run_tiny(demo_dir, model_dir, epochs=4, base_width=8, depth=3, learning_rate=0.003)
+    metric = val_metric_events(model_dir)
+    assert 0 in metric, "the untrained baseline is logged at step 0"
+    assert summary["best_val_metric"] > metric[0] + 0.1
+
+
+def val_metric_events(model_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(os.path.join(model_dir, "events", "val"), size_guidance={"tensors": 0})
     accumulator.Reload()
-    metric = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors("metric")}
-    assert 0 in metric, "the untrained baseline is logged at step 0"
-    assert summary["best_val_metric"] > metric[0] + 0.1
+    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors("metric")}
+
+
+def test_mixed_bfloat16_run_trains_and_records_its_precision(tmp_path, demo_dir):
+    model_dir = str(tmp_path / "run")
+    summary = run_tiny(demo_dir, model_dir, epochs=4, base_width=8, depth=3, learning_rate=0.003,
+                       precision="mixed_bfloat16")
+    rows = records.read_metrics(model_dir)
+    assert np.isfinite(rows["train_loss"]).all() and rows["train_loss"].iloc[-1] < rows["train_loss"].iloc[0]
+    assert summary["best_val_metric"] > val_metric_events(model_dir)[0] + 0.1  # clearly above untrained
+    assert "--precision=mixed_bfloat16" in open(os.path.join(model_dir, "flags.cfg")).read()
+    config = records.read_json(os.path.join(model_dir, "export", "model.json"))
+    assert config["precision"] == "mixed_bfloat16"
+    assert tf.keras.mixed_precision.global_policy().name == "float32"
 
 
 def test_resume_restores_complete_state(tmp_path, demo_dir):
