@@ -38,6 +38,8 @@ def parse_args(argv):
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--blocks_per_level", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--eval_batch_size", type=int, default=64, help="validation and predict batch size")
+    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -88,10 +90,10 @@ def child(args) -> dict:
     # The project's step, through the real Trainer (so what is measured is what trains).
     val = 400 if len(images) > 800 else len(images) // 5
     trainer = loop.Trainer(
-        model=model_lib.build_model(config), optimizer=keras.optimizers.Adam(1e-3),
+        model=model_lib.build_model(config, precision=args.precision), optimizer=keras.optimizers.Adam(1e-3),
         loss_fn=losses.CombinedLoss("bce:1,dice:1"), train_arrays=(images[val:], masks[val:]),
         val_arrays=(images[:val], masks[:val]),
-        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=64, seed=0,
+        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=args.eval_batch_size, seed=0,
                                augmentation=pipeline.Augmentation(True, 10)),
         run_dir=tempfile.mkdtemp())
     x, y = tf.constant(images[val:val + b]), tf.constant(masks[val:val + b])
@@ -113,7 +115,7 @@ def child(args) -> dict:
         results["summary_every_100_overhead_percent"] = 100 * extra / 100 * results["custom_images_per_second"]
 
         # Keras fit on the same model, loss and batches.
-        fit_model = model_lib.build_model(config)
+        fit_model = model_lib.build_model(config, precision=args.precision)
         combined = losses.CombinedLoss("bce:1,dice:1")
         fit_model.compile(optimizer=keras.optimizers.Adam(1e-3),
                           loss=lambda yt, yp: tf.reduce_mean(combined(yt, yp)[0]))
@@ -158,14 +160,15 @@ def child(args) -> dict:
         from salt_tf import predict
 
         tta_images = images[:val]
-        predict.predict_probabilities(trainer.model, tta_images[:64], batch_size=64, tta=("none", "hflip"))
+        predict.predict_probabilities(trainer.model, tta_images[:64], batch_size=args.eval_batch_size, tta=("none", "hflip"))
         results["predict_tta_images_per_second"] = median_rate(
-            lambda: predict.predict_probabilities(trainer.model, tta_images, batch_size=64, tta=("none", "hflip")),
+            lambda: predict.predict_probabilities(trainer.model, tta_images, batch_size=args.eval_batch_size, tta=("none", "hflip")),
             len(tta_images), 1, args.repeats)
         results["epoch_seconds_estimate"] = (len(images) - val) / results["custom_images_per_second"]
 
         # Matmul ceiling: the best float32 GFLOP/s this machine's TensorFlow reaches.
-        a = tf.random.normal([4096, 4096])
+        # In the step's compute dtype: a bfloat16 step is measured against a bfloat16 matmul.
+        a = tf.cast(tf.random.normal([4096, 4096]), tf.bfloat16 if args.precision == "mixed_bfloat16" else tf.float32)
         matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
         results["matmul_gflops_per_second"] = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats) * 2 * 4096 ** 3 / 1e9
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -198,7 +201,7 @@ def main(argv=None) -> dict:
         ("custom / fit", on["custom_images_per_second"] / on["keras_fit_images_per_second"]),
         ("summaries every 100 steps, overhead (%)", on["summary_every_100_overhead_percent"]),
         ("train step GFLOP/s (3x forward)", on["train_gflops_per_second"]),
-        ("matmul ceiling GFLOP/s", on["matmul_gflops_per_second"]),
+        (f"matmul ceiling GFLOP/s ({args.precision.replace('mixed_', '')})", on["matmul_gflops_per_second"]),
         ("train step / ceiling", on["train_gflops_per_second"] / on["matmul_gflops_per_second"]),
         ("input pipeline (img/s)", on["pipeline_images_per_second"]),
         ("pipeline / train step", on["pipeline_images_per_second"] / on["custom_images_per_second"]),
@@ -210,7 +213,8 @@ def main(argv=None) -> dict:
     ]
     width = max(len(name) for name, _ in table)
     print(f"model: base_width={args.base_width} depth={args.depth} blocks={args.blocks_per_level}, "
-          f"batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats (median)")
+          f"{args.precision}, batch {args.batch_size} (eval {args.eval_batch_size}), {args.steps} steps x "
+          f"{args.repeats} repeats (median)")
     for name, value in table:
         print(f"{name:<{width}}  {value:10.3f}")
     summary = {"args": {k: v for k, v in vars(args).items() if k not in ("child",)}, "on": on, "off": off,
