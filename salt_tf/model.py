@@ -149,7 +149,10 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     """
 
     def call(self, inputs, training=False, mask=None):
-        if self.axis not in (-1, len(inputs.shape) - 1) or len(inputs.shape) != 4 or mask is not None:
+        # Keras' own path where the fused kernel does not apply; `synchronized` (statistics all-reduced over
+        # replicas, see distribute.py) needs the separate moments.
+        if (self.axis not in (-1, len(inputs.shape) - 1) or len(inputs.shape) != 4 or mask is not None
+                or getattr(self, "synchronized", False)):
             return super().call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, tf.float32)  # statistics in float32 also under a bfloat16 policy
         if training and self.trainable:
