@@ -148,10 +148,10 @@ def remove_write_dir(path: str, role: WorkerRole) -> None:
 
 
 def synchronize_batch_norm(model, strategy: tf.distribute.Strategy, synchronized: bool) -> int:
-    """Sets Keras 3's BatchNormalization(synchronized=...) on every BN layer of the model: batch statistics
-    over the global batch (an all-reduce of sums in each layer) instead of each replica's own share. With one
-    replica there is nothing to synchronize and the layers are left as built (the same bits as ever).
-    Returns the number of layers changed."""
+    """Sets Keras 3's BatchNormalization(synchronized=True) on every BN layer of the model: batch statistics
+    over the global batch (all-reduced sums in each layer, whose gradients are all-reduced too) instead of
+    each replica's own share. With one replica there is nothing to synchronize and the layers are left as
+    built (the same bits as ever). Returns the number of layers changed."""
     if not synchronized or strategy.num_replicas_in_sync == 1:
         return 0
     import keras
@@ -159,7 +159,7 @@ def synchronize_batch_norm(model, strategy: tf.distribute.Strategy, synchronized
     layers = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
               if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in layers:
-        layer.synchronized = True
+        layer.synchronized = True  # read at call time (keras.ops.moments(..., synchronized=...))
     return len(layers)
 
 
@@ -169,21 +169,35 @@ def sum_over_replicas(strategy: tf.distribute.Strategy, values):
     if strategy.num_replicas_in_sync == 1:
         return values
     flat = tf.nest.flatten(values)
-    reduced = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, [(v, v) for v in flat])
+    # To this worker's first device (the updates copy from there to its other replicas' variables).
+    device = strategy.extended.worker_devices[0]
+    reduced = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, [(v, device) for v in flat])
     return tf.nest.pack_sequence_as(values, [strategy.experimental_local_results(r)[0] for r in reduced])
 
 
-def average_moving_statistics(variables) -> None:
-    """Replica context: replaces each replica's copy of the given variables by the mean over replicas.
+def average_moving_statistics(strategy: tf.distribute.Strategy, variables) -> None:
+    """Cross-replica context: sets every replica's copy of the given variables to their mean over replicas.
 
     Keras 3 creates batch-norm moving statistics with aggregation NONE, so under a strategy every replica
-    updates its own copy from its own batch and the copies drift apart; evaluation and checkpoints read
-    one copy. Averaging after every step keeps them equal: the mean of the replicas' moving means is the
-    moving mean of the global batch (equal shares), the mean of their variances misses the spread between
-    replicas' means (as TF 2's Keras did). With one replica: nothing to do, no op added."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1 or not variables:
+    updates its own copy from its own batch and the copies drift apart, while evaluation and checkpoints
+    read one copy. Averaging after every step keeps them equal: the mean of the replicas' moving means is
+    the moving mean of the global batch (equal shares); the mean of their variances misses the spread
+    between the replicas' means (as in TF 2's Keras). With one replica: nothing to do, no op added."""
+    if strategy.num_replicas_in_sync == 1 or not variables:
         return
-    means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.convert_to_tensor(v) for v in variables])
+    local_copies = strategy.run(lambda: [tf.identity(v) for v in variables])
+    device = strategy.extended.worker_devices[0]
+    means = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.MEAN, [(v, device) for v in local_copies])
     for variable, mean in zip(variables, means):
-        variable.assign(mean)
+        variable.assign(strategy.experimental_local_results(mean)[0])
+
+
+def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """True if `flag` is True on any worker. Workers must stop at the same step (a signal reaches one of
+    them, or reaches them at different steps): one that stopped alone would leave the others waiting in the
+    next collective. One worker: the flag itself, no communication."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return flag
+    votes = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(1.0 if flag else 0.0))
+    return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None) > 0)

@@ -94,14 +94,16 @@ class Trainer:
 
         # Batch-norm moving statistics: each replica updates its own copy; averaged after every step.
         self.moving_statistics = [v for v in model.non_trainable_variables if tf.as_dtype(v.dtype).is_floating]
-        # Every variable of the training state is created under the strategy's scope (mirrored on all
+        # Where an interrupted epoch stopped (steps done, running sums): the epoch resumes at that batch.
+        # Outside the strategy's scope: collectives cannot broadcast a string (each worker writes the same
+        # value anyway, from plain Python).
+        self.partial_epoch = tf.Variable("", dtype=tf.string, trainable=False, name="partial_epoch")
+        # Every other variable of the training state is created under the strategy's scope (mirrored on all
         # replicas), like the model and optimizer; the checkpoint tracking them too.
         with self.strategy.scope():
             # Optimizer slots exist before a restore, so a checkpoint's slots have somewhere to go.
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # epochs completed
-            # Where an interrupted epoch stopped (steps done, running sums): the epoch resumes at that batch.
-            self.partial_epoch = tf.Variable("", dtype=tf.string, trainable=False, name="partial_epoch")
             self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
             self.schedule = schedules.Schedule(
                 config.lr_schedule, float(optimizer.learning_rate.numpy()), config.plateau_factor,
@@ -140,7 +142,6 @@ class Trainer:
             per_image_loss, terms = loss_fn(masks, logits)
             loss = tf.nn.compute_average_loss(per_image_loss, global_batch_size=global_batch)
         gradients = tape.gradient(loss, self.model.trainable_variables)
-        distribute.average_moving_statistics(self.moving_statistics)
         outputs = {"loss": loss}
         outputs.update({f"loss/{name}": tf.nn.compute_average_loss(term, global_batch_size=global_batch)
                         for name, term in terms.items()})
@@ -150,6 +151,7 @@ class Trainer:
         """The global batch's loss and gradients (reduced over replicas), optional clipping."""
         outputs, gradients = self.strategy.run(functools.partial(self._replica_gradients, loss_fn),
                                                args=(images, masks))
+        distribute.average_moving_statistics(self.strategy, self.moving_statistics)
         # Explicit reductions; from here on every value is the same on every replica and every worker.
         outputs = distribute.sum_over_replicas(self.strategy, outputs)
         gradients = distribute.sum_over_replicas(self.strategy, gradients)
@@ -267,7 +269,7 @@ class Trainer:
                 seen = (step - done) * self.config.batch_size
                 logging.info("  epoch %d step %d/%d  loss %.4f  %.1f img/s", epoch + 1, step, steps,
                              sums.get("loss", math.nan) / max(finite_steps, 1), seen / (time.perf_counter() - start))
-            if self._stop_signal is not None and step < steps:
+            if step < steps and self._stop_requested():
                 self.partial_epoch.assign(json.dumps({
                     "steps": step, "sums": sums, "finite_steps": finite_steps,
                     "seconds": seconds_before + time.perf_counter() - start}))
@@ -283,6 +285,12 @@ class Trainer:
     def global_step(self) -> int:
         """Training steps taken, skipped (non-finite) ones included: the x axis of every summary."""
         return int(self.optimizer.iterations.numpy()) + int(self.skipped_steps.numpy())
+
+    def _stop_requested(self) -> bool:
+        """A stop signal arrived here, or (multi-worker) on any worker: all workers stop at the same step."""
+        if distribute.any_worker(self.strategy, self._stop_signal is not None) and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another worker's signal
+        return self._stop_signal is not None
 
     def _stopped(self, where: str) -> None:
         name = signal.Signals(self._stop_signal).name
@@ -360,7 +368,7 @@ class Trainer:
             if self._should_stop_early(epoch + 1):
                 logging.info("early stop: no improvement for %d epochs", self.config.early_stop_patience)
                 break
-            if self._stop_signal is not None and epoch + 1 < self.config.epochs:
+            if epoch + 1 < self.config.epochs and self._stop_requested():
                 self._stopped(f"after epoch {epoch + 1}")
         return self._final_summary(history, time.perf_counter() - run_start)
 
