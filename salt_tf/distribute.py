@@ -85,8 +85,11 @@ def worker_role(config: dict | None) -> WorkerRole:
 
 def _device_name(spec: str) -> str:
     """'gpu:1', '/GPU:1', '/device:GPU:1' -> '/device:GPU:1'."""
-    parsed = tf.DeviceSpec.from_string(spec if spec.startswith("/") else f"/{spec}")
-    if parsed.device_type is None or parsed.device_index is None:
+    try:
+        parsed = tf.DeviceSpec.from_string(spec if spec.startswith("/") else f"/{spec}")
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.device_type is None or parsed.device_index is None:
         raise StrategyError(f"--devices: '{spec}' is not a device name; use e.g. GPU:0,GPU:1")
     return f"/device:{parsed.device_type.upper()}:{parsed.device_index}"
 
