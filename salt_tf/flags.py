@@ -84,7 +84,8 @@ def define_flags() -> None:
                          "in a row stop the run (the last checkpoint stays intact).", lower_bound=1)
     flags.DEFINE_integer("epochs", 50, "Epochs to train in all (a resumed run continues to this).",
                          lower_bound=1)
-    flags.DEFINE_integer("batch_size", 32, "Training batch size.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 32, "Training batch size: the global batch, split evenly over the "
+                         "replicas under --strategy=mirrored or multi_worker.", lower_bound=1)
     flags.DEFINE_integer("eval_batch_size", 64, "Validation batch size.", lower_bound=1)
 
     # --- Learning-rate schedule: the seed recipe's multiply-on-plateau, or snapshot ensembles.

@@ -105,7 +105,8 @@ def kill_all(processes):
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory, demo_dir):
     """single: one device (the reference); mirrored: 2 replicas, same global batch; interrupted: like
-    mirrored, stopped by SIGTERM inside epoch 1 and resumed."""
+    mirrored, stopped by SIGTERM inside epoch 1 and resumed (without per-step summaries: they cannot change
+    the weights, tests/test_determinism.py, and cost a third of a tiny run)."""
     root = tmp_path_factory.mktemp("mirrored")
     paths = {name: str(root / name) for name in ("single", "mirrored", "interrupted")}
     processes = []
@@ -113,20 +114,22 @@ def mirrored(tmp_path_factory, demo_dir):
         processes = [start(demo_dir, paths["single"], devices=2, **REFERENCE),
                      start(demo_dir, paths["mirrored"], devices=2, strategy="mirrored", **REFERENCE)]
         outputs = [wait_ok(p) for p in processes]
+        quiet = dict(REFERENCE, summary_every_steps=0)
         process = start(demo_dir, paths["interrupted"], devices=2, strategy="mirrored", progress_every=1,
-                        **REFERENCE)
+                        **quiet)
         processes.append(process)
         read_until(process, "epoch 1 step 5/")
         process.send_signal(signal.SIGTERM)
         stopped, _ = process.communicate(timeout=300)
         assert process.returncode == 128 + signal.SIGTERM, stopped[-3000:]
-        processes.append(start(demo_dir, paths["interrupted"], devices=2, strategy="mirrored", **REFERENCE))
+        processes.append(start(demo_dir, paths["interrupted"], devices=2, strategy="mirrored", **quiet))
         outputs.append(wait_ok(processes[-1]))
     finally:
         kill_all(processes)
     return dict(paths, outputs=outputs, stopped=stopped)
 
 
+@pytest.mark.slow
 def test_mirrored_equals_one_device_with_the_same_global_batch(mirrored):
     assert "2 replicas" in mirrored["outputs"][1] and "per-replica batch 4 of global 8" in mirrored["outputs"][1]
     single, two = step_losses(mirrored["single"]), step_losses(mirrored["mirrored"])
@@ -137,6 +140,7 @@ def test_mirrored_equals_one_device_with_the_same_global_batch(mirrored):
     assert (record["replicas"], record["per_replica_batch"], record["global_batch"]) == (2, 4, 8)
 
 
+@pytest.mark.slow
 def test_mirrored_resume_after_sigterm_is_bit_identical_to_uninterrupted(mirrored):
     assert "stopped by SIGTERM at epoch 1 step" in mirrored["stopped"]
     assert "resumed from" in mirrored["outputs"][2]
