@@ -299,3 +299,71 @@ def test_indivisible_global_batch_is_one_line_in_a_real_process(tmp_path, demo_d
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--batch_size=7" in errors[0] and "2 replicas" in errors[0], errors
     assert not model_dir.exists()
+
+
+# ------------------------------------------------------------------------------------------ per-replica BN
+
+PER_REPLICA_CHECK = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from salt_tf import determinism
+determinism.configure(0, True)
+import keras
+from salt_tf import loop, losses, model as model_lib, pipeline
+
+rng = np.random.default_rng(0)
+images = rng.random((24, 101, 101, 1), dtype=np.float32)
+masks = (rng.random((24, 101, 101, 1)) > 0.7).astype(np.float32)
+config = loop.LoopConfig(epochs=1, batch_size=8, eval_batch_size=8, seed=0,
+                         augmentation=pipeline.Augmentation(hflip=False))
+
+def trainer(strategy, run_dir):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = model_lib.build_model(model_lib.ModelConfig(base_width=4, depth=2, blocks_per_level=1, se_ratio=2))
+        optimizer = keras.optimizers.SGD(0.01)
+    return loop.Trainer(model=model, optimizer=optimizer, loss_fn=losses.CombinedLoss("bce:1,dice:1"),
+                        train_arrays=(images[8:], masks[8:]), val_arrays=(images[:8], masks[:8]), config=config,
+                        run_dir=run_dir, strategy=strategy)
+
+mirrored = trainer(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), sys.argv[1] + "/m")
+single = trainer(tf.distribute.get_strategy(), sys.argv[1] + "/s")
+batch = (tf.constant(images[8:16]), tf.constant(masks[8:16]))
+stem = single.model.encoder.stem
+half_means = [np.mean(stem(batch[0][h:h + 4]).numpy(), axis=(0, 1, 2)) for h in (0, 4)]  # before the step
+distributed = mirrored.strategy.experimental_distribute_values_from_function(
+    lambda context: tuple(t[4 * context.replica_id_in_sync_group:][:4] for t in batch))
+outputs, gradients = mirrored.train_step(*distributed)
+# The reference: one device, each half of the batch alone (its own batch-norm statistics), losses / 8, summed.
+step = tf.function(lambda x, y: single._replica_gradients(single.loss_stages[0], x, y))
+halves = [step(batch[0][h:h + 4], batch[1][h:h + 4]) for h in (0, 4)]
+reference = [a + b for a, b in zip(halves[0][1], halves[1][1])]
+norm = float(tf.linalg.global_norm(reference))
+first_bn = mirrored.model.encoder.level0.block0.bn1.moving_mean
+copies = [c.numpy() for c in mirrored.strategy.experimental_local_results(first_bn.value)]
+print(json.dumps({
+    "loss": [float(outputs["loss"]), float(halves[0][0]["loss"] + halves[1][0]["loss"])],
+    "gradient_difference": float(tf.linalg.global_norm([g - r for g, r in zip(gradients, reference)])) / norm,
+    "copies_equal": all(np.array_equal(c, copies[0]) for c in copies),
+    "moving_mean_error": float(np.max(np.abs(copies[0] - 0.1 * (half_means[0] + half_means[1]) / 2))),
+}))
+"""
+
+
+def test_per_replica_batch_norm_against_halves_on_one_device(tmp_path):
+    """Default --nosync_batch_norm on 2 replicas: the step's loss and gradient equal one device's on each
+    half of the batch alone, summed; every replica holds the same moving statistics, the mean of the
+    halves' (momentum 0.9, from zero: 0.1 x the mean of the two halves' batch means, computed in NumPy)."""
+    result = subprocess.run([sys.executable, "-c", PER_REPLICA_CHECK, str(tmp_path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checks = json.loads(result.stdout.strip().splitlines()[-1])
+    assert checks["loss"][0] == pytest.approx(checks["loss"][1], rel=1e-6)
+    assert checks["gradient_difference"] < 1e-5
+    assert checks["copies_equal"]
+    assert checks["moving_mean_error"] < 1e-6
