@@ -273,7 +273,9 @@ class Trainer:
                 self.partial_epoch.assign(json.dumps({
                     "steps": step, "sums": sums, "finite_steps": finite_steps,
                     "seconds": seconds_before + time.perf_counter() - start}))
-                path = self.checkpoints.save(self.global_step())
+                # Named in the run directory resumed from: a non-chief worker's own copy is temporary.
+                path = os.path.join(self.checkpoints.restore_dir,
+                                    os.path.basename(self.checkpoints.save(self.global_step())))
                 self._stopped(f"at epoch {epoch + 1} step {step}/{steps}; checkpoint {path}")
         self.partial_epoch.assign("")
         results = {f"train_{name}": total / max(finite_steps, 1) for name, total in sums.items()}
@@ -287,10 +289,13 @@ class Trainer:
         return int(self.optimizer.iterations.numpy()) + int(self.skipped_steps.numpy())
 
     def _stop_requested(self) -> bool:
-        """A stop signal arrived here, or (multi-worker) on any worker: all workers stop at the same step."""
-        if distribute.any_worker(self.strategy, self._stop_signal is not None) and self._stop_signal is None:
+        """A stop signal arrived here, or (multi-worker) on any worker: all workers stop at the same step.
+        The agreed answer is returned, not the local flag: a signal handled during the vote counts at the
+        next step, on every worker alike."""
+        requested = distribute.any_worker(self.strategy, self._stop_signal is not None)
+        if requested and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM  # another worker's signal
-        return self._stop_signal is not None
+        return requested
 
     def _stopped(self, where: str) -> None:
         name = signal.Signals(self._stop_signal).name

@@ -153,22 +153,38 @@ def test_mirrored_resume_after_sigterm_is_bit_identical_to_uninterrupted(mirrore
 
 @pytest.mark.slow
 def test_two_workers_train_write_one_series_and_validate_every_image_once(tmp_path, demo_dir, mirrored):
+    """Two worker processes; SIGTERM to the non-chief inside epoch 1 stops both at the same step (one waiting
+    alone in a collective would hang); the same two commands resume and finish 2 epochs."""
     model_dir = str(tmp_path / "run")
-    ports = [free_port(), free_port()]
-    cluster = {"worker": [f"localhost:{port}" for port in ports]}
     temp = tmp_path / "tmp"
     temp.mkdir()
     processes = []
-    try:
+
+    def start_workers():
+        ports = [free_port(), free_port()]
+        cluster = {"worker": [f"localhost:{port}" for port in ports]}
+        started = []
         for index in range(2):
             tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            processes.append(start(demo_dir, model_dir, strategy="multi_worker",
-                                   env={"TF_CONFIG": tf_config, "TMPDIR": str(temp)},
-                                   **dict(REFERENCE, summary_every_steps=0)))
-        outputs = [wait_ok(p) for p in processes]
+            started.append(start(demo_dir, model_dir, strategy="multi_worker", progress_every=1,
+                                 env={"TF_CONFIG": tf_config, "TMPDIR": str(temp)},
+                                 **dict(REFERENCE, summary_every_steps=0)))
+        processes.extend(started)
+        return started
+
+    try:
+        first = start_workers()
+        read_until(first[1], "epoch 1 step 5/")
+        first[1].send_signal(signal.SIGTERM)
+        stopped = [p.communicate(timeout=300)[0] for p in first]
+        assert [p.returncode for p in first] == [128 + signal.SIGTERM] * 2, stopped[0][-2000:] + stopped[1][-2000:]
+        steps = {line.split("stopped by SIGTERM at ")[1].split(";")[0] for output in stopped
+                 for line in output.splitlines() if line.startswith("stopped: stopped by SIGTERM at ")}
+        assert len(steps) == 1, steps  # both workers stopped after the same step
+        outputs = [wait_ok(p) for p in start_workers()]
     finally:
         kill_all(processes)
-    assert all("done: best val_metric" in output for output in outputs)
+    assert all("resumed from" in output and "done: best val_metric" in output for output in outputs)
     assert "(worker:0)" in outputs[0] and "(worker:1)" in outputs[1]
     # One checkpoint series, written by the chief; the other worker's temporary directory is gone.
     state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
