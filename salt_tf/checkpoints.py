@@ -27,9 +27,12 @@ EXPORT_CONFIG = "model.json"
 class RunCheckpoints:
     """A tf.train.Checkpoint over the training state with two managers: last K epochs and best."""
 
-    def __init__(self, run_dir: str, keep: int, **state):
+    def __init__(self, run_dir: str, keep: int, restore_dir: str | None = None, **state):
+        """Saves under run_dir; resumes from restore_dir's checkpoints (default run_dir): a non-chief worker
+        saves into its temporary directory but resumes from the chief's."""
         self.checkpoint = tf.train.Checkpoint(**state)
         directory = os.path.join(run_dir, "checkpoints")
+        self.restore_dir = os.path.join(restore_dir or run_dir, "checkpoints")
         self.last = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep,
                                                checkpoint_name="step")
         self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, "best"),
@@ -37,7 +40,7 @@ class RunCheckpoints:
 
     def restore_or_initialize(self) -> str | None:
         """Restores the latest epoch checkpoint if there is one; returns its path (None = fresh start)."""
-        path = self.last.latest_checkpoint
+        path = tf.train.latest_checkpoint(self.restore_dir)
         if path:
             # Every saved object must find its variable: a silent partial restore would be a wrong resume.
             self.checkpoint.restore(path).assert_existing_objects_matched()

@@ -84,7 +84,8 @@ def define_flags() -> None:
                          "in a row stop the run (the last checkpoint stays intact).", lower_bound=1)
     flags.DEFINE_integer("epochs", 50, "Epochs to train in all (a resumed run continues to this).",
                          lower_bound=1)
-    flags.DEFINE_integer("batch_size", 32, "Training batch size.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 32, "Training batch size: the global batch, split evenly over the "
+                         "replicas under --strategy=mirrored or multi_worker.", lower_bound=1)
     flags.DEFINE_integer("eval_batch_size", 64, "Validation batch size.", lower_bound=1)
 
     # --- Learning-rate schedule: the seed recipe's multiply-on-plateau, or snapshot ensembles.
@@ -116,6 +117,20 @@ def define_flags() -> None:
                          "apart).", lower_bound=1)
     flags.DEFINE_integer("progress_every", 10, "Steps between progress lines within an epoch (0 = off).",
                          lower_bound=0)
+
+    # --- Devices and hosts (salt_tf/distribute.py; README, "Scaling out").
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                      "default: one device. mirrored: tf.distribute.MirroredStrategy over all local GPUs (with "
+                      "none, all logical CPU devices) or --devices. multi_worker: MultiWorkerMirroredStrategy over "
+                      "the hosts in the TF_CONFIG environment variable (run the same command on every host). "
+                      "--batch_size is the global batch, split evenly over the replicas.")
+    flags.DEFINE_list("devices", [], "With --strategy=mirrored: the devices to mirror over, e.g. GPU:0,GPU:1 "
+                      "(default: all local GPUs, or all logical CPU devices).")
+    flags.DEFINE_boolean("sync_batch_norm", False, "With several replicas: batch-norm statistics over the "
+                         "global batch (Keras BatchNormalization(synchronized=True); an all-reduce in every BN "
+                         "layer, training then equals one device with the same batch). Off: each replica "
+                         "normalizes with its own share of the batch. Moving statistics are averaged over "
+                         "replicas after every step either way. No effect with one replica.")
 
     # --- TensorBoard.
     flags.DEFINE_integer("summary_every_steps", 100, "Every N steps, write per-variable histograms, norms, "
@@ -182,6 +197,14 @@ def _register_validators() -> None:
         if epochs and (len(epochs) != len(stages) - 1 or epochs != sorted(set(epochs)) or epochs[0] < 1):
             raise flags.ValidationError(f"--loss_switch_epochs needs {max(len(stages) - 1, 0)} increasing "
                                         f"epochs >= 1 for the {len(stages)} stages of --loss_schedule")
+        return True
+
+    @flags.multi_flags_validator(["strategy", "devices"])
+    def _devices_need_mirrored(values):
+        if values["devices"] and values["strategy"] != "mirrored":
+            raise flags.ValidationError(f"--devices={','.join(values['devices'])} is for --strategy=mirrored "
+                                        f"(got --strategy={values['strategy']}); add --strategy=mirrored or drop "
+                                        "--devices")
         return True
 
     @flags.multi_flags_validator(["learning_rate", "min_learning_rate"],

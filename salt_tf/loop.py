@@ -3,6 +3,7 @@
     for each epoch from the checkpointed one to --epochs:
         for each batch of the epoch's dataset (order and augmentation fixed by seed and epoch):
             train_step: forward (batch-norm in training mode), loss, gradients, clip, apply
+                        (under tf.distribute: each replica does its share of the batch, the sums are applied)
             (every --summary_every_steps steps, per-variable statistics computed around the same step)
         evaluate: predict the WHOLE validation set, competition metric, loss, pixel IoU, best threshold
         schedule: LR x factor when the metric has not improved for `patience` epochs (or a snapshot
@@ -12,6 +13,10 @@
 
 No Keras `fit`, no callbacks: the steps are `tf.function`s over our own variables, and everything between
 them is plain Python a debugger can step through.
+
+One code path serves one device and many: `strategy` is `tf.distribute.get_strategy()` (the default, one
+device) unless train.py created another (distribute.py); with one replica `strategy.run` just calls the
+function and the reductions add no op, so the default run is the plain single-device step.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from salt_tf import checkpoints, determinism, metrics, pipeline, records, schedules, summaries
+from salt_tf import checkpoints, determinism, distribute, metrics, pipeline, records, schedules, summaries
 from salt_tf.summaries import Summaries
 
 
@@ -70,8 +75,13 @@ class Trainer:
 
     def __init__(self, *, model: tf.Module, optimizer, loss_fn: Callable | Sequence[Callable], train_arrays,
                  val_arrays, config: LoopConfig, run_dir: str, export_config: dict | None = None,
-                 hparams: dict | None = None):
+                 hparams: dict | None = None, strategy: tf.distribute.Strategy | None = None,
+                 resume_from: str | None = None):
+        """`model` and `optimizer` must have been created under `strategy.scope()`. `run_dir` is where this
+        process writes; `resume_from` the run directory whose checkpoints it resumes (default: run_dir; a
+        non-chief worker writes to a temporary directory but resumes from the chief's)."""
         self.model, self.optimizer, self.config = model, optimizer, config
+        self.strategy = strategy or tf.distribute.get_strategy()
         # Loss stages: one loss, or one per snapshot cycle / per --loss_switch_epochs interval.
         self.loss_stages = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
         self.run_dir = run_dir
@@ -82,20 +92,27 @@ class Trainer:
         self.display_indices = summaries.pick_display_indices(self.val_truth, config.summary_images)
         self.hparams = hparams
 
-        # Optimizer slots exist before a restore, so a checkpoint's slots have somewhere to go.
-        self.optimizer.build(self.model.trainable_variables)
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # epochs completed
+        # Batch-norm moving statistics: each replica updates its own copy; averaged after every step.
+        self.moving_statistics = [v for v in model.non_trainable_variables if tf.as_dtype(v.dtype).is_floating]
         # Where an interrupted epoch stopped (steps done, running sums): the epoch resumes at that batch.
+        # Outside the strategy's scope: collectives cannot broadcast a string (each worker writes the same
+        # value anyway, from plain Python).
         self.partial_epoch = tf.Variable("", dtype=tf.string, trainable=False, name="partial_epoch")
-        self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
-        self.schedule = schedules.Schedule(
-            config.lr_schedule, float(optimizer.learning_rate.numpy()), config.plateau_factor,
-            config.plateau_patience, config.min_learning_rate, config.snapshot_cycles, config.epochs,
-            pipeline.steps_per_epoch(int(self.train_images.shape[0]), config.batch_size))
-        self.checkpoints = checkpoints.RunCheckpoints(run_dir, config.keep_checkpoints, model=model,
-                                                      optimizer=optimizer, epoch=self.epoch,
-                                                      schedule=self.schedule, partial_epoch=self.partial_epoch,
-                                                      skipped_steps=self.skipped_steps)
+        # Every other variable of the training state is created under the strategy's scope (mirrored on all
+        # replicas), like the model and optimizer; the checkpoint tracking them too.
+        with self.strategy.scope():
+            # Optimizer slots exist before a restore, so a checkpoint's slots have somewhere to go.
+            self.optimizer.build(self.model.trainable_variables)
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # epochs completed
+            self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+            self.schedule = schedules.Schedule(
+                config.lr_schedule, float(optimizer.learning_rate.numpy()), config.plateau_factor,
+                config.plateau_patience, config.min_learning_rate, config.snapshot_cycles, config.epochs,
+                pipeline.steps_per_epoch(int(self.train_images.shape[0]), config.batch_size))
+            self.checkpoints = checkpoints.RunCheckpoints(
+                run_dir, config.keep_checkpoints, restore_dir=resume_from, model=model, optimizer=optimizer,
+                epoch=self.epoch, schedule=self.schedule, partial_epoch=self.partial_epoch,
+                skipped_steps=self.skipped_steps)
         self._stop_signal = None
         self.summaries = Summaries(run_dir)
         # One compiled step per loss stage (a loss is part of the graph).
@@ -115,19 +132,34 @@ class Trainer:
     def eval_step(self, images, masks):
         return self.eval_steps[self.stage](images, masks)
 
-    def _gradients(self, loss_fn, images, masks):
-        """Forward in training mode (batch-norm statistics update), loss, gradients, optional clipping."""
+    def _replica_gradients(self, loss_fn, images, masks):
+        """One replica's share of the batch (one device: all of it): forward in training mode (batch-norm
+        statistics update), loss, gradients. Losses are divided by the GLOBAL batch size, so their sum over
+        the replicas, and that of the gradients, is the mean over the global batch and its gradient."""
+        global_batch = self.config.batch_size
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             per_image_loss, terms = loss_fn(masks, logits)
-            loss = tf.reduce_mean(per_image_loss)
+            loss = tf.nn.compute_average_loss(per_image_loss, global_batch_size=global_batch)
         gradients = tape.gradient(loss, self.model.trainable_variables)
+        outputs = {"loss": loss}
+        outputs.update({f"loss/{name}": tf.nn.compute_average_loss(term, global_batch_size=global_batch)
+                        for name, term in terms.items()})
+        return outputs, gradients
+
+    def _gradients(self, loss_fn, images, masks):
+        """The global batch's loss and gradients (reduced over replicas), optional clipping."""
+        outputs, gradients = self.strategy.run(functools.partial(self._replica_gradients, loss_fn),
+                                               args=(images, masks))
+        distribute.average_moving_statistics(self.strategy, self.moving_statistics)
+        # Explicit reductions; from here on every value is the same on every replica and every worker.
+        outputs = distribute.sum_over_replicas(self.strategy, outputs)
+        gradients = distribute.sum_over_replicas(self.strategy, gradients)
         if self.config.clip_norm > 0:
             gradients, gradient_norm = tf.clip_by_global_norm(gradients, self.config.clip_norm)
         else:
             gradient_norm = tf.linalg.global_norm(gradients)
-        outputs = {"loss": loss, "gradient_norm": gradient_norm}
-        outputs.update({f"loss/{name}": tf.reduce_mean(term) for name, term in terms.items()})
+        outputs = {"loss": outputs.pop("loss"), "gradient_norm": gradient_norm, **outputs}
         return outputs, gradients
 
     def _train_step(self, loss_fn, images, masks):
@@ -135,7 +167,7 @@ class Trainer:
         # A NaN/Inf loss or gradient must not reach the weights: such a step is skipped, not applied.
         finite = tf.math.is_finite(outputs["loss"]) & tf.math.is_finite(outputs["gradient_norm"])
 
-        def apply():
+        def apply():  # cross-replica context: one update, the same reduced gradients for every replica's copy
             self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
             return tf.constant(True)
 
@@ -195,9 +227,10 @@ class Trainer:
         partial = json.loads(self.partial_epoch.numpy().decode() or '{"steps": 0, "sums": {}, "seconds": 0}')
         done, sums, seconds_before = partial["steps"], partial["sums"], partial["seconds"]
         finite_steps = partial.get("finite_steps", done)
-        dataset = pipeline.train_dataset(self.train_images, self.train_masks,
-                                         batch_size=self.config.batch_size, seed=self.config.seed,
-                                         epoch=epoch, augmentation=self.config.augmentation).skip(done)
+        dataset = self.strategy.distribute_datasets_from_function(
+            lambda input_context: pipeline.train_dataset(
+                self.train_images, self.train_masks, batch_size=self.config.batch_size, seed=self.config.seed,
+                epoch=epoch, augmentation=self.config.augmentation, start_step=done, input_context=input_context))
         global_step = self.global_step()
         every = self.config.summary_every_steps
         consecutive_bad = 0
@@ -236,11 +269,13 @@ class Trainer:
                 seen = (step - done) * self.config.batch_size
                 logging.info("  epoch %d step %d/%d  loss %.4f  %.1f img/s", epoch + 1, step, steps,
                              sums.get("loss", math.nan) / max(finite_steps, 1), seen / (time.perf_counter() - start))
-            if self._stop_signal is not None and step < steps:
+            if step < steps and self._stop_requested():
                 self.partial_epoch.assign(json.dumps({
                     "steps": step, "sums": sums, "finite_steps": finite_steps,
                     "seconds": seconds_before + time.perf_counter() - start}))
-                path = self.checkpoints.save(self.global_step())
+                # Named in the run directory resumed from: a non-chief worker's own copy is temporary.
+                path = os.path.join(self.checkpoints.restore_dir,
+                                    os.path.basename(self.checkpoints.save(self.global_step())))
                 self._stopped(f"at epoch {epoch + 1} step {step}/{steps}; checkpoint {path}")
         self.partial_epoch.assign("")
         results = {f"train_{name}": total / max(finite_steps, 1) for name, total in sums.items()}
@@ -252,6 +287,15 @@ class Trainer:
     def global_step(self) -> int:
         """Training steps taken, skipped (non-finite) ones included: the x axis of every summary."""
         return int(self.optimizer.iterations.numpy()) + int(self.skipped_steps.numpy())
+
+    def _stop_requested(self) -> bool:
+        """A stop signal arrived here, or (multi-worker) on any worker: all workers stop at the same step.
+        The agreed answer is returned, not the local flag: a signal handled during the vote counts at the
+        next step, on every worker alike."""
+        requested = distribute.any_worker(self.strategy, self._stop_signal is not None)
+        if requested and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another worker's signal
+        return requested
 
     def _stopped(self, where: str) -> None:
         name = signal.Signals(self._stop_signal).name
@@ -329,7 +373,7 @@ class Trainer:
             if self._should_stop_early(epoch + 1):
                 logging.info("early stop: no improvement for %d epochs", self.config.early_stop_patience)
                 break
-            if self._stop_signal is not None and epoch + 1 < self.config.epochs:
+            if epoch + 1 < self.config.epochs and self._stop_requested():
                 self._stopped(f"after epoch {epoch + 1}")
         return self._final_summary(history, time.perf_counter() - run_start)
 

@@ -79,11 +79,24 @@ def _options() -> tf.data.Options:
 
 
 def train_dataset(images: tf.Tensor, masks: tf.Tensor, *, batch_size: int, seed: int, epoch: int,
-                  augmentation: Augmentation, num_parallel_calls: int = tf.data.AUTOTUNE,
-                  prefetch: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
-    """Augmented, shuffled batches of one epoch; the last partial batch is dropped so every step has the
-    same shape (no retracing) and the same weight in the average."""
+                  augmentation: Augmentation, start_step: int = 0,
+                  input_context: tf.distribute.InputContext | None = None,
+                  num_parallel_calls: int = tf.data.AUTOTUNE, prefetch: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
+    """Augmented, shuffled batches of one epoch from global step `start_step` on; the last partial batch is
+    dropped so every step has the same shape (no retracing) and the same weight in the average.
+
+    `batch_size` is the global batch. Under tf.distribute (`input_context`, one per worker), this worker's
+    pipeline takes its share of every global batch, cut into per-replica batches that its replicas take in
+    turn: all replicas of all workers together see exactly the single-device batches, with the same
+    augmentation (keyed by the example's index), whatever the number of devices."""
     order = epoch_order(int(images.shape[0]), seed, epoch)
+    steps = steps_per_epoch(int(images.shape[0]), batch_size)
+    pipelines, pipeline_id, per_replica = 1, 0, batch_size
+    if input_context is not None:
+        pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
+        per_replica = input_context.get_per_replica_batch_size(batch_size)
+    # [step, pipeline, its share of the global batch]; sharding by example index, not by file.
+    order = order[:steps * batch_size].reshape(steps, pipelines, -1)[start_step:, pipeline_id].reshape(-1)
 
     def load(index):
         key = example_key(seed, epoch, index)
@@ -91,7 +104,7 @@ def train_dataset(images: tf.Tensor, masks: tf.Tensor, *, batch_size: int, seed:
 
     dataset = tf.data.Dataset.from_tensor_slices(order)
     dataset = dataset.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.batch(per_replica, drop_remainder=True)
     return dataset.prefetch(prefetch).with_options(_options())
 
 

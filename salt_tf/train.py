@@ -1,7 +1,7 @@
 """Entry point: `python -m salt_tf.train --flagfile=flags/<name>.cfg [--flag=value ...]`.
 
-Flags -> determinism -> data and split -> model, loss, optimizer -> loop -> run record. The logic lives in
-the modules it calls; this file only wires them together.
+Flags -> determinism -> strategy -> data and split -> model, loss, optimizer -> loop -> run record. The logic
+lives in the modules it calls; this file only wires them together.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def load_data():
     return data, skipped or []
 
 
-def split_data(data, run_dir: str):
+def split_data(data, run_dir: str, out_dir: str | None = None):
     """Train and validation subsets; the split is read back from the run directory on resume, so a run
-    always validates on the images it started with."""
+    always validates on the images it started with. A new split is written to out_dir (default run_dir)."""
     from salt_tf.data import splits
     from salt_tf import records
 
@@ -52,7 +52,7 @@ def split_data(data, run_dir: str):
         split = splits.read_split(split_path)
     else:
         split = splits.stratified_split(list(data.ids), data.coverage(), FLAGS.val_images, FLAGS.split_seed)
-        splits.write_split(split, split_path)
+        splits.write_split(split, os.path.join(out_dir or run_dir, records.SPLIT_FILE))
     train_ids = list(split.loc[split["role"] == "train", "id"])
     val_ids = list(split.loc[split["role"] == "val", "id"])
     return data.subset(train_ids), data.subset(val_ids)
@@ -80,28 +80,54 @@ def run() -> dict:
 
     applied = determinism.configure(FLAGS.seed, FLAGS.deterministic)
 
-    from salt_tf import losses, loop, model as model_lib, pipeline, records
+    from salt_tf import distribute
+
+    # Right after the thread settings, before any other op: MultiWorkerMirroredStrategy must configure the
+    # runtime (collectives, its gRPC server) before TensorFlow initializes it. A bad TF_CONFIG, --devices or
+    # batch stops here, before anything is written.
+    tf_config = distribute.read_tf_config() if FLAGS.strategy == "multi_worker" else None
+    strategy = distribute.create_strategy(FLAGS.strategy, FLAGS.devices, tf_config)
+    per_replica_batch = distribute.check_global_batch(strategy, FLAGS.batch_size)
+    role = distribute.worker_role(tf_config)
+    # Only the chief writes the run directory; another worker writes the same files into a temporary
+    # directory, deleted when it finishes.
+    out_dir = distribute.write_dir(run_dir, role)
+    try:
+        return _run(run_dir, out_dir, applied, strategy, per_replica_batch, role)
+    finally:
+        distribute.remove_write_dir(out_dir, role)
+
+
+def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
+    from salt_tf import determinism, distribute, losses, loop, model as model_lib, pipeline, records
     from salt_tf.data import kaggle
 
     started = time.time()
     # Data first: a bad file stops the run before anything is written into the run directory.
     data, skipped = load_data()
     data_fingerprint = kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
-    prepare_run_dir(run_dir)
+    prepare_run_dir(out_dir)
     if skipped:
         import pandas as pd
 
-        records.atomic_write_text(os.path.join(run_dir, "skipped.csv"),
+        records.atomic_write_text(os.path.join(out_dir, "skipped.csv"),
                                   pd.DataFrame(skipped, columns=["id", "reason"]).to_csv(index=False))
-    train_data, val_data = split_data(data, run_dir)
+    train_data, val_data = split_data(data, run_dir, out_dir)
     logging.info("data: %d training, %d validation images from %s", len(train_data.ids), len(val_data.ids),
                  FLAGS.data_dir)
     model_config = model_lib.ModelConfig(
         base_width=FLAGS.base_width, depth=FLAGS.depth, blocks_per_level=FLAGS.blocks_per_level, se=FLAGS.se,
         se_ratio=FLAGS.se_ratio, dropout=FLAGS.dropout, input_channels=2 if FLAGS.use_depth else 1)
-    model = model_lib.build_model(model_config, precision=FLAGS.precision)
+    # Everything with variables is created under the strategy's scope: mirrored on every replica.
+    with strategy.scope():
+        model = model_lib.build_model(model_config, precision=FLAGS.precision)
+        optimizer = build_optimizer()
+    synchronized = distribute.synchronize_batch_norm(model, strategy, FLAGS.sync_batch_norm)
     logging.info("model: %d parameters, %.2f GFLOP forward per image", model_lib.count_params(model),
                  model_lib.forward_flops_per_image(model_config) / 1e9)
+    logging.info("strategy %s: %d replicas (%s), per-replica batch %d of global %d%s", FLAGS.strategy,
+                 strategy.num_replicas_in_sync, role.task, per_replica_batch, FLAGS.batch_size,
+                 f", {synchronized} batch-norm layers synchronized" if synchronized else "")
     specs = salt_flags.loss_stages(FLAGS.loss_schedule) if FLAGS.loss_schedule else [FLAGS.loss]
     loss_fn = [losses.CombinedLoss(spec, focal_gamma=FLAGS.focal_gamma, focal_alpha=FLAGS.focal_alpha)
                for spec in specs]
@@ -117,27 +143,41 @@ def run() -> dict:
         summary_every_steps=FLAGS.summary_every_steps,
         summary_images=FLAGS.summary_images, summary_worst_images=FLAGS.summary_worst_images,
         profile_steps=salt_flags.parse_profile_steps(FLAGS.profile_steps))
-    records.update_record(run_dir, code=records.code_version(), environment=determinism.environment(),
-                          determinism=applied, data={"dir": os.path.abspath(FLAGS.data_dir),
+    records.update_record(out_dir, code=records.code_version(), environment=determinism.environment(),
+                          determinism=applied, distribution=distribution_record(strategy, per_replica_batch),
+                          data={"dir": os.path.abspath(FLAGS.data_dir),
                                                      "fingerprint": data_fingerprint,
                                                      "train_images": len(train_data.ids),
                                                      "val_images": len(val_data.ids),
                                                      "skipped_examples": len(skipped)},
                           started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)))
     trainer = loop.Trainer(
-        model=model, optimizer=build_optimizer(), loss_fn=loss_fn,
+        model=model, optimizer=optimizer, loss_fn=loss_fn,
         train_arrays=pipeline.to_arrays(train_data, FLAGS.use_depth),
-        val_arrays=pipeline.to_arrays(val_data, FLAGS.use_depth), config=config, run_dir=run_dir,
+        val_arrays=pipeline.to_arrays(val_data, FLAGS.use_depth), config=config, run_dir=out_dir,
         export_config={"model": dataclasses.asdict(model_config), "use_depth": FLAGS.use_depth,
                        "precision": FLAGS.precision},
-        hparams=salt_flags.run_flag_values())
+        hparams=salt_flags.run_flag_values(), strategy=strategy, resume_from=run_dir)
     summary = trainer.run()
-    records.update_record(run_dir, summary=summary,
+    records.update_record(out_dir, summary=summary,
                           finished=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()))
     logging.info("done: best val_metric %.4f at epoch %s (%.4f at threshold %.2f); run directory %s",
                  summary["best_val_metric"] or 0.0, summary["best_epoch"],
                  summary["best_val_metric_at_best_threshold"] or 0.0, summary["best_threshold"] or 0.5, run_dir)
     return summary
+
+
+def distribution_record(strategy, per_replica_batch: int) -> dict:
+    """How the run was spread over devices and hosts, for record.json."""
+    import json
+
+    devices = list(strategy.extended.worker_devices) if FLAGS.strategy != "default" else []
+    record = {"strategy": FLAGS.strategy, "replicas": strategy.num_replicas_in_sync,
+              "devices": devices, "global_batch": FLAGS.batch_size,
+              "per_replica_batch": per_replica_batch, "sync_batch_norm": FLAGS.sync_batch_norm}
+    if FLAGS.strategy == "multi_worker":
+        record["cluster"] = json.loads(os.environ["TF_CONFIG"])["cluster"]
+    return record
 
 
 class _QuietSaverLogs:
@@ -165,12 +205,13 @@ def main(argv):
     import tensorflow as tf
 
     from salt_tf.data.kaggle import DataError
+    from salt_tf.distribute import StrategyError
     from salt_tf.loop import TrainingStopped
 
     logging.get_absl_handler().addFilter(_QuietSaverLogs())
     try:
         run()
-    except DataError as e:
+    except (DataError, StrategyError) as e:
         _fail(str(e), 2)
     except TrainingStopped as e:
         _fail(str(e), e.exit_code, prefix="stopped" if e.exit_code > 128 else "error")

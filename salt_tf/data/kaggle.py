@@ -60,11 +60,13 @@ def rle_decode(rle: str | float | None, shape: tuple[int, int] = (IMAGE_SIZE, IM
     if len(tokens) % 2:
         raise DataError(f"{what}: run-length string has an odd number of values ({len(tokens)}); "
                         "it must be 'start length' pairs")
-    try:
-        values = np.array([int(t) for t in tokens], dtype=np.int64)
-    except ValueError:
-        bad = next(t for t in tokens if not t.lstrip("+").isdigit())
-        raise DataError(f"{what}: run-length value {bad!r} is not a whole number") from None
+    values = []
+    for token in tokens:
+        try:
+            values.append(int(token))
+        except ValueError:
+            raise DataError(f"{what}: run-length value {token!r} is not a whole number") from None
+    values = np.array(values, dtype=np.int64)
     starts, lengths = values[0::2], values[1::2]
     if (starts < 1).any() or (lengths < 1).any():
         raise DataError(f"{what}: run-length starts must be >= 1 and lengths >= 1")
