@@ -5,7 +5,8 @@
 
 Measures, each with warm-up excluded and the median of --repeats:
   * custom train step images/s (the project's `loop.Trainer` step), --deterministic on and off
-  * the same model, data and loss through Keras `model.fit` (what a user would otherwise run), and the ratio
+  * the same model, data and loss through Keras `model.fit` (what a user would otherwise run), and the ratio,
+    per step (8-step fit calls) and over one whole epoch of the augmented pipeline (the epoch loop vs fit)
   * summaries every 100 steps vs off (from the measured cost of a summary step)
   * achieved GFLOP/s of the train step (3 x forward FLOPs per image) vs a measured float32 matmul ceiling
   * input pipeline images/s with augmentation, no model
@@ -128,6 +129,21 @@ def child(args) -> dict:
         # Input pipeline alone.
         train_images, train_masks = tf.constant(images[val:]), tf.constant(masks[val:])
 
+        # One whole epoch of the real, augmented pipeline both ways, as a user runs them: the project's
+        # epoch loop (step + host round-trips + progress lines) and `fit` over the same tf.data batches.
+        # Once each (an epoch is long); the 8-step `fit` figure above carries fit's per-call cost 8 steps.
+        augmentation = pipeline.Augmentation(True, 10)
+        start = time.perf_counter()
+        results["custom_epoch_images_per_second"] = trainer.train_epoch(0)["train_images_per_second"]
+        results["custom_epoch_seconds"] = time.perf_counter() - start
+        fit_data = pipeline.train_dataset(train_images, train_masks, batch_size=b, seed=0, epoch=0,
+                                          augmentation=augmentation)
+        start = time.perf_counter()
+        fit_model.fit(fit_data, epochs=1, verbose=0)
+        results["keras_fit_epoch_seconds"] = time.perf_counter() - start
+        steps = pipeline.steps_per_epoch(len(images) - val, b)
+        results["keras_fit_epoch_images_per_second"] = steps * b / results["keras_fit_epoch_seconds"]
+
         def one_epoch():
             for _ in pipeline.train_dataset(train_images, train_masks, batch_size=b, seed=0, epoch=1,
                                             augmentation=pipeline.Augmentation(True, 10)):
@@ -199,6 +215,9 @@ def main(argv=None) -> dict:
         ("determinism overhead (%)", 100 * (1 - on["custom_images_per_second"] / off["custom_images_per_second"])),
         ("Keras fit, same model (img/s)", on["keras_fit_images_per_second"]),
         ("custom / fit", on["custom_images_per_second"] / on["keras_fit_images_per_second"]),
+        ("one epoch, custom loop (img/s)", on["custom_epoch_images_per_second"]),
+        ("one epoch, Keras fit (img/s)", on["keras_fit_epoch_images_per_second"]),
+        ("one epoch, custom / fit", on["custom_epoch_images_per_second"] / on["keras_fit_epoch_images_per_second"]),
         ("summaries every 100 steps, overhead (%)", on["summary_every_100_overhead_percent"]),
         ("train step GFLOP/s (3x forward)", on["train_gflops_per_second"]),
         (f"matmul ceiling GFLOP/s ({args.precision.replace('mixed_', '')})", on["matmul_gflops_per_second"]),

@@ -12,6 +12,8 @@ experiment, not a second code path in salt_tf/). The outcomes are recorded in do
   no_se           ablation: the model without squeeze-and-excitation gates
   no_bn           ablation: batch normalization replaced by the identity (what BN costs at most)
   keras_bn        Keras 3's BatchNormalization (moments + elementwise ops) instead of the fused kernel
+  fit             the same model, loss and batch through Keras `model.fit` (8-step epochs)
+  fit_keras_bn    `fit` with Keras 3's BatchNormalization
   steps_per_loop  4 steps inside one tf.function (tf.range loop), one host round-trip per 4 steps
   bf16            Keras mixed_bfloat16 policy (bfloat16 convolutions, float32 variables and loss)
   onednn_off      TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own Eigen kernels)
@@ -30,8 +32,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("baseline", "no_se", "no_bn", "keras_bn", "steps_per_loop", "bf16", "onednn_off", "xla",
-            "nchw_conv")
+VARIANTS = ("baseline", "no_se", "no_bn", "keras_bn", "fit", "fit_keras_bn", "steps_per_loop", "bf16",
+            "onednn_off", "xla", "nchw_conv")
 STEPS_PER_LOOP = 4
 
 
@@ -104,7 +106,7 @@ def child(args) -> dict:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     if variant == "no_bn":
         model_lib._bn = lambda name: keras.layers.Identity(name=name)
-    if variant == "keras_bn":
+    if variant in ("keras_bn", "fit_keras_bn"):
         model_lib._bn = lambda name: keras.layers.BatchNormalization(
             momentum=model_lib.BN_MOMENTUM, epsilon=model_lib.BN_EPSILON, name=name)
 
@@ -126,7 +128,15 @@ def child(args) -> dict:
                                augmentation=pipeline.Augmentation(True, 10)),
         run_dir=tempfile.mkdtemp())
     x, y = tf.constant(images[:b]), tf.constant(masks[:b])
-    if variant == "xla":
+    if variant in ("fit", "fit_keras_bn"):
+        fit_model = trainer.model
+        fit_model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                          loss=lambda labels, logits: tf.reduce_mean(combined(labels, logits)[0]))
+        dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+        fit_model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0)  # warm-up (tracing)
+        seconds = timed(lambda: fit_model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0), 1,
+                        args.repeats) / args.steps
+    elif variant == "xla":
         step = tf.function(lambda: trainer._train_step(combined, x, y)[0]["loss"], jit_compile=True)
         seconds = timed(lambda: step().numpy(), args.steps, args.repeats)
     elif variant == "steps_per_loop":
