@@ -48,3 +48,16 @@ def test_perf_variants_reports_each_variant(tmp_path, demo_dir):
     for name, value in report.items():
         assert value.get("images_per_second", 0) > 0, (name, value)
         assert name in result.stdout
+
+
+def test_profile_step_lists_the_convolutions(demo_dir):
+    # A child process: the profiler and determinism's thread settings want a fresh TensorFlow.
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", "profile_step.py"), f"--data_dir={demo_dir}",
+         "--base_width=4", "--depth=2", "--blocks_per_level=1", "--batch_size=4", "--steps=2", "--top=40"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    conv_rows = [r for r in rows if "Conv2D" in r[0]]
+    assert conv_rows, result.stdout
+    assert all(float(r[1]) > 0 for r in conv_rows)

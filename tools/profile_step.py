@@ -1,0 +1,97 @@
+"""Where the train step's time goes: op types by total time, from TensorFlow's profiler.
+
+    python tools/profile_step.py --data_dir=../shared/data/tgs_salt
+    python tools/profile_step.py --precision=mixed_bfloat16 --top=15
+
+Profiles --steps calls of the project's step (`loop.Trainer.train_step`, BCE + Dice, Adam) after a warm-up
+and prints op types (``_Mkl*`` are oneDNN kernels) by their summed duration over all threads, with shares of
+the total op time. For a timeline, use --profile_steps of the train command and TensorBoard's profile tab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
+    parser.add_argument("--base_width", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--blocks_per_level", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--top", type=int, default=25)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    from salt_tf import determinism
+
+    determinism.configure(0, True)
+    import keras
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from salt_tf import losses, loop, model as model_lib, pipeline
+    from salt_tf.data import kaggle, synthetic
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = os.path.join(tempfile.mkdtemp(), "demo")
+        synthetic.generate(data_dir, num_images=2 * args.batch_size, seed=0)
+    images, masks = pipeline.to_arrays(kaggle.load_labelled(data_dir), use_depth=False)
+    b = args.batch_size
+    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
+                                   blocks_per_level=args.blocks_per_level)
+    trainer = loop.Trainer(
+        model=model_lib.build_model(config, precision=args.precision), optimizer=keras.optimizers.Adam(1e-3),
+        loss_fn=losses.CombinedLoss("bce:1,dice:1"), train_arrays=(images[:b], masks[:b]),
+        val_arrays=(images[:b], masks[:b]),
+        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=b, seed=0,
+                               augmentation=pipeline.Augmentation(True, 10)),
+        run_dir=tempfile.mkdtemp())
+    x, y = tf.constant(images[:b]), tf.constant(masks[:b])
+    for _ in range(2):  # warm-up: tracing and oneDNN primitive caches
+        trainer.train_step(x, y)[0]["loss"].numpy()
+    log_dir = tempfile.mkdtemp()
+    tf.profiler.experimental.start(log_dir)
+    for _ in range(args.steps):
+        trainer.train_step(x, y)[0]["loss"].numpy()
+    tf.profiler.experimental.stop()
+
+    space = xplane_pb2.XSpace()
+    with open(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
+        space.ParseFromString(f.read())
+    seconds, counts = collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if ":" not in name:  # kernel events are "<op name>:<op type>"; the rest are host traces
+                    continue
+                op_type = name.rsplit(":", 1)[1]
+                seconds[op_type] += event.duration_ps / 1e12
+                counts[op_type] += 1
+    # The function call ("Run") spans the whole step; its executor's "Process" events and the function's own
+    # event enclose the kernels, so they are the denominator, not rows.
+    step_seconds = seconds.pop("Run", 0.0)
+    for wrapper in [k for k in seconds if k == "Process" or k.startswith("__inference")]:
+        seconds.pop(wrapper)
+    kernels = sum(seconds.values())
+    print(f"{args.steps} steps, batch {b}, {args.precision}: {step_seconds:.3f} s in the step function, "
+          f"{kernels:.3f} s in kernels (summed over threads; shares are of the step time)")
+    for op_type, value in seconds.most_common(args.top):
+        print(f"{op_type:<40} {value:8.3f} s {100 * value / step_seconds:5.1f}%  x{counts[op_type]}")
+    return {"step_seconds": step_seconds, "seconds": dict(seconds), "counts": dict(counts)}
+
+
+if __name__ == "__main__":
+    main()
