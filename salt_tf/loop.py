@@ -163,6 +163,8 @@ class Trainer:
         return outputs, gradients
 
     def _train_step(self, loss_fn, images, masks):
+        # The forward pass itself moves the batch-norm statistics; a skipped step puts them back.
+        moving_before = [tf.identity(v) for v in self.moving_statistics]
         outputs, gradients = self._gradients(loss_fn, images, masks)
         # A NaN/Inf loss or gradient must not reach the weights: such a step is skipped, not applied.
         finite = tf.math.is_finite(outputs["loss"]) & tf.math.is_finite(outputs["gradient_norm"])
@@ -171,7 +173,12 @@ class Trainer:
             self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
             return tf.constant(True)
 
-        outputs["finite"] = tf.cond(finite, apply, lambda: tf.constant(False))
+        def skip():
+            for variable, value in zip(self.moving_statistics, moving_before):
+                variable.assign(value)
+            return tf.constant(False)
+
+        outputs["finite"] = tf.cond(finite, apply, skip)
         # The gradients are returned on every step, needed or not: with one graph for all steps, turning
         # summaries on cannot change the weights (a separate summary-step graph did, measured: its
         # different schedule changed the summation order of gradient aggregation).
