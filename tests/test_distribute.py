@@ -30,7 +30,7 @@ from absl.testing import flagsaver
 
 from salt_tf import distribute, metrics, pipeline, records, train
 from salt_tf import flags as salt_flags
-from train_helpers import REPO_ROOT, assert_bit_identical, tiny_argv, wait_ok
+from train_helpers import REPO_ROOT, assert_bit_identical, read_until, tiny_argv, wait_ok
 
 FLAGS = flags.FLAGS
 
@@ -80,18 +80,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def read_until(process, needle, limit=3000):
-    lines = []
-    for _ in range(limit):
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"{needle!r} not seen in output:\n{''.join(lines[-30:])}")
-
-
 def kill_all(processes):
     for process in processes:
         if process.poll() is None:
@@ -118,7 +106,7 @@ def mirrored(tmp_path_factory, demo_dir):
         process = start(demo_dir, paths["interrupted"], devices=2, strategy="mirrored", progress_every=1,
                         **quiet)
         processes.append(process)
-        read_until(process, "epoch 1 step 5/")
+        read_until(process, "epoch 1 step 5/", limit=3000)
         process.send_signal(signal.SIGTERM)
         stopped, _ = process.communicate(timeout=300)
         assert process.returncode == 128 + signal.SIGTERM, stopped[-3000:]
@@ -174,7 +162,7 @@ def test_two_workers_train_write_one_series_and_validate_every_image_once(tmp_pa
 
     try:
         first = start_workers()
-        read_until(first[1], "epoch 1 step 5/")
+        read_until(first[1], "epoch 1 step 5/", limit=3000)
         first[1].send_signal(signal.SIGTERM)
         stopped = [p.communicate(timeout=300)[0] for p in first]
         assert [p.returncode for p in first] == [128 + signal.SIGTERM] * 2, stopped[0][-2000:] + stopped[1][-2000:]

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from salt_tf import determinism, records, train
 from salt_tf import flags as salt_flags
 from salt_tf.data import kaggle
-from train_helpers import assert_bit_identical, run_tiny, tiny_argv, train_process, wait_ok
+from train_helpers import assert_bit_identical, read_until, run_tiny, tiny_argv, train_process, wait_ok
 
 FLAGS = flags.FLAGS
 
@@ -224,19 +224,6 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, demo_dir):
         trainer.train_epoch(0)
     assert stopped.value.exit_code == 3 and int(trainer.skipped_steps) == 3
     assert trainer.checkpoints.last.latest_checkpoint is None  # nothing half-trained was saved
-
-
-def read_until(process, needle, limit=2000):
-    """Reads the process's output until a line containing needle; returns the lines read."""
-    lines = []
-    for _ in range(limit):
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"{needle!r} not seen in output:\n{''.join(lines[-30:])}")
 
 
 @pytest.fixture(scope="module")

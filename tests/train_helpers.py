@@ -86,3 +86,16 @@ def assert_bit_identical(dir_a, dir_b, epochs=(1, 2)):
         value_a, value_b = a[name], b[name]
         assert (value_a if isinstance(value_a, bytes) else value_a.tobytes()) == \
             (value_b if isinstance(value_b, bytes) else value_b.tobytes()), name
+
+
+def read_until(process, needle, limit=2000):
+    """Reads the process's output until a line containing needle; returns the lines read."""
+    lines = []
+    for _ in range(limit):
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen in output:\n{''.join(lines[-30:])}")

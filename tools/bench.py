@@ -32,13 +32,18 @@ import time
 
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The data and model arguments every benchmark tool takes (perf_variants.py, profile_step.py too)."""
     parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
     parser.add_argument("--base_width", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--blocks_per_level", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=32)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(parser)
     parser.add_argument("--eval_batch_size", type=int, default=64, help="validation and predict batch size")
     parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
@@ -60,13 +65,14 @@ def median_rate(fn, images_per_call: int, calls: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def load_arrays(data_dir):
+def load_arrays(data_dir, synthetic_images: int = 800):
+    """(images, masks) arrays of --data_dir, or of a synthetic demo set of `synthetic_images` images."""
     from salt_tf import pipeline
     from salt_tf.data import kaggle, synthetic
 
     if data_dir is None:
         data_dir = os.path.join(tempfile.mkdtemp(), "demo")
-        synthetic.generate(data_dir, num_images=800, seed=0)
+        synthetic.generate(data_dir, num_images=synthetic_images, seed=0)
     data = kaggle.load_labelled(data_dir)
     return pipeline.to_arrays(data, use_depth=False)
 

@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+import bench  # the sibling tool: shared arguments and data loading
+
 VARIANTS = ("baseline", "no_se", "no_bn", "keras_bn", "fit", "fit_keras_bn", "steps_per_loop", "bf16",
             "onednn_off", "xla", "nchw_conv")
 STEPS_PER_LOOP = 4
@@ -39,12 +41,8 @@ STEPS_PER_LOOP = 4
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
+    bench.add_model_args(parser)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--base_width", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--blocks_per_level", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
@@ -100,7 +98,6 @@ def child(args) -> dict:
     import tensorflow as tf
 
     from salt_tf import losses, loop, model as model_lib, pipeline
-    from salt_tf.data import kaggle, synthetic
 
     if variant == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -110,11 +107,7 @@ def child(args) -> dict:
         model_lib._bn = lambda name: keras.layers.BatchNormalization(
             momentum=model_lib.BN_MOMENTUM, epsilon=model_lib.BN_EPSILON, name=name)
 
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = os.path.join(tempfile.mkdtemp(), "demo")
-        synthetic.generate(data_dir, num_images=200, seed=0)
-    images, masks = pipeline.to_arrays(kaggle.load_labelled(data_dir), use_depth=False)
+    images, masks = bench.load_arrays(args.data_dir, synthetic_images=200)
     config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
                                    blocks_per_level=args.blocks_per_level, se=variant != "no_se")
     b = args.batch_size

@@ -17,14 +17,12 @@ import os
 import sys
 import tempfile
 
+import bench  # the sibling tool: shared arguments and data loading
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
-    parser.add_argument("--base_width", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--blocks_per_level", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=32)
+    bench.add_model_args(parser)
     parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--top", type=int, default=25)
@@ -41,13 +39,8 @@ def main(argv=None) -> dict:
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     from salt_tf import losses, loop, model as model_lib, pipeline
-    from salt_tf.data import kaggle, synthetic
 
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = os.path.join(tempfile.mkdtemp(), "demo")
-        synthetic.generate(data_dir, num_images=2 * args.batch_size, seed=0)
-    images, masks = pipeline.to_arrays(kaggle.load_labelled(data_dir), use_depth=False)
+    images, masks = bench.load_arrays(args.data_dir, synthetic_images=2 * args.batch_size)
     b = args.batch_size
     config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
                                    blocks_per_level=args.blocks_per_level)
