@@ -103,5 +103,45 @@ def read_export_config(export_dir: str) -> dict:
         return json.load(f)
 
 
+class InitCheckpointError(ValueError):
+    """--init_checkpoint names something that cannot start this run; the message is one line."""
+
+
+# Model settings that change no variable: a model trained with them set otherwise can still start this one.
+_SHAPE_FREE_SETTINGS = ("dropout",)
+
+
+def init_export_dir(path: str) -> str:
+    """The export folder --init_checkpoint means: a run directory (its export/, the best model), an export/
+    folder, or a snapshots/snapshot-K folder."""
+    for candidate in (path, os.path.join(path, EXPORT_DIR)):
+        if os.path.isfile(os.path.join(candidate, EXPORT_CONFIG)):
+            return candidate
+    raise InitCheckpointError(f"--init_checkpoint={path} holds no exported model ({EXPORT_CONFIG}); give a "
+                              "finished run's directory, its export/ folder or a snapshots/snapshot-K folder")
+
+
+def source_run_dir(export_dir: str) -> str:
+    """The run directory an export/ or snapshots/snapshot-K folder belongs to."""
+    export_dir = os.path.abspath(export_dir)
+    parent = os.path.dirname(export_dir)
+    return os.path.dirname(parent) if os.path.basename(parent) == SNAPSHOTS_DIR else parent
+
+
+def check_init_compatible(export_dir: str, source_flag: str, model_config: dict) -> dict:
+    """The export's config, if its model has the same variables as `model_config`; else one line that
+    names each setting that differs."""
+    source = read_export_config(export_dir)
+    trained = source.get("model", {})
+    differ = [name for name, value in model_config.items()
+              if name not in _SHAPE_FREE_SETTINGS and trained.get(name) != value]
+    if differ:
+        was = ", ".join(f"{name}={trained.get(name)}" for name in differ)
+        now = ", ".join(f"{name}={model_config[name]}" for name in differ)
+        raise InitCheckpointError(f"--init_checkpoint={source_flag} is a model with {was}; this run builds "
+                                  f"{now}: set the same model flags (input_channels follows --use_depth)")
+    return source
+
+
 def restore_exported_weights(export_dir: str, model: tf.Module) -> None:
     tf.train.Checkpoint(model=model).read(os.path.join(export_dir, EXPORT_WEIGHTS)).assert_existing_objects_matched()

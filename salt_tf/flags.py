@@ -113,6 +113,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of initialization, data order and augmentation.")
     flags.DEFINE_boolean("deterministic", True, "Bit-identical runs for the same flags and seed "
                          "(see salt_tf/determinism.py).")
+    flags.DEFINE_string("init_checkpoint", "", "Start a new run from the model weights (and batch-norm "
+                        "statistics) of an earlier one, e.g. to cycle snapshots from a converged model: its run "
+                        "directory (the best model, export/), an export/ or a snapshots/snapshot-K folder. The "
+                        "optimizer, schedule and epoch start fresh; the model flags must match. Ignored when "
+                        "--model_dir already has a checkpoint (the run resumes).")
     flags.DEFINE_integer("keep_checkpoints", 2, "Most recent epoch checkpoints kept (the best is kept "
                          "apart).", lower_bound=1)
     flags.DEFINE_integer("progress_every", 10, "Steps between progress lines within an epoch (0 = off).",

@@ -76,15 +76,16 @@ class Trainer:
     def __init__(self, *, model: tf.Module, optimizer, loss_fn: Callable | Sequence[Callable], train_arrays,
                  val_arrays, config: LoopConfig, run_dir: str, export_config: dict | None = None,
                  hparams: dict | None = None, strategy: tf.distribute.Strategy | None = None,
-                 resume_from: str | None = None):
+                 resume_from: str | None = None, init_weights: str | None = None):
         """`model` and `optimizer` must have been created under `strategy.scope()`. `run_dir` is where this
         process writes; `resume_from` the run directory whose checkpoints it resumes (default: run_dir; a
-        non-chief worker writes to a temporary directory but resumes from the chief's)."""
+        non-chief worker writes to a temporary directory but resumes from the chief's). `init_weights`: an
+        export folder whose model weights a fresh run starts from (ignored on resume)."""
         self.model, self.optimizer, self.config = model, optimizer, config
         self.strategy = strategy or tf.distribute.get_strategy()
         # Loss stages: one loss, or one per snapshot cycle / per --loss_switch_epochs interval.
         self.loss_stages = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
-        self.run_dir = run_dir
+        self.run_dir, self.init_weights = run_dir, init_weights
         self.export_config = export_config or {}
         self.train_images, self.train_masks = (tf.constant(a) for a in train_arrays)
         self.val_images, self.val_masks = (tf.constant(a) for a in val_arrays)
@@ -340,6 +341,9 @@ class Trainer:
                         if epoch <= first_epoch}
         if restored:
             logging.info("resumed from %s at epoch %d", restored, first_epoch)
+        elif self.init_weights:
+            checkpoints.restore_exported_weights(self.init_weights, self.model)
+            logging.info("started from the weights of %s", self.init_weights)
         if first_epoch == 0:
             if self.hparams is not None:
                 self.summaries.hparams(self.hparams, run_name=os.path.basename(os.path.abspath(self.run_dir)))
@@ -423,11 +427,12 @@ class Trainer:
             logging.info("profile of steps %d-%d written to %s", start, stop - 1, self.summaries.root)
 
     def _log_epoch_zero(self) -> None:
-        """The untrained model's validation metric: the baseline every epoch is compared with."""
+        """The starting model's validation metric (untrained, or --init_checkpoint's): the baseline every epoch
+        is compared with."""
         baseline, _, _ = self.evaluate()
         self.summaries.scalars(self.summaries.val, {"metric": baseline["val_metric"],
                                                     "loss": baseline["val_loss"]}, step=0)
-        logging.info("epoch 0 (untrained)  val_loss %.4f  val_metric %.4f", baseline["val_loss"],
+        logging.info("epoch 0 (starting weights)  val_loss %.4f  val_metric %.4f", baseline["val_loss"],
                      baseline["val_metric"])
 
     def _write_epoch_summaries(self, row: dict, probabilities: np.ndarray, image_scores: np.ndarray) -> None:

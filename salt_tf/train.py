@@ -106,6 +106,10 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
     # Data first: a bad file stops the run before anything is written into the run directory.
     data, skipped = load_data()
     data_fingerprint = kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
+    model_config = model_lib.ModelConfig(
+        base_width=FLAGS.base_width, depth=FLAGS.depth, blocks_per_level=FLAGS.blocks_per_level, se=FLAGS.se,
+        se_ratio=FLAGS.se_ratio, dropout=FLAGS.dropout, input_channels=2 if FLAGS.use_depth else 1)
+    init_weights, init_source = initial_weights(run_dir, dataclasses.asdict(model_config))
     prepare_run_dir(out_dir)
     if skipped:
         import pandas as pd
@@ -113,11 +117,14 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
         records.atomic_write_text(os.path.join(out_dir, "skipped.csv"),
                                   pd.DataFrame(skipped, columns=["id", "reason"]).to_csv(index=False))
     train_data, val_data = split_data(data, run_dir, out_dir)
+    if init_source:
+        init_source["val_images_trained_on_by_source"] = seen = images_trained_on(init_weights, val_data.ids)
+        if seen:
+            logging.warning("%d of the %d validation images were training images of --init_checkpoint=%s: this "
+                            "run's validation scores are optimistic; use the source run's --split_seed and "
+                            "--val_images", seen, len(val_data.ids), FLAGS.init_checkpoint)
     logging.info("data: %d training, %d validation images from %s", len(train_data.ids), len(val_data.ids),
                  FLAGS.data_dir)
-    model_config = model_lib.ModelConfig(
-        base_width=FLAGS.base_width, depth=FLAGS.depth, blocks_per_level=FLAGS.blocks_per_level, se=FLAGS.se,
-        se_ratio=FLAGS.se_ratio, dropout=FLAGS.dropout, input_channels=2 if FLAGS.use_depth else 1)
     # Everything with variables is created under the strategy's scope: mirrored on every replica.
     with strategy.scope():
         model = model_lib.build_model(model_config, precision=FLAGS.precision)
@@ -151,13 +158,16 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
                                                      "val_images": len(val_data.ids),
                                                      "skipped_examples": len(skipped)},
                           started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)))
+    if init_source:
+        records.update_record(out_dir, init_checkpoint=init_source)
     trainer = loop.Trainer(
         model=model, optimizer=optimizer, loss_fn=loss_fn,
         train_arrays=pipeline.to_arrays(train_data, FLAGS.use_depth),
         val_arrays=pipeline.to_arrays(val_data, FLAGS.use_depth), config=config, run_dir=out_dir,
         export_config={"model": dataclasses.asdict(model_config), "use_depth": FLAGS.use_depth,
                        "precision": FLAGS.precision},
-        hparams=salt_flags.run_flag_values(), strategy=strategy, resume_from=run_dir)
+        hparams=salt_flags.run_flag_values(), strategy=strategy, resume_from=run_dir,
+        init_weights=init_weights)
     summary = trainer.run()
     records.update_record(out_dir, summary=summary,
                           finished=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()))
@@ -165,6 +175,34 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
                  summary["best_val_metric"] or 0.0, summary["best_epoch"],
                  summary["best_val_metric_at_best_threshold"] or 0.0, summary["best_threshold"] or 0.5, run_dir)
     return summary
+
+
+def initial_weights(run_dir: str, model_config: dict) -> tuple[str | None, dict | None]:
+    """With --init_checkpoint on a run that has no checkpoint yet: the export folder to start from and what
+    the record says of it; checked before anything is written, so a wrong path or model stops the run
+    cleanly. A resumed run continues from its own checkpoint and needs neither."""
+    import tensorflow as tf
+
+    from salt_tf import checkpoints
+
+    if not FLAGS.init_checkpoint or tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints")):
+        return None, None
+    export_dir = checkpoints.init_export_dir(FLAGS.init_checkpoint)
+    source = checkpoints.check_init_compatible(export_dir, FLAGS.init_checkpoint, model_config)
+    return export_dir, {"path": os.path.abspath(export_dir), "epoch": source.get("epoch"),
+                        "val_metric": source.get("val_metric")}
+
+
+def images_trained_on(export_dir: str, ids) -> int | None:
+    """How many of `ids` the run that wrote `export_dir` trained on (None: its split.csv is not there)."""
+    from salt_tf import checkpoints, records
+    from salt_tf.data import splits
+
+    path = os.path.join(checkpoints.source_run_dir(export_dir), records.SPLIT_FILE)
+    if not os.path.isfile(path):
+        return None
+    split = splits.read_split(path)
+    return len(set(split.loc[split["role"] == "train", "id"]) & set(ids))
 
 
 def distribution_record(strategy, per_replica_batch: int) -> dict:
@@ -204,6 +242,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value")
     import tensorflow as tf
 
+    from salt_tf.checkpoints import InitCheckpointError
     from salt_tf.data.kaggle import DataError
     from salt_tf.distribute import StrategyError
     from salt_tf.loop import TrainingStopped
@@ -211,7 +250,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietSaverLogs())
     try:
         run()
-    except (DataError, StrategyError) as e:
+    except (DataError, StrategyError, InitCheckpointError) as e:
         _fail(str(e), 2)
     except TrainingStopped as e:
         _fail(str(e), e.exit_code, prefix="stopped" if e.exit_code > 128 else "error")

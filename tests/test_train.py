@@ -13,6 +13,7 @@ from absl.testing import flagsaver
 
 from salt_tf import flags as salt_flags
 from salt_tf import records, train
+import train_helpers
 from train_helpers import checkpoint_state, events_files, run_tiny
 
 FLAGS = flags.FLAGS
@@ -149,3 +150,64 @@ def test_entry_point_process_exits_nonzero_before_work(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "hinge" in errors[0]
     assert not model_dir.exists() and not (tmp_path / "d").exists()
+
+
+def _val_scalars_at_step_zero(model_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(os.path.join(model_dir, "events", "val"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return {tag: float(tf.make_ndarray(event.tensor_proto))
+            for tag in ("loss", "metric") for event in accumulator.Tensors(tag) if event.step == 0}
+
+
+def test_init_checkpoint_starts_from_the_source_runs_exported_weights(tmp_path, demo_dir):
+    source = str(tmp_path / "source")
+    run_tiny(demo_dir, source, epochs=1)
+    # Before its first step, a run started from `source` must evaluate exactly as source's exported model
+    # did after its epoch 1 (same weights, batch-norm statistics and validation images); a fresh run must not.
+    row = records.read_metrics(source).iloc[0]
+    started, fresh = str(tmp_path / "started"), str(tmp_path / "fresh")
+    run_tiny(demo_dir, started, epochs=1, init_checkpoint=source, optimizer="sgd")
+    run_tiny(demo_dir, fresh, epochs=1, optimizer="sgd")
+    at_start = _val_scalars_at_step_zero(started)
+    assert np.float32(at_start["loss"]) == np.float32(row["val_loss"])
+    assert np.float32(at_start["metric"]) == np.float32(row["val_metric"])
+    assert np.float32(_val_scalars_at_step_zero(fresh)["loss"]) != np.float32(row["val_loss"])
+    recorded = records.read_json(os.path.join(started, records.RECORD_FILE))["init_checkpoint"]
+    assert recorded["path"] == os.path.join(source, "export") and recorded["epoch"] == 1
+    assert recorded["val_images_trained_on_by_source"] == 0  # same --split_seed: no leak
+    # Another split validates on images the source trained on: counted (from the two split.csv files).
+    other = str(tmp_path / "other_split")
+    run_tiny(demo_dir, other, epochs=1, init_checkpoint=source, split_seed=1)
+    roles = [pd.read_csv(os.path.join(d, "split.csv"), dtype={"id": str}) for d in (source, other)]
+    leaked = set(roles[0].id[roles[0].role == "train"]) & set(roles[1].id[roles[1].role == "val"])
+    assert leaked
+    recorded = records.read_json(os.path.join(other, records.RECORD_FILE))["init_checkpoint"]
+    assert recorded["val_images_trained_on_by_source"] == len(leaked)
+    # A resumed run ignores the flag: its own checkpoint wins, and the source may be gone.
+    before = checkpoint_state(started)
+    run_tiny(demo_dir, started, epochs=1, init_checkpoint="/no/longer/there", optimizer="sgd")
+    after = checkpoint_state(started)
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("source_flags, flag_value, names", [
+    ({}, "{tmp}/nowhere", ["--init_checkpoint={tmp}/nowhere", "model.json"]),
+    ({"base_width": 6}, "{source}", ["base_width=6", "base_width=4"]),
+])
+def test_bad_init_checkpoint_stops_with_one_line(tmp_path, demo_dir, capsys, source_flags, flag_value, names):
+    source = str(tmp_path / "source")
+    if source_flags:
+        run_tiny(demo_dir, source, epochs=1, **source_flags)
+    model_dir = str(tmp_path / "run")
+    value = flag_value.format(tmp=tmp_path, source=source)
+    salt_flags.define_flags()
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as exit_info:
+        FLAGS.unparse_flags()
+        FLAGS(["train", *train_helpers.tiny_argv(demo_dir, model_dir, init_checkpoint=value)[1:]])
+        train.main(["train"])
+    assert exit_info.value.code == 2
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and all(n.format(tmp=tmp_path) in message[0] for n in names), message
+    assert not os.path.exists(model_dir)
