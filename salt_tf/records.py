@@ -12,6 +12,7 @@ never half a file that would break a resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -70,6 +71,21 @@ def code_version(source_dir: str | None = None) -> dict:
     # Only what can change a run's numbers: the package and the flagfiles (not docs or tests).
     diff = git("diff", "HEAD", "--", "salt_tf", "flags") or ""
     return {"commit": commit.strip(), "dirty": bool(diff), "diff": diff}
+
+
+def files_sha256(folder: str, prefix: str) -> str | None:
+    """One SHA-256 over the names and bytes of the files in `folder` whose names start with `prefix` (an
+    exported model's weights.*), in name order; None if there are none."""
+    names = sorted(n for n in os.listdir(folder) if n.startswith(prefix)) if os.path.isdir(folder) else []
+    if not names:
+        return None
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with open(os.path.join(folder, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_metrics(run_dir: str) -> pd.DataFrame:

@@ -563,6 +563,20 @@ def code_problem(recorded: dict, now: dict) -> str | None:
     return None
 
 
+def init_checkpoint_problem(recorded: dict | None) -> str | None:
+    """Whether the weights a run started from (--init_checkpoint) are still there, unchanged."""
+    if not recorded:
+        return None
+    path = recorded.get("path")
+    now = records.files_sha256(path, "weights") if path else None
+    if now is None:
+        return f"init checkpoint {path} is gone: the reproduction cannot start from the same weights"
+    if now != recorded.get("weights_sha256"):
+        return (f"init checkpoint {path} changed: weights recorded {short(recorded.get('weights_sha256'))}, "
+                f"now {short(now)}")
+    return None
+
+
 def check_before(run: Run) -> dict:
     """What can be known before spending the compute: code, data and flags as they are now vs the record."""
     data_dir, override = data_dir_for(run)
@@ -581,6 +595,9 @@ def check_before(run: Run) -> dict:
     code = code_problem(run.code, records.code_version())
     if code:
         problems.append(code)
+    init = init_checkpoint_problem(run.record.get("init_checkpoint"))
+    if init:
+        problems.append(init)
     flag_problems = flags_vs_record(run)
     if flag_problems:
         problems.append(f"flags.cfg disagrees with the run's own record: {'; '.join(flag_problems)}")
@@ -593,6 +610,10 @@ def reproduce_command(run: Run, target: str, epochs: int, before: dict) -> list[
                f"--model_dir={target}", f"--epochs={epochs}"]
     if before["override_data_dir"]:
         command.append(f"--data_dir={before['data_dir']}")
+    init = run.record.get("init_checkpoint")
+    if init and init.get("path"):
+        # The folder the run started from, absolute: a relative flag may point elsewhere from here.
+        command.append(f"--init_checkpoint={init['path']}")
     return command
 
 

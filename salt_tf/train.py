@@ -183,14 +183,15 @@ def initial_weights(run_dir: str, model_config: dict) -> tuple[str | None, dict 
     cleanly. A resumed run continues from its own checkpoint and needs neither."""
     import tensorflow as tf
 
-    from salt_tf import checkpoints
+    from salt_tf import checkpoints, records
 
     if not FLAGS.init_checkpoint or tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints")):
         return None, None
     export_dir = checkpoints.init_export_dir(FLAGS.init_checkpoint)
     source = checkpoints.check_init_compatible(export_dir, FLAGS.init_checkpoint, model_config)
     return export_dir, {"path": os.path.abspath(export_dir), "epoch": source.get("epoch"),
-                        "val_metric": source.get("val_metric")}
+                        "val_metric": source.get("val_metric"),
+                        "weights_sha256": records.files_sha256(export_dir, checkpoints.EXPORT_WEIGHTS)}
 
 
 def images_trained_on(export_dir: str, ids) -> int | None:

@@ -12,6 +12,7 @@ the original is a process too. The list and diff tests then read those run direc
 """
 
 import dataclasses
+import hashlib
 import io
 import os
 import shutil
@@ -154,6 +155,36 @@ def test_reproduce_refuses_a_used_directory(lab, tmp_path, capsys):
     status, out, err = cli(capsys, "reproduce", lab.run("a"), "--into", tmp_path / "taken")
     assert status == 2 and "must start from scratch" in err and len(err.strip().splitlines()) == 1
     assert os.listdir(tmp_path / "taken") == ["file"]
+
+
+def test_reproduce_checks_the_init_checkpoint_first(lab, tmp_path):
+    """A run started from another's weights can only be reproduced from the same weights: the check before
+    training says when they are gone or changed, and the command passes the recorded folder."""
+    source = tmp_path / "source_export"
+    shutil.copytree(os.path.join(lab.run("a"), "export"), source)
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(source)):
+        if name.startswith("weights"):
+            digest.update(name.encode() + b"\0" + (source / name).read_bytes())
+    started = tmp_path / "started"
+    shutil.copytree(lab.run("a"), started)
+    records.update_record(str(started), init_checkpoint={"path": str(source), "weights_sha256": digest.hexdigest()})
+
+    def init_problems():
+        return [p for p in runs.check_before(runs.load_run(str(started)))["problems"] if "init checkpoint" in p]
+
+    assert init_problems() == []
+    command = runs.reproduce_command(runs.load_run(str(started)), "elsewhere", 1, runs.check_before(
+        runs.load_run(str(started))))
+    assert command[-1] == f"--init_checkpoint={source}"
+    data_file = next(source.glob("weights.data*"))
+    content = data_file.read_bytes()
+    data_file.write_bytes(content[:-1] + bytes([content[-1] ^ 0xFF]))
+    assert init_problems() == [f"init checkpoint {source} changed: weights recorded {digest.hexdigest()[:12]}, "
+                               f"now {runs.records.files_sha256(str(source), 'weights')[:12]}"]
+    shutil.rmtree(source)
+    assert init_problems() == [f"init checkpoint {source} is gone: the reproduction cannot start from the same "
+                               "weights"]
 
 
 # ------------------------------------------------------------------------------------------------ list
