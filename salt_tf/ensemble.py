@@ -32,6 +32,7 @@ from salt_tf import metrics, postprocess
 CLIP = 1e-5          # probabilities are clipped to [CLIP, 1 - CLIP] before the logit (|logit| <= 11.5)
 DEFAULT_L2 = 1e-3    # L2 on the weights, relative to the MEAN per-pixel log-loss
 DEFAULT_FOLDS = 5
+BOOTSTRAP_SAMPLES = 2000  # resamples of the images for the interval of an ensemble's gain
 ENSEMBLE_FILE = "ensemble.json"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20     # rows per chunk when accumulating gradient and Hessian
@@ -247,6 +248,7 @@ class Row:
     tuned: float | None        # metric at the best threshold chosen on the same images (optimistic)
     threshold: float | None    # that threshold
     cv: float | None           # threshold / meta-model / post-processing fitted on k-1 folds, held-out fold
+    cv_scores: np.ndarray | None = dataclasses.field(default=None, repr=False)  # per image, behind `cv`
 
 
 def _plain_row(name, truth, p, folds_of) -> Row:
@@ -255,7 +257,27 @@ def _plain_row(name, truth, p, folds_of) -> Row:
     for f in np.unique(folds_of):
         tr, te = folds_of != f, folds_of == f
         scores[te] = _threshold_scores(truth[tr], p[tr], truth[te], p[te])
-    return Row(name, metrics.competition_metric(truth, p > 0.5), tuned, threshold, float(scores.mean()))
+    return Row(name, metrics.competition_metric(truth, p > 0.5), tuned, threshold, float(scores.mean()), scores)
+
+
+def paired_bootstrap(differences: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of per-image score differences (two predictions scored on the same
+    images), resampling images with replacement: is a gain larger than the luck of these images?"""
+    d = np.asarray(differences, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(d), size=(samples, len(d)))
+    means = d[draws].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def compare_with_best_single(chosen_scores: np.ndarray, single_rows: Sequence[Row], seed: int = 0) -> dict:
+    """The chosen ensemble's held-out per-image scores against the single-model row with the best `cv`.
+    Picking that row after seeing the scores flatters it, so the comparison leans against the ensemble."""
+    best = max(single_rows, key=lambda r: r.cv)
+    difference = np.asarray(chosen_scores, dtype=np.float64) - best.cv_scores
+    low, high = paired_bootstrap(difference, seed=seed)
+    return {"model": best.name, "cv": best.cv, "difference": float(difference.mean()), "ci95": [low, high]}
 
 
 def cross_validate(truth: np.ndarray, probabilities: np.ndarray, folds_of: np.ndarray, names: Sequence[str],
@@ -308,7 +330,7 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
     tta_label = "+".join(v for v in tta if v != "none") or "none"
     suffix = "" if tta_label == "none" else f" (tta {tta_label})"
 
-    rows = []
+    rows = []  # the single-model rows first
     if plain_probabilities is not None:
         plain = np.asarray(plain_probabilities, dtype=np.float32)
         rows += [_plain_row(f"{name} (plain)", truth, plain[i], folds_of) for i, name in enumerate(names)]
@@ -316,6 +338,7 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
         rows += [_plain_row(f"{name} (tta {tta_label})", truth, probs[i], folds_of)
                  for i, name in enumerate(names)]
 
+    n_single = len(rows)
     mean = probs.mean(axis=0)
     mean_row = _plain_row(f"mean of {m}{suffix}", truth, mean, folds_of)
     rows.append(mean_row)
@@ -326,16 +349,16 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
 
     mean_choice = postprocess.choose_postprocessing(truth, mean)
     rows_pp = [Row("mean + postprocessing", None, mean_choice.scores["final"], mean_choice.threshold,
-                   float(mean_pp_scores.mean()))]
+                   float(mean_pp_scores.mean()), mean_pp_scores)]
     if m >= 2:
         threshold, tuned = metrics.best_threshold(truth, stacked_oof)
         stacked_name = f"stacked of {m} ({'tta ' + tta_label + ', ' if suffix else ''}out-of-fold)"
         rows.append(Row(stacked_name,
                         metrics.competition_metric(truth, stacked_oof > 0.5), tuned, threshold,
-                        float(stacked_scores.mean())))
+                        float(stacked_scores.mean()), stacked_scores))
         stacked_choice = postprocess.choose_postprocessing(truth, stacked_oof)
         rows_pp.append(Row("stacked + postprocessing", None, stacked_choice.scores["final"],
-                           stacked_choice.threshold, float(stacked_pp_scores.mean())))
+                           stacked_choice.threshold, float(stacked_pp_scores.mean()), stacked_pp_scores))
     else:
         rows.append(Row("stacked (needs >= 2 models)", None, None, None, None))
         rows_pp.append(Row("stacked + postprocessing", None, None, None, None))
@@ -347,6 +370,8 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
         scores.update(cv_stacked=float(stacked_scores.mean()),
                       cv_stacked_postprocessed=float(stacked_pp_scores.mean()))
     use_stacked = m >= 2 and stacked_pp_scores.mean() > mean_pp_scores.mean()
+    scores["vs_best_single"] = compare_with_best_single(stacked_pp_scores if use_stacked else mean_pp_scores,
+                                                        rows[:n_single], seed)
     info = list(model_info) if model_info is not None else [{"name": name} for name in names]
     if use_stacked:
         final = Ensemble(models=info, tta=list(tta), combine="stacked", postprocessing=stacked_choice,

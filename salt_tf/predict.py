@@ -516,6 +516,10 @@ def run_evaluate(fv: flags.FlagValues) -> int:
     _say(f"chosen: {chosen.combine} of {len(entries)} + postprocessing ({chosen.postprocessing.describe()}), "
          f"cv {cv:.4f}{weights}  [{len(data.ids) / max(predicted, 1e-9):.1f} images/s predicted, "
          f"{time.time() - started:.1f} s in all]")
+    versus = chosen.scores["vs_best_single"]
+    _say(f"vs the best single model by cv, {versus['model']} ({versus['cv']:.4f}): {versus['difference']:+.4f} "
+         f"(95% interval {versus['ci95'][0]:+.4f} .. {versus['ci95'][1]:+.4f}, paired bootstrap over the "
+         f"{len(data.ids)} images)")
     if fv.write_ensemble:
         path = os.path.join(run_dir, ensemble.ENSEMBLE_FILE)
         chosen.save(path)

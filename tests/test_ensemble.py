@@ -152,6 +152,38 @@ def test_evaluate_learns_to_ignore_a_noise_snapshot_and_beats_the_mean():
     assert by_name["good (plain)"].tuned == pytest.approx(metrics.best_threshold(truth, good)[1])
 
 
+def test_paired_bootstrap_interval_by_hand():
+    # Two images with differences +1 and -1: a resampled mean is -1, 0 or +1 with probabilities 1/4, 1/2,
+    # 1/4, so the 95% interval is [-1, +1]; a constant difference has no spread at all.
+    low, high = ensemble.paired_bootstrap(np.array([1.0, -1.0]), samples=4000)
+    assert (low, high) == (-1.0, 1.0)
+    assert ensemble.paired_bootstrap(np.full(7, 0.3)) == pytest.approx((0.3, 0.3))
+    # n images with differences 0/1: the interval of the mean is close to the normal one, p +- 1.96 se.
+    d = (np.arange(400) < 100).astype(float)
+    low, high = ensemble.paired_bootstrap(d, samples=4000)
+    se = np.sqrt(0.25 * 0.75 / 400)
+    assert low == pytest.approx(0.25 - 1.96 * se, abs=0.006) and high == pytest.approx(0.25 + 1.96 * se, abs=0.006)
+
+
+def test_evaluate_compares_the_choice_with_the_best_single_model():
+    rng = np.random.default_rng(7)
+    truth = _blob_truth(rng, n=40)
+    good = np.clip(np.where(truth, 0.75, 0.25) + rng.normal(0, 0.1, truth.shape), 0.01, 0.99)
+    noise = rng.uniform(0.0, 1.0, truth.shape)
+    probabilities = np.stack([good, noise]).astype(np.float32)
+    rows, chosen = ensemble.evaluate(truth, probabilities, ["good", "noise"], plain_probabilities=probabilities,
+                                     tta=("none", "hflip"), folds=4)
+    versus = chosen.scores["vs_best_single"]
+    by_name = {r.name: r for r in rows}
+    single = [by_name[f"{m} ({v})"] for m in ("good", "noise") for v in ("plain", "tta hflip")]
+    assert versus["cv"] == max(r.cv for r in single) and by_name[versus["model"]] in single
+    final = by_name[f"{chosen.combine} + postprocessing"].cv
+    assert versus["difference"] == pytest.approx(final - versus["cv"])
+    low, high = versus["ci95"]
+    assert low <= versus["difference"] <= high
+    json.dumps(chosen.to_dict())  # stays writable to ensemble.json
+
+
 def test_evaluate_with_one_model_says_n_a_for_stacking():
     rng = np.random.default_rng(6)
     truth = _blob_truth(rng, n=20)
