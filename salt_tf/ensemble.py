@@ -381,6 +381,37 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
     return rows, final
 
 
+def error_breakdown(truth: np.ndarray, masks: np.ndarray) -> dict:
+    """Where a prediction loses points: the score per coverage group, how many images without salt got
+    some ("false salt") and how many with salt got none ("missed"), and the score if no image without salt
+    got any — what a perfect empty/not-empty decision on top of these masks would reach at most."""
+    from salt_tf.data import splits
+
+    truth = np.asarray(truth).reshape(np.shape(masks)).astype(bool)
+    masks = np.asarray(masks, dtype=bool)
+    scores = metrics.image_scores(truth, masks)
+    has_salt = truth.reshape(len(truth), -1).any(axis=1)
+    predicted_salt = masks.reshape(len(masks), -1).any(axis=1)
+    return {"all": float(scores.mean()), **splits.coverage_group_scores(truth, scores),
+            "false_salt_images": int((predicted_salt & ~has_salt).sum()),
+            "missed_images": int((has_salt & ~predicted_salt).sum()),
+            "without_false_salt": float(metrics.image_scores(truth, masks & has_salt[:, None, None]).mean())}
+
+
+def format_breakdown(named: Sequence[tuple[str, dict]]) -> str:
+    """error_breakdown results of several predictions as one aligned table."""
+    width = max(len("model"), *(len(name) for name, _ in named))
+    columns = ["all", "empty", "small", "medium", "large", "false_salt_images", "missed_images",
+               "without_false_salt"]
+    heads = ["all", "empty", "small", "medium", "large", "false+", "missed", "no false+"]
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{h:>9}" for h in heads)]
+    for name, b in named:
+        cells = [("n/a" if c not in b else f"{b[c]:d}" if isinstance(b[c], int) else f"{b[c]:.4f}")
+                 for c in columns]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>9}" for c in cells))
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """The evaluation rows as an aligned text table (n/a where a number does not apply)."""
     width = max(len("model"), *(len(r.name) for r in rows))

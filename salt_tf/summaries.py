@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from salt_tf.data.splits import coverage_class
+# The coverage groups live with the split (which defines coverage classes); re-exported for the loop.
+from salt_tf.data.splits import COVERAGE_GROUPS, coverage_class, coverage_group_scores  # noqa: F401
 
 # Coverage groups for the per-class validation score: what a user asks ("does it miss small salt?").
-COVERAGE_GROUPS = {"empty": (0, 0), "small": (1, 1), "medium": (2, 5), "large": (6, 10)}
 
 
 def variable_tag(variable) -> str:
@@ -161,18 +161,6 @@ def variable_statistics(variables, gradients, values_before, bn_statistics) -> d
         statistics["bn_mean"] = moving.mean_std(flat)[0]
         statistics["bn_values"] = moving.histograms(flat)
     return statistics
-
-
-def coverage_group_scores(truth: np.ndarray, image_scores: np.ndarray) -> dict[str, float]:
-    """Mean per-image competition score within each coverage group (groups absent from the set are left
-    out)."""
-    classes = coverage_class(truth.reshape(len(truth), -1).mean(axis=1))
-    scores = {}
-    for name, (low, high) in COVERAGE_GROUPS.items():
-        members = (classes >= low) & (classes <= high)
-        if members.any():
-            scores[name] = float(image_scores[members].mean())
-    return scores
 
 
 def pick_display_indices(truth: np.ndarray, count: int) -> np.ndarray:

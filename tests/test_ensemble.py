@@ -184,6 +184,23 @@ def test_evaluate_compares_the_choice_with_the_best_single_model():
     json.dumps(chosen.to_dict())  # stays writable to ensemble.json
 
 
+def test_error_breakdown_by_hand():
+    truth = np.zeros((4, 10, 10), dtype=bool)
+    truth[1, :5, :5] = True            # 25% salt: "medium"; predicted empty below (missed)
+    truth[2, :, :] = True              # 100% salt: "large"; predicted exactly
+    truth[3, 0, :5] = True             # 5% salt: "small"; predicted exactly
+    masks = truth.copy()
+    masks[0, 9, 9] = True              # one false salt pixel on the empty image 0
+    masks[1] = False
+    b = ensemble.error_breakdown(truth, masks)
+    # Scores per image: 0 (false salt), 0 (missed), 1, 1.
+    assert b["all"] == 0.5 and b["empty"] == 0.0 and b["medium"] == 0.0 and b["large"] == 1.0 and b["small"] == 1.0
+    assert (b["false_salt_images"], b["missed_images"]) == (1, 1)
+    assert b["without_false_salt"] == 0.75     # image 0 cleared: 1, 0, 1, 1
+    table = ensemble.format_breakdown([("m", b)]).splitlines()
+    assert table[1].split() == ["m", "0.5000", "0.0000", "1.0000", "0.0000", "1.0000", "1", "1", "0.7500"]
+
+
 def test_evaluate_with_one_model_says_n_a_for_stacking():
     rng = np.random.default_rng(6)
     truth = _blob_truth(rng, n=20)

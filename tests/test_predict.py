@@ -293,4 +293,13 @@ def test_evaluate_a_real_snapshot_run(demo_dir, tmp_path, capsys):
     assert f"{names[0]} (plain)" in out and f"{names[1]} (plain)" in out and "(tta" not in out
     row = next(line for line in out.splitlines() if line.startswith("stacked of 2 (out-of-fold)"))
     assert "n/a" not in row
+    # The breakdown table's "all" column is the plain row's metric at 0.5 (the same masks).
+    lines = out.splitlines()
+    breakdown = lines.index(next(line for line in lines if line.startswith("where the points are lost")))
+    for name in names:
+        plain_at_half = next(line for line in lines if line.startswith(f"{name} (plain)")).split()[2]
+        assert next(line for line in lines[breakdown:] if line.startswith(f"{name} (plain)")).split()[2] == \
+            plain_at_half
+    assert any(line.startswith("mean of 2 (plain)") for line in lines[breakdown:])
+    assert any(line.startswith("vs the best single model by cv") for line in lines)
     assert [m["name"] for m in ensemble.Ensemble.load(os.path.join(run, "ensemble.json")).models] == names
