@@ -19,8 +19,10 @@ import shutil
 
 import tensorflow as tf
 
+from salt_tf import records
+
 EXPORT_DIR = "export"
-EXPORT_WEIGHTS = "weights"
+EXPORT_WEIGHTS = records.EXPORT_WEIGHTS
 EXPORT_CONFIG = "model.json"
 
 

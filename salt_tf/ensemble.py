@@ -307,6 +307,11 @@ def cross_validate(truth: np.ndarray, probabilities: np.ndarray, folds_of: np.nd
     return out
 
 
+def views_label(tta: Sequence[str]) -> str:
+    """("none", "hflip") -> "hflip": the TTA views beyond the identity, as the table names them."""
+    return "+".join(v for v in tta if v != "none") or "none"
+
+
 def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[str],
              plain_probabilities: np.ndarray | None = None, tta: Sequence[str] = ("none", "hflip"),
              folds: int = DEFAULT_FOLDS, seed: int = 0, l2: float = DEFAULT_L2,
@@ -327,7 +332,7 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
         raise ValueError(f"{len(names)} names for {m} models")
     folds_of = image_folds(truth, folds, seed)
     k = len(np.unique(folds_of))
-    tta_label = "+".join(v for v in tta if v != "none") or "none"
+    tta_label = views_label(tta)
     suffix = "" if tta_label == "none" else f" (tta {tta_label})"
 
     rows = []  # the single-model rows first

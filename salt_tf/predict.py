@@ -516,13 +516,12 @@ def run_evaluate(fv: flags.FlagValues) -> int:
     _say(f"chosen: {chosen.combine} of {len(entries)} + postprocessing ({chosen.postprocessing.describe()}), "
          f"cv {cv:.4f}{weights}  [{len(data.ids) / max(predicted, 1e-9):.1f} images/s predicted, "
          f"{time.time() - started:.1f} s in all]")
-    truth = np.asarray(data.masks).reshape(np.shape(with_tta[0])) > 0.5
-    views = "+".join(v for v in tta if v != "none")
-    label = f"tta {views}" if views else "plain"
-    named = [(f"{name} ({label})", ensemble.error_breakdown(truth, p > 0.5)) for name, p in zip(names, with_tta)]
+    views = ensemble.views_label(tta)
+    label = "plain" if views == "none" else f"tta {views}"
+    named = [(f"{name} ({label})", ensemble.error_breakdown(data.masks, p > 0.5)) for name, p in zip(names, with_tta)]
     if len(entries) > 1:
         named.append((f"mean of {len(entries)} ({label})",
-                      ensemble.error_breakdown(truth, np.mean(with_tta, 0) > 0.5)))
+                      ensemble.error_breakdown(data.masks, np.mean(with_tta, 0) > 0.5)))
     _say("where the points are lost, at threshold 0.5 (score per coverage group; images without salt that got "
          "some; images with salt that got none; the score with no salt on images without any):")
     _say(ensemble.format_breakdown(named))

@@ -73,6 +73,11 @@ def code_version(source_dir: str | None = None) -> dict:
     return {"commit": commit.strip(), "dirty": bool(diff), "diff": diff}
 
 
+# Prefix of an exported model's weight files (<export>/weights.index, weights.data-*), written by
+# checkpoints.export_to; here so runs.py can hash them without importing TensorFlow.
+EXPORT_WEIGHTS = "weights"
+
+
 def files_sha256(folder: str, prefix: str) -> str | None:
     """One SHA-256 over the names and bytes of the files in `folder` whose names start with `prefix` (an
     exported model's weights.*), in name order; None if there are none."""

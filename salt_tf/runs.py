@@ -568,7 +568,7 @@ def init_checkpoint_problem(recorded: dict | None) -> str | None:
     if not recorded:
         return None
     path = recorded.get("path")
-    now = records.files_sha256(path, "weights") if path else None
+    now = records.files_sha256(path, records.EXPORT_WEIGHTS) if path else None
     if now is None:
         return f"init checkpoint {path} is gone: the reproduction cannot start from the same weights"
     if now != recorded.get("weights_sha256"):

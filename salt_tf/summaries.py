@@ -20,8 +20,6 @@ import tensorflow as tf
 # The coverage groups live with the split (which defines coverage classes); re-exported for the loop.
 from salt_tf.data.splits import COVERAGE_GROUPS, coverage_class, coverage_group_scores  # noqa: F401
 
-# Coverage groups for the per-class validation score: what a user asks ("does it miss small salt?").
-
 
 def variable_tag(variable) -> str:
     """The variable's path without the model name: `unet/encoder/...` -> `encoder/...`."""

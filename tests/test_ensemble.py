@@ -109,12 +109,18 @@ def _blob_truth(rng, n=40, size=32):
     return truth
 
 
+def _good_and_noise(rng, truth, confidence, spread, noise_range):
+    """Probabilities of two snapshots [2,N,H,W]: one informative (`confidence` inside salt, 1 - outside, plus
+    Gaussian noise), one uniform noise over `noise_range`."""
+    good = np.clip(np.where(truth, confidence, 1 - confidence) + rng.normal(0, spread, truth.shape), 0.01, 0.99)
+    noise = rng.uniform(*noise_range, truth.shape)
+    return np.stack([good, noise]).astype(np.float32)
+
+
 def test_cross_validation_predicts_each_fold_without_its_labels():
     rng = np.random.default_rng(4)
     truth = _blob_truth(rng)
-    good = np.clip(np.where(truth, 0.8, 0.2) + rng.normal(0, 0.15, truth.shape), 0.01, 0.99)
-    noise = rng.uniform(0.01, 0.99, truth.shape)
-    probabilities = np.stack([good, noise]).astype(np.float32)
+    probabilities = _good_and_noise(rng, truth, 0.8, 0.15, (0.01, 0.99))
     folds_of = ensemble.image_folds(truth, 4, seed=0)
     assert sorted(np.unique(folds_of)) == [0, 1, 2, 3]
     first = ensemble.cross_validate(truth, probabilities, folds_of, ["good", "noise"])
@@ -131,9 +137,8 @@ def test_cross_validation_predicts_each_fold_without_its_labels():
 def test_evaluate_learns_to_ignore_a_noise_snapshot_and_beats_the_mean():
     rng = np.random.default_rng(5)
     truth = _blob_truth(rng, n=50)
-    good = np.clip(np.where(truth, 0.75, 0.25) + rng.normal(0, 0.1, truth.shape), 0.01, 0.99)
-    noise = rng.uniform(0.0, 1.0, truth.shape)
-    probabilities = np.stack([good, noise]).astype(np.float32)
+    probabilities = _good_and_noise(rng, truth, 0.75, 0.1, (0.0, 1.0))
+    good = probabilities[0]
     rows, chosen = ensemble.evaluate(truth, probabilities, ["good", "noise"], plain_probabilities=probabilities,
                                      tta=("none", "hflip"), folds=5)
     by_name = {r.name: r for r in rows}
@@ -168,9 +173,7 @@ def test_paired_bootstrap_interval_by_hand():
 def test_evaluate_compares_the_choice_with_the_best_single_model():
     rng = np.random.default_rng(7)
     truth = _blob_truth(rng, n=40)
-    good = np.clip(np.where(truth, 0.75, 0.25) + rng.normal(0, 0.1, truth.shape), 0.01, 0.99)
-    noise = rng.uniform(0.0, 1.0, truth.shape)
-    probabilities = np.stack([good, noise]).astype(np.float32)
+    probabilities = _good_and_noise(rng, truth, 0.75, 0.1, (0.0, 1.0))
     rows, chosen = ensemble.evaluate(truth, probabilities, ["good", "noise"], plain_probabilities=probabilities,
                                      tta=("none", "hflip"), folds=4)
     versus = chosen.scores["vs_best_single"]

@@ -12,7 +12,6 @@ the original is a process too. The list and diff tests then read those run direc
 """
 
 import dataclasses
-import hashlib
 import io
 import os
 import shutil
@@ -26,7 +25,7 @@ import pytest
 
 from salt_tf import records, runs
 from salt_tf.data import kaggle
-from train_helpers import TINY, tiny_argv
+from train_helpers import TINY, reference_weights_sha256, tiny_argv
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = str(TINY["learning_rate"])
@@ -162,13 +161,10 @@ def test_reproduce_checks_the_init_checkpoint_first(lab, tmp_path):
     training says when they are gone or changed, and the command passes the recorded folder."""
     source = tmp_path / "source_export"
     shutil.copytree(os.path.join(lab.run("a"), "export"), source)
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(source)):
-        if name.startswith("weights"):
-            digest.update(name.encode() + b"\0" + (source / name).read_bytes())
+    recorded = reference_weights_sha256(str(source))
     started = tmp_path / "started"
     shutil.copytree(lab.run("a"), started)
-    records.update_record(str(started), init_checkpoint={"path": str(source), "weights_sha256": digest.hexdigest()})
+    records.update_record(str(started), init_checkpoint={"path": str(source), "weights_sha256": recorded})
 
     def init_problems():
         return [p for p in runs.check_before(runs.load_run(str(started)))["problems"] if "init checkpoint" in p]
@@ -180,8 +176,8 @@ def test_reproduce_checks_the_init_checkpoint_first(lab, tmp_path):
     data_file = next(source.glob("weights.data*"))
     content = data_file.read_bytes()
     data_file.write_bytes(content[:-1] + bytes([content[-1] ^ 0xFF]))
-    assert init_problems() == [f"init checkpoint {source} changed: weights recorded {digest.hexdigest()[:12]}, "
-                               f"now {runs.records.files_sha256(str(source), 'weights')[:12]}"]
+    assert init_problems() == [f"init checkpoint {source} changed: weights recorded {recorded[:12]}, "
+                               f"now {reference_weights_sha256(str(source))[:12]}"]
     shutil.rmtree(source)
     assert init_problems() == [f"init checkpoint {source} is gone: the reproduction cannot start from the same "
                                "weights"]

@@ -1,6 +1,5 @@
 """End to end: the train entry point on tiny synthetic data, resume, and bad flags."""
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -178,11 +177,7 @@ def test_init_checkpoint_starts_from_the_source_runs_exported_weights(tmp_path, 
     recorded = records.read_json(os.path.join(started, records.RECORD_FILE))["init_checkpoint"]
     assert recorded["path"] == os.path.join(source, "export") and recorded["epoch"] == 1
     assert recorded["val_images_trained_on_by_source"] == 0  # same --split_seed: no leak
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(os.path.join(source, "export"))):
-        if name.startswith("weights"):
-            digest.update(name.encode() + b"\0" + open(os.path.join(source, "export", name), "rb").read())
-    assert recorded["weights_sha256"] == digest.hexdigest()
+    assert recorded["weights_sha256"] == train_helpers.reference_weights_sha256(os.path.join(source, "export"))
     # Another split validates on images the source trained on: counted (from the two split.csv files).
     other = str(tmp_path / "other_split")
     run_tiny(demo_dir, other, epochs=1, init_checkpoint=source, split_seed=1)

@@ -88,6 +88,19 @@ def assert_bit_identical(dir_a, dir_b, epochs=(1, 2)):
             (value_b if isinstance(value_b, bytes) else value_b.tobytes()), name
 
 
+def reference_weights_sha256(export_dir):
+    """SHA-256 over the names and bytes of an export's weights.* files in name order, written out here as
+    the independent reference for what runs record of an --init_checkpoint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(export_dir)):
+        if name.startswith("weights"):
+            with open(os.path.join(export_dir, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
 def read_until(process, needle, limit=2000):
     """Reads the process's output until a line containing needle; returns the lines read."""
     lines = []

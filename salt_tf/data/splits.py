@@ -24,7 +24,8 @@ def coverage_class(coverage: np.ndarray) -> np.ndarray:
     return np.where(coverage > 0, np.clip(np.ceil(coverage * 10), 1, 10), 0).astype(np.int64)
 
 
-# Coverage classes grouped the way the per-group scores report them (TensorBoard, predict --evaluate).
+# Coverage groups for the per-group scores (TensorBoard, predict --evaluate): what a user asks ("does it
+# miss small salt?").
 COVERAGE_GROUPS = {"empty": (0, 0), "small": (1, 1), "medium": (2, 5), "large": (6, 10)}
 
 
