@@ -13,13 +13,14 @@ the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 
 import tensorflow as tf
 
-from salt_tf import records
+from salt_tf import model as model_lib, records
 
 EXPORT_DIR = "export"
 EXPORT_WEIGHTS = records.EXPORT_WEIGHTS
@@ -56,6 +57,7 @@ class RunCheckpoints:
 
 
 SNAPSHOTS_DIR = "snapshots"
+SWA_DIR = "swa"  # the weight average of the last --swa_epochs epochs (swa.py), an export like export/
 
 
 def export(run_dir: str, model: tf.Module, config: dict) -> str:
@@ -110,7 +112,7 @@ class InitCheckpointError(ValueError):
 
 
 # Model settings that change no variable: a model trained with them set otherwise can still start this one.
-_SHAPE_FREE_SETTINGS = ("dropout",)
+_SHAPE_FREE_SETTINGS = ("dropout", "input_size", "pad_mode")  # change no variable: may differ from the source
 
 
 def init_export_dir(path: str) -> str:
@@ -134,7 +136,8 @@ def check_init_compatible(export_dir: str, source_flag: str, model_config: dict)
     """The export's config, if its model has the same variables as `model_config`; else one line that
     names each setting that differs."""
     source = read_export_config(export_dir)
-    trained = source.get("model", {})
+    # An export written before a model setting existed was built with that setting's default.
+    trained = dict(dataclasses.asdict(model_lib.ModelConfig()), **source.get("model", {}))
     differ = [name for name, value in model_config.items()
               if name not in _SHAPE_FREE_SETTINGS and trained.get(name) != value]
     if differ:

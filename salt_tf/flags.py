@@ -47,6 +47,14 @@ def define_flags() -> None:
     flags.DEFINE_boolean("hflip", True, "Random left-right flips.")
     flags.DEFINE_integer("translate", 0, "Random shift of up to this many pixels along each axis, the "
                          "border filled by reflection (0 = off).", lower_bound=0, upper_bound=99)
+    flags.DEFINE_float("zoom", 1.0, "Random zoom-and-crop: a square crop of 101/s pixels, s uniform in [1, "
+                       "--zoom], resized back to 101x101 (bilinear; the mask re-thresholded at 0.5). 1 = off; "
+                       "1.2 is the common choice.", lower_bound=1.0, upper_bound=2.0)
+    flags.DEFINE_float("brightness", 0.0, "Random brightness: add a value uniform in [-b, b] to the image "
+                       "(pixel values are in [0, 1]; the depth plane is not changed). 0 = off.",
+                       lower_bound=0.0, upper_bound=0.5)
+    flags.DEFINE_float("contrast", 0.0, "Random contrast: scale the image about its mean by a factor uniform in "
+                       "[1 - c, 1 + c]. 0 = off.", lower_bound=0.0, upper_bound=0.9)
 
     # --- Model.
     flags.DEFINE_integer("base_width", 16, "Filters at the first level; doubled at each level down.",
@@ -58,6 +66,23 @@ def define_flags() -> None:
     flags.DEFINE_integer("se_ratio", 4, "SE reduction ratio r (hidden units = channels // r).", lower_bound=1)
     flags.DEFINE_float("dropout", 0.0, "Spatial dropout rate at the bottleneck and decoder levels.",
                        lower_bound=0.0, upper_bound=0.9)
+    flags.DEFINE_enum("se_type", "channel", ["channel", "scse"], "With --se: channel gates (cSE, Hu et al.), or "
+                      "scse: channel and spatial gates side by side, added (Roy et al. 2018).")
+    flags.DEFINE_boolean("hypercolumn", False, "The final 1x1 conv sees every decoder level's output, upsampled "
+                         "to full size and concatenated.")
+    flags.DEFINE_boolean("deep_supervision", False, "Side logits from every decoder level (trained on images "
+                         "with salt only) and an image-level 'has salt' logit on the bottleneck (trained on every "
+                         "image); weights --side_loss_weight and --image_loss_weight.")
+    flags.DEFINE_float("side_loss_weight", 0.1, "With --deep_supervision: weight of each side output's --loss.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("image_loss_weight", 0.05, "With --deep_supervision: weight of the image head's BCE.",
+                       lower_bound=0.0)
+    flags.DEFINE_integer("input_size", 101, "The network's input size: 101 = native; larger pads each image "
+                         "(--pad_mode) to this size, the network runs at it, and the loss, metric and predictions "
+                         "see the centre 101x101 only. 128 allows 5 clean poolings.", lower_bound=101,
+                         upper_bound=201)
+    flags.DEFINE_enum("pad_mode", "reflect", ["reflect", "edge"], "How --input_size pads the 101x101 image: "
+                      "mirror without repeating the border (reflect), or repeat the border pixel (edge).")
 
     # --- Loss.
     flags.DEFINE_string("loss", "bce:1,dice:1", "Weighted loss terms 'name:weight,...' from "
@@ -101,6 +126,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("plateau_patience", 5, "Epochs without improvement before the LR drops.",
                          lower_bound=1)
     flags.DEFINE_float("min_learning_rate", 1e-5, "Floor of the plateau schedule.", lower_bound=0.0)
+    flags.DEFINE_integer("swa_epochs", 0, "Stochastic weight averaging: average the weights at the end of the "
+                         "last N epochs, recompute batch-norm statistics on the training images and export the "
+                         "result to <model_dir>/swa (predict --model_dir=<model_dir>/swa). 0 = off.", lower_bound=0)
     flags.DEFINE_integer("early_stop_patience", 0, "Stop after this many epochs without improvement "
                          "(0 = never).", lower_bound=0)
 
@@ -202,6 +230,25 @@ def _register_validators() -> None:
         if epochs and (len(epochs) != len(stages) - 1 or epochs != sorted(set(epochs)) or epochs[0] < 1):
             raise flags.ValidationError(f"--loss_switch_epochs needs {max(len(stages) - 1, 0)} increasing "
                                         f"epochs >= 1 for the {len(stages)} stages of --loss_schedule")
+        return True
+
+    @flags.multi_flags_validator(["swa_epochs", "epochs", "strategy", "devices"])
+    def _swa_ok(values):
+        if values["swa_epochs"] > values["epochs"]:
+            raise flags.ValidationError(f"--swa_epochs={values['swa_epochs']} exceeds --epochs={values['epochs']}")
+        if values["swa_epochs"] and (values["strategy"] != "default" or values["devices"]):
+            raise flags.ValidationError("--swa_epochs runs on one device only (its batch-norm pass is not "
+                                        "distributed); drop --strategy/--devices or --swa_epochs")
+        return True
+
+    @flags.multi_flags_validator(["depth", "input_size"])
+    def _depth_fits_input(values):
+        size = values["input_size"]
+        for _ in range(values["depth"]):
+            size //= 2
+        if size < 2:
+            raise flags.ValidationError(f"--depth={values['depth']} pools an --input_size={values['input_size']} "
+                                        "input below 2x2; lower --depth")
         return True
 
     @flags.multi_flags_validator(["strategy", "devices"])

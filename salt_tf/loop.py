@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from salt_tf import checkpoints, determinism, distribute, metrics, pipeline, records, schedules, summaries
+from salt_tf import checkpoints, determinism, distribute, metrics, pipeline, records, schedules, summaries, swa
 from salt_tf.summaries import Summaries
 
 
@@ -60,6 +60,7 @@ class LoopConfig:
     lr_schedule: str = "plateau"    # plateau | plateau_restart | cosine (see schedules.py)
     snapshot_cycles: int = 1        # cosine: number of cycles (and snapshots)
     loss_switch_epochs: tuple[int, ...] = ()  # plateau: epochs at which the next loss stage starts
+    swa_epochs: int = 0             # average the weights of the last N epochs into <run_dir>/swa; 0 = off
 
 
 class TrainingStopped(Exception):
@@ -106,6 +107,9 @@ class Trainer:
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # epochs completed
             self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+            # Only with --swa_epochs, so checkpoints of other runs hold exactly what they held before.
+            self.weight_average = swa.WeightAverage(model) if config.swa_epochs else None
+            extra_state = {"swa": self.weight_average} if self.weight_average is not None else {}
             self.schedule = schedules.Schedule(
                 config.lr_schedule, float(optimizer.learning_rate.numpy()), config.plateau_factor,
                 config.plateau_patience, config.min_learning_rate, config.snapshot_cycles, config.epochs,
@@ -113,7 +117,7 @@ class Trainer:
             self.checkpoints = checkpoints.RunCheckpoints(
                 run_dir, config.keep_checkpoints, restore_dir=resume_from, model=model, optimizer=optimizer,
                 epoch=self.epoch, schedule=self.schedule, partial_epoch=self.partial_epoch,
-                skipped_steps=self.skipped_steps)
+                skipped_steps=self.skipped_steps, **extra_state)
         self._stop_signal = None
         self.summaries = Summaries(run_dir)
         # One compiled step per loss stage (a loss is part of the graph).
@@ -139,8 +143,10 @@ class Trainer:
         the replicas, and that of the gradients, is the mean over the global batch and its gradient."""
         global_batch = self.config.batch_size
         with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)
-            per_image_loss, terms = loss_fn(masks, logits)
+            # Every output (mask logits; with deep supervision also side logits and the image-level logit):
+            # the loss decides what it scores.
+            model_outputs = self.model(images, training=True, all_outputs=True)
+            per_image_loss, terms = loss_fn(masks, model_outputs)
             loss = tf.nn.compute_average_loss(per_image_loss, global_batch_size=global_batch)
         gradients = tape.gradient(loss, self.model.trainable_variables)
         outputs = {"loss": loss}
@@ -193,25 +199,27 @@ class Trainer:
                                              self.model.non_trainable_variables)
 
     def _eval_step(self, loss_fn, images, masks):
-        logits = self.model(images, training=False)
-        per_image_loss, _ = loss_fn(masks, logits)
-        return tf.sigmoid(tf.cast(logits, tf.float32))[..., 0], per_image_loss
+        """{"probabilities": [B,101,101], "loss": [B]} and, with an image-level head, "has_salt": [B]."""
+        model_outputs = self.model(images, training=False, all_outputs=True)
+        per_image_loss, _ = loss_fn(masks, model_outputs)
+        results = {"probabilities": tf.sigmoid(model_outputs["mask"])[..., 0], "loss": per_image_loss}
+        if "has_salt" in model_outputs:
+            results["has_salt"] = tf.sigmoid(model_outputs["has_salt"])
+        return results
 
     # ---------------------------------------------------------------------------------- evaluation
 
-    def predict_validation(self) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities [N,101,101] and per-image losses [N] of the whole validation set."""
-        probabilities, losses = [], []
-        for images, masks in pipeline.eval_dataset(self.val_images, self.val_masks,
-                                                   batch_size=self.config.eval_batch_size):
-            p, l = self.eval_step(images, masks)
-            probabilities.append(p.numpy())
-            losses.append(l.numpy())
-        return np.concatenate(probabilities), np.concatenate(losses)
+    def predict_validation(self) -> dict[str, np.ndarray]:
+        """The eval step's outputs over the whole validation set: "probabilities" [N,101,101], "loss" [N] and,
+        with an image-level head, "has_salt" [N]."""
+        batches = [self.eval_step(images, masks) for images, masks in
+                   pipeline.eval_dataset(self.val_images, self.val_masks, batch_size=self.config.eval_batch_size)]
+        return {name: np.concatenate([batch[name].numpy() for batch in batches]) for name in batches[0]}
 
     def evaluate(self) -> tuple[dict, np.ndarray, np.ndarray]:
         """Validation results, plus the probabilities [N,101,101] and per-image scores [N] behind them."""
-        probabilities, losses = self.predict_validation()
+        outputs = self.predict_validation()
+        probabilities, losses = outputs["probabilities"], outputs["loss"]
         predicted = probabilities > 0.5
         image_scores = metrics.image_scores(self.val_truth, predicted)
         threshold, threshold_metric = metrics.best_threshold(self.val_truth, probabilities)
@@ -224,6 +232,10 @@ class Trainer:
         }
         for group, score in summaries.coverage_group_scores(self.val_truth, image_scores).items():
             results[f"val_metric_{group}"] = score
+        if "has_salt" in outputs:  # the image-level head: how well it tells salt from empty images
+            has_salt = self.val_truth.any(axis=(1, 2))
+            results["val_image_accuracy"] = float(np.mean((outputs["has_salt"] > 0.5) == has_salt))
+            results["val_image_auc"] = metrics.roc_auc(has_salt, outputs["has_salt"])
         return results, probabilities, image_scores
 
     # ---------------------------------------------------------------------------------- epochs
@@ -364,6 +376,8 @@ class Trainer:
             outcome = self.schedule.end_epoch(epoch + 1, row["val_metric"], self.optimizer.learning_rate)
             improved = outcome.improved
             self.epoch.assign(epoch + 1)
+            if self.weight_average is not None and epoch + 1 > self.config.epochs - self.config.swa_epochs:
+                self.weight_average.add(self.model)
             fingerprints[epoch + 1] = determinism.variable_fingerprints(self.model.variables)
             row["weights_sha256"] = determinism.combined_fingerprint(fingerprints[epoch + 1])
             # Checkpoint first, then the CSV row: a crash in between redoes the epoch, and the resume
@@ -386,7 +400,10 @@ class Trainer:
                 break
             if epoch + 1 < self.config.epochs and self._stop_requested():
                 self._stopped(f"after epoch {epoch + 1}")
-        return self._final_summary(history, time.perf_counter() - run_start)
+        summary = self._final_summary(history, time.perf_counter() - run_start)
+        if self.weight_average is not None and int(self.weight_average.count.numpy()):
+            summary.update(self._export_weight_average())
+        return summary
 
     # ---------------------------------------------------------------------------------- edges
 
@@ -406,6 +423,30 @@ class Trainer:
             checkpoints.export_snapshot(self.run_dir, outcome.finished_cycle, self.model, config)
         if outcome.finished_cycle is not None:
             logging.info("snapshot cycle %d ended at epoch %d", outcome.finished_cycle, epoch)
+
+    def _export_weight_average(self) -> dict:
+        """The mean of the averaged epochs' weights, with batch-norm statistics recomputed on the (unaugmented)
+        training images, evaluated and exported to <run_dir>/swa; the model's own weights are left as they were.
+        Done again by a rerun if a crash came between the last checkpoint and this export."""
+        directory = os.path.join(self.run_dir, checkpoints.SWA_DIR)
+        count = int(self.weight_average.count.numpy())
+        if os.path.isfile(os.path.join(directory, checkpoints.EXPORT_CONFIG)):
+            config = checkpoints.read_export_config(directory)
+            return {"swa_epochs_averaged": count, "swa_val_metric": config.get("val_metric")}
+        with self.weight_average.applied(self.model):
+            seen = swa.recompute_batch_norm(self.model, (images for images, _ in pipeline.eval_dataset(
+                self.train_images, self.train_masks, batch_size=self.config.batch_size)))
+            results, _, _ = self.evaluate()
+            checkpoints.export_to(directory, self.model, dict(
+                self.export_config, epoch=int(self.epoch.numpy()), val_metric=results["val_metric"],
+                threshold=results["val_best_threshold"], swa_epochs_averaged=count))
+        self.summaries.scalars(self.summaries.val, {"swa_metric": results["val_metric"]}, self.global_step())
+        self.summaries.flush()
+        logging.info("weight average of the last %d epochs (batch norm recomputed on %d images): val_metric %.4f "
+                     "(%.4f at threshold %.2f); exported to %s", count, seen, results["val_metric"],
+                     results["val_metric_at_best_threshold"], results["val_best_threshold"], directory)
+        return {"swa_epochs_averaged": count, "swa_val_metric": results["val_metric"],
+                "swa_val_metric_at_best_threshold": results["val_metric_at_best_threshold"]}
 
     def _should_stop_early(self, epochs_done: int) -> bool:
         patience = self.config.early_stop_patience
@@ -448,6 +489,8 @@ class Trainer:
             "best_threshold": row["val_best_threshold"],
             "metric_at_best_threshold": row["val_metric_at_best_threshold"],
             "best_metric": float(self.schedule.best.numpy()),
+            **{f"image_head/{name[len('val_image_'):]}": v for name, v in row.items()
+               if name.startswith("val_image_")},
             **{f"metric_by_coverage/{name[len('val_metric_'):]}": v for name, v in row.items()
                if name[len("val_metric_"):] in summaries.COVERAGE_GROUPS},
         }, step)

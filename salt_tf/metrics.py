@@ -89,3 +89,24 @@ def best_threshold(truth: np.ndarray, probabilities: np.ndarray,
     best = np.flatnonzero(scores == scores.max())
     pick = best[np.argmin(np.abs(thresholds[best] - 0.5))]
     return float(thresholds[pick]), float(scores[pick])
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for binary `labels`: the probability that a random positive scores
+    above a random negative, ties counting one half (Mann-Whitney U / (n_pos * n_neg), from average ranks).
+    NaN when one class is absent."""
+    labels = np.asarray(labels, bool).ravel()
+    scores = np.asarray(scores, np.float64).ravel()
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), np.float64)
+    # Average rank (1-based) of every run of equal scores.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + 1 + end) / 2.0
+    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))

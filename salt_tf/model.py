@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Iterator
 
 import keras
 import numpy as np
@@ -65,6 +64,8 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-3  # Keras default.
 
 MAX_DEPTH = 5  # 101 -> 50 -> 25 -> 12 -> 6 -> 3; a 6th pooling would leave 1x1.
+SE_TYPES = ("channel", "scse")
+PAD_MODES = ("reflect", "edge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,11 @@ class ModelConfig:
     se_ratio: int = 4  # SE reduction ratio r (hidden units = max(1, c // r))
     dropout: float = 0.0  # spatial dropout at the bottleneck and after each skip concat
     input_channels: int = 1  # 1 = image; 2 = image + depth plane
+    se_type: str = "channel"  # with se: "channel" (cSE) or "scse" (channel + spatial gates, added)
+    hypercolumn: bool = False  # the head sees every decoder level, upsampled to full size
+    deep_supervision: bool = False  # side logits per decoder level + an image-level "has salt" logit
+    input_size: int = IMAGE_SIZE  # the network's size: 101 (native) or larger, reached by padding
+    pad_mode: str = "reflect"  # how 101 is padded to input_size: "reflect" or "edge"
 
     def __post_init__(self):
         if self.base_width < 1:
@@ -90,6 +96,22 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.input_channels < 1:
             raise ValueError(f"input_channels must be >= 1, got {self.input_channels}")
+        if self.se_type not in SE_TYPES:
+            raise ValueError(f"se_type must be one of {SE_TYPES}, got {self.se_type!r}")
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+        if not IMAGE_SIZE <= self.input_size <= 2 * IMAGE_SIZE - 1:
+            raise ValueError(f"input_size must be in [{IMAGE_SIZE}, {2 * IMAGE_SIZE - 1}] (101 = no padding; "
+                             f"reflect padding needs < 101 pixels a side), got {self.input_size}")
+        if level_sizes(self.depth, self.input_size)[-1] < 2:
+            raise ValueError(f"depth {self.depth} pools a {self.input_size}x{self.input_size} input below 2x2; "
+                             "use a smaller depth")
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        """Pixels added before and after the 101 pixels of each axis to reach input_size."""
+        extra = self.input_size - IMAGE_SIZE
+        return extra // 2, extra - extra // 2
 
 
 def level_sizes(depth: int, image_size: int = IMAGE_SIZE) -> list[int]:
@@ -195,6 +217,47 @@ class SqueezeExcite(keras.layers.Layer):
         return x * self.excite(self.squeeze(s))
 
 
+class SpatialSqueezeExcite(keras.layers.Layer):
+    """Spatial gate of Roy et al. 2018 (sSE): conv1x1 to one channel -> sigmoid -> scale every pixel."""
+
+    def __init__(self, channels: int, name: str = "sse", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.channels = channels
+        self.gate = _conv(1, 1, "gate")
+
+    def build(self, input_shape):
+        self.gate.build(input_shape)
+
+    def call(self, x):
+        return x * ops.sigmoid(self.gate(x))
+
+
+class ConcurrentSqueezeExcite(keras.layers.Layer):
+    """scSE of Roy et al. 2018: channel gate and spatial gate side by side, their outputs added
+    (the variant the TGS solutions used). The channel gate keeps the path ``se`` so its variables are named
+    as in a cSE model."""
+
+    def __init__(self, channels: int, ratio: int, name: str = "scse", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.se = SqueezeExcite(channels, ratio, name="se")
+        self.sse = SpatialSqueezeExcite(channels, name="sse")
+
+    def build(self, input_shape):
+        self.se.build(input_shape)
+        self.sse.build(input_shape)
+
+    def call(self, x):
+        return self.se(x) + self.sse(x)
+
+
+def _gate(channels: int, config: "ModelConfig"):
+    if not config.se:
+        return None
+    if config.se_type == "scse":
+        return ConcurrentSqueezeExcite(channels, config.se_ratio, name="scse")
+    return SqueezeExcite(channels, config.se_ratio, name="se")
+
+
 class ResidualBlock(keras.layers.Layer):
     """Pre-activation residual block with an optional SE gate on the residual branch.
 
@@ -213,15 +276,7 @@ class ResidualBlock(keras.layers.Layer):
     conv1 has no bias because BN2 immediately follows it (a bias would be cancelled).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        channels: int,
-        se: bool,
-        se_ratio: int,
-        name: str,
-        **kwargs,
-    ):
+    def __init__(self, in_channels: int, channels: int, config: "ModelConfig", name: str, **kwargs):
         super().__init__(name=name, **kwargs)
         self.in_channels = in_channels
         self.channels = channels
@@ -229,7 +284,7 @@ class ResidualBlock(keras.layers.Layer):
         self.conv1 = _conv(channels, 3, "conv1", use_bias=False)
         self.bn2 = _bn("bn2")
         self.conv2 = _conv(channels, 3, "conv2")
-        self.se = SqueezeExcite(channels, se_ratio, name="se") if se else None
+        self.se = _gate(channels, config)  # cSE or scSE on the residual branch; None without --se
         self.projection = _conv(channels, 1, "projection") if in_channels != channels else None
 
     def build(self, input_shape):
@@ -257,13 +312,7 @@ def _make_blocks(owner: keras.layers.Layer, config: ModelConfig, in_channels: in
     """Attach blocks_per_level residual blocks to ``owner`` as attributes block0, block1, ..."""
     owner.num_blocks = config.blocks_per_level
     for i in range(config.blocks_per_level):
-        block = ResidualBlock(
-            in_channels if i == 0 else channels,
-            channels,
-            se=config.se,
-            se_ratio=config.se_ratio,
-            name=f"block{i}",
-        )
+        block = ResidualBlock(in_channels if i == 0 else channels, channels, config, name=f"block{i}")
         setattr(owner, f"block{i}", block)
 
 
@@ -427,7 +476,7 @@ class Decoder(keras.layers.Layer):
     def __init__(self, config: ModelConfig, name: str = "decoder", **kwargs):
         super().__init__(name=name, **kwargs)
         self.depth = config.depth
-        sizes = level_sizes(config.depth)
+        sizes = level_sizes(config.depth, config.input_size)
         for level in reversed(range(config.depth)):
             setattr(
                 self,
@@ -442,9 +491,59 @@ class Decoder(keras.layers.Layer):
             x_shape = tuple(skips_shape[level][:-1]) + (layer.width,)
 
     def call(self, x, skips, training=False):
+        """Returns every level's output, deepest first; the last is level 0's, at full size."""
+        outputs = []
         for level in reversed(range(self.depth)):
             x = getattr(self, f"level{level}")(x, skips[level], training=training)
+            outputs.append(x)
+        return outputs
+
+
+def _resize(x, size: int):
+    """Bilinear resize of [B, h, w, C] to [B, size, size, C] in x's dtype (no-op at that size already)."""
+    if x.shape[1] == size:
         return x
+    return ops.cast(tf.image.resize(x, (size, size), method="bilinear"), x.dtype)
+
+
+def hypercolumn(level_outputs, size: int):
+    """Concatenation of every decoder level's output, upsampled to `size`: level 0 first, then 1, 2, ..."""
+    return ops.concatenate([_resize(x, size) for x in reversed(level_outputs)], axis=-1)
+
+
+class SideOutputs(keras.layers.Layer):
+    """Deep supervision: a 1x1 conv to one logit on each decoder level's output, upsampled to full size."""
+
+    def __init__(self, config: ModelConfig, name: str = "side", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.depth = config.depth
+        for level in range(config.depth):
+            setattr(self, f"level{level}", _conv(1, 1, f"level{level}"))
+
+    def build(self, level_shapes):
+        """level_shapes: the decoder's output shapes, deepest first (as Decoder.call returns them)."""
+        for level, shape in zip(reversed(range(self.depth)), level_shapes):
+            getattr(self, f"level{level}").build(shape)
+
+    def call(self, level_outputs, size: int):
+        """Logits [B, size, size, 1] per decoder level, deepest first."""
+        return [_resize(getattr(self, f"level{level}")(x), size)
+                for level, x in zip(reversed(range(self.depth)), level_outputs)]
+
+
+class ImageHead(keras.layers.Layer):
+    """The "has salt" classifier: global average pool of the bottleneck -> dense -> one logit per image."""
+
+    def __init__(self, name: str = "image_head", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.dense = keras.layers.Dense(1, kernel_initializer=KERNEL_INITIALIZER, bias_initializer=BIAS_INITIALIZER,
+                                        name="dense")
+
+    def build(self, input_shape):
+        self.dense.build((input_shape[0], input_shape[-1]))
+
+    def call(self, x):
+        return self.dense(ops.mean(x, axis=(1, 2)))[:, 0]
 
 
 class Head(keras.layers.Layer):
@@ -464,7 +563,8 @@ class Head(keras.layers.Layer):
 
 
 class UNet(keras.Model):
-    """Residual SE U-Net. ``model(x, training=...)`` maps [B,101,101,C] to [B,101,101,1] logits."""
+    """Residual SE U-Net. ``model(x, training=...)`` maps [B,101,101,C] to [B,101,101,1] mask logits;
+    ``model.forward(x, training=...)`` returns every output (see ``forward``)."""
 
     def __init__(self, config: ModelConfig, name: str = "unet", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -473,60 +573,33 @@ class UNet(keras.Model):
         self.bottleneck = Bottleneck(config)
         self.decoder = Decoder(config)
         self.head = Head()
+        if config.deep_supervision:
+            self.side = SideOutputs(config)
+            self.image_head = ImageHead()
 
     def build(self, input_shape):
         """Creates every variable from shapes alone (no forward pass, no symbolic tracing).
 
-        Each sublayer's build runs inside its own (nested) name scope, which is what gives
-        the hierarchical variable paths.
+        ``input_shape`` is the external [B, 101, 101, C]; the layers are built at the network's size
+        (``config.input_size``). Each sublayer's build runs inside its own (nested) name scope, which is what
+        gives the hierarchical variable paths.
         """
         config = self.config
         batch = input_shape[0]
-        sizes = level_sizes(config.depth, input_shape[1])
+        sizes = level_sizes(config.depth, config.input_size)
         shape = lambda level, channels: (batch, sizes[level], sizes[level], channels)  # noqa: E731
-        self.encoder.build(tuple(input_shape))
+        self.encoder.build(shape(0, input_shape[-1]))
         self.bottleneck.build(shape(config.depth, level_width(config, config.depth - 1)))
         self.decoder.build(
             shape(config.depth, level_width(config, config.depth)),
             [shape(level, level_width(config, level)) for level in range(config.depth)],
         )
-        self.head.build(shape(0, config.base_width))
-
-    def blocks(self) -> Iterator[tuple[str, keras.layers.Layer]]:
-        """Top-level blocks in forward order as (display name, layer)."""
-        yield "encoder/stem", self.encoder.stem
-        for level in range(self.config.depth):
-            yield f"encoder/level{level}", getattr(self.encoder, f"level{level}")
-        yield "bottleneck", self.bottleneck
-        for level in reversed(range(self.config.depth)):
-            yield f"decoder/level{level}", getattr(self.decoder, f"level{level}")
-        yield "head", self.head
-
-    def trace(self, x, training=False) -> list[tuple[str, keras.layers.Layer, object]]:
-        """Runs the forward pass block by block; returns [(name, layer, output)] in order.
-
-        For encoder levels the recorded output is the skip (pre-pool) tensor. The final
-        entry's output equals ``self(x, training=training)``.
-        """
-        self._check_input(x)
-        record = []
-        x = self.encoder.stem(x)
-        record.append(("encoder/stem", self.encoder.stem, x))
-        skips = []
-        for level in range(self.config.depth):
-            layer = getattr(self.encoder, f"level{level}")
-            skip, x = layer(x, training=training)
-            skips.append(skip)
-            record.append((f"encoder/level{level}", layer, skip))
-        x = self.bottleneck(x, training=training)
-        record.append(("bottleneck", self.bottleneck, x))
-        for level in reversed(range(self.config.depth)):
-            layer = getattr(self.decoder, f"level{level}")
-            x = layer(x, skips[level], training=training)
-            record.append((f"decoder/level{level}", layer, x))
-        x = ops.cast(self.head(x, training=training), "float32")
-        record.append(("head", self.head, x))
-        return record
+        head_channels = (sum(level_width(config, level) for level in range(config.depth)) if config.hypercolumn
+                         else config.base_width)
+        self.head.build(shape(0, head_channels))
+        if config.deep_supervision:
+            self.side.build([shape(level, level_width(config, level)) for level in reversed(range(config.depth))])
+            self.image_head.build(shape(config.depth, level_width(config, config.depth)))
 
     def _check_input(self, x) -> None:
         shape = tuple(x.shape)
@@ -535,12 +608,73 @@ class UNet(keras.Model):
             raise ValueError(f"expected input of shape [B, {IMAGE_SIZE}, {IMAGE_SIZE}, "
                              f"{self.config.input_channels}], got {shape}")
 
-    def call(self, x, training=False):
+    def pad(self, x):
+        """[B, 101, 101, C] -> [B, input_size, input_size, C] by the configured padding (identity at 101)."""
+        before, after = self.config.padding
+        if before == after == 0:
+            return x
+        if self.config.pad_mode == "reflect":
+            return tf.pad(x, [[0, 0], [before, after], [before, after], [0, 0]], mode="REFLECT")
+        index = tf.clip_by_value(tf.range(-before, IMAGE_SIZE + after), 0, IMAGE_SIZE - 1)  # edge: repeat
+        return tf.gather(tf.gather(x, index, axis=1), index, axis=2)
+
+    def crop(self, y):
+        """The centre 101x101 of a network-size map: what losses, metrics and predictions see."""
+        before, _ = self.config.padding
+        if before == 0 and y.shape[1] == IMAGE_SIZE:
+            return y
+        return y[:, before:before + IMAGE_SIZE, before:before + IMAGE_SIZE, :]
+
+    def forward(self, x, training=False, record=None) -> dict:
+        """Every output of the network for external input x [B, 101, 101, C], as float32:
+
+            "mask"      [B, 101, 101, 1]  the (fused) mask logits, what ``model(x)`` returns
+            "sides"     tuple of [B, 101, 101, 1] logits, one per decoder level, deepest first  (deep supervision)
+            "has_salt"  [B] logit of the image-level classifier on the bottleneck               (deep supervision)
+
+        ``record``, if a list, receives (name, layer, output) per block in forward order (``trace``).
+        """
         self._check_input(x)
-        bottom, skips = self.encoder(x, training=training)
-        y = self.bottleneck(bottom, training=training)
-        y = self.decoder(y, skips, training=training)
-        return ops.cast(self.head(y, training=training), "float32")
+        note = (lambda *entry: record.append(entry)) if record is not None else (lambda *entry: None)
+        config = self.config
+        x = self.encoder.stem(self.pad(x))
+        note("encoder/stem", self.encoder.stem, x)
+        skips = []
+        for level in range(config.depth):
+            layer = getattr(self.encoder, f"level{level}")
+            skip, x = layer(x, training=training)
+            skips.append(skip)
+            note(f"encoder/level{level}", layer, skip)
+        bottom = self.bottleneck(x, training=training)
+        note("bottleneck", self.bottleneck, bottom)
+        levels = self.decoder(bottom, skips, training=training)
+        for level, y in zip(reversed(range(config.depth)), levels):
+            note(f"decoder/level{level}", getattr(self.decoder, f"level{level}"), y)
+        features = hypercolumn(levels, config.input_size) if config.hypercolumn else levels[-1]
+        outputs = {"mask": self.crop(ops.cast(self.head(features, training=training), "float32"))}
+        if config.deep_supervision:
+            outputs["sides"] = tuple(self.crop(ops.cast(side, "float32"))
+                                     for side in self.side(levels, size=config.input_size))
+            outputs["has_salt"] = ops.cast(self.image_head(bottom), "float32")
+            note("image_head", self.image_head, outputs["has_salt"])
+        note("head", self.head, outputs["mask"])
+        return outputs
+
+    def trace(self, x, training=False) -> list[tuple[str, keras.layers.Layer, object]]:
+        """Runs the forward pass block by block; returns [(name, layer, output)] in order.
+
+        For encoder levels the recorded output is the skip (pre-pool) tensor. The final entry's output (the
+        head's, cropped to 101x101) equals ``self(x, training=training)``.
+        """
+        record = []
+        self.forward(x, training=training, record=record)
+        return record
+
+    def call(self, x, training=False, all_outputs=False):
+        """Mask logits [B, 101, 101, 1]; with ``all_outputs=True`` the dict of ``forward`` (through Keras'
+        ``__call__``, as the train step calls it)."""
+        outputs = self.forward(x, training=training)
+        return outputs if all_outputs else outputs["mask"]
 
 
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -580,14 +714,15 @@ def count_params(model: keras.Model) -> int:
 
 
 def forward_flops_per_image(config: ModelConfig) -> int:
-    """Analytical forward FLOPs for one 101x101 image: 2 * MACs of convs, transposed convs
-    and dense layers. Biases, BN, ReLU, pooling, SE scaling, additions are ignored.
+    """Analytical forward FLOPs for one image at the network's size (``config.input_size``): 2 * MACs of
+    convs, transposed convs and dense layers. Biases, BN, ReLU, pooling, gate scaling, resizes, padding and
+    additions are ignored.
 
     Conv kxk (same padding) on an HxW output: 2 * H * W * k * k * Cin * Cout.
     Transposed conv: every input pixel scatters a k x k x Cout patch per input channel:
     2 * Hin * Win * k * k * Cin * Cout.  Dense: 2 * in * out.
     """
-    sizes = level_sizes(config.depth)
+    sizes = level_sizes(config.depth, config.input_size)
 
     def conv(size, k, cin, cout):
         return 2 * size * size * k * k * cin * cout
@@ -599,6 +734,8 @@ def forward_flops_per_image(config: ModelConfig) -> int:
         if config.se:
             hidden = max(1, cout // config.se_ratio)
             flops += 2 * cout * hidden + 2 * hidden * cout
+            if config.se_type == "scse":
+                flops += conv(size, 1, cout, 1)
         return flops
 
     def blocks(size, cin, cout):
@@ -614,5 +751,9 @@ def forward_flops_per_image(config: ModelConfig) -> int:
         s_in = sizes[level + 1]
         total += 2 * s_in * s_in * 9 * w(level + 1) * w(level)
         total += blocks(sizes[level], 2 * w(level), w(level))
-    total += conv(sizes[0], 1, config.base_width, 1)
+    head_channels = sum(w(level) for level in range(config.depth)) if config.hypercolumn else config.base_width
+    total += conv(sizes[0], 1, head_channels, 1)
+    if config.deep_supervision:
+        total += sum(conv(sizes[level], 1, w(level), 1) for level in range(config.depth))
+        total += 2 * w(config.depth)
     return int(total)

@@ -25,10 +25,18 @@ DEPTH_SCALE = 1000.0  # TGS depths are 50..960 feet; z / 1000 puts the depth pla
 class Augmentation:
     hflip: bool = True      # left-right mirror: geology has no preferred horizontal direction
     translate: int = 0      # max shift in pixels along each axis; the uncovered border is reflected
+    zoom: float = 1.0       # max scale of the zoom-and-crop: a crop of 101/s pixels, s in [1, zoom]; 1 = off
+    brightness: float = 0.0  # max absolute shift added to the image (values in [0, 1]); 0 = off
+    contrast: float = 0.0   # max relative change of the image's contrast about its mean; 0 = off
 
     def __post_init__(self):
         if not 0 <= self.translate < IMAGE_SIZE - 1:
             raise ValueError(f"--translate must be in [0, {IMAGE_SIZE - 2}], got {self.translate}")
+        if not 1.0 <= self.zoom <= 2.0:
+            raise ValueError(f"--zoom must be in [1, 2], got {self.zoom}")
+        if not (0.0 <= self.brightness <= 0.5 and 0.0 <= self.contrast < 1.0):
+            raise ValueError(f"--brightness must be in [0, 0.5] and --contrast in [0, 1), got {self.brightness} "
+                             f"and {self.contrast}")
 
 
 def to_arrays(data: LabelledSet, use_depth: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -55,8 +63,24 @@ def example_key(seed: int, epoch, index) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
 
 
+def zoom_crop(image: tf.Tensor, scale, top, left) -> tf.Tensor:
+    """The square of side 1/scale (as a fraction of the image) at fractional offset (top, left), resized back to
+    101x101 by bilinear interpolation: [H, W, C] -> [101, 101, C]. Coordinates follow
+    tf.image.crop_and_resize: fraction f is pixel f * (H - 1), so output pixel i samples row
+    (top + i / 100 / scale) * 100."""
+    side = 1.0 / scale
+    box = tf.stack([top, left, top + side, left + side])[None]
+    return tf.image.crop_and_resize(image[None], box, [0], [IMAGE_SIZE, IMAGE_SIZE], method="bilinear")[0]
+
+
+# Keys of the augmentations added after flip and shift are folded from the example's key with these constants,
+# so the flip and shift of an example (and with them every run without the new augmentations) stay as before.
+_ZOOM_STREAM, _INTENSITY_STREAM = 1, 2
+
+
 def augment(image: tf.Tensor, mask: tf.Tensor, key: tf.Tensor, config: Augmentation) -> tuple[tf.Tensor, tf.Tensor]:
-    """Applies the same random flip and shift to an image [H,W,C] and its mask [H,W,1]."""
+    """Applies the same random flip, shift and zoom to an image [H,W,C] and its mask [H,W,1], then a brightness
+    and contrast change to the image's first channel (not to a depth plane)."""
     flip_key, shift_key = tf.unstack(tf.random.experimental.stateless_split(key, num=2))
     if config.hflip:
         flip = tf.random.stateless_uniform([], flip_key) < 0.5
@@ -69,6 +93,19 @@ def augment(image: tf.Tensor, mask: tf.Tensor, key: tf.Tensor, config: Augmentat
         paddings = [[m, m], [m, m], [0, 0]]
         image = tf.slice(tf.pad(image, paddings, mode="REFLECT"), begin, tf.shape(image))
         mask = tf.slice(tf.pad(mask, paddings, mode="REFLECT"), begin, tf.shape(mask))
+    if config.zoom > 1.0:
+        draw = tf.random.stateless_uniform([3], tf.random.experimental.stateless_fold_in(key, _ZOOM_STREAM))
+        scale = 1.0 + draw[0] * (config.zoom - 1.0)
+        room = 1.0 - 1.0 / scale  # the crop's offset keeps it inside the image
+        image = zoom_crop(image, scale, draw[1] * room, draw[2] * room)
+        mask = tf.cast(zoom_crop(mask, scale, draw[1] * room, draw[2] * room) > 0.5, mask.dtype)
+    if config.brightness or config.contrast:
+        draw = tf.random.stateless_uniform([2], tf.random.experimental.stateless_fold_in(key, _INTENSITY_STREAM),
+                                           minval=-1.0, maxval=1.0)
+        gray = image[..., :1]
+        mean = tf.reduce_mean(gray)
+        gray = (gray - mean) * (1.0 + config.contrast * draw[0]) + mean + config.brightness * draw[1]
+        image = tf.concat([gray, image[..., 1:]], axis=-1)
     return image, mask
 
 

@@ -108,7 +108,9 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
     data_fingerprint = kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
     model_config = model_lib.ModelConfig(
         base_width=FLAGS.base_width, depth=FLAGS.depth, blocks_per_level=FLAGS.blocks_per_level, se=FLAGS.se,
-        se_ratio=FLAGS.se_ratio, dropout=FLAGS.dropout, input_channels=2 if FLAGS.use_depth else 1)
+        se_ratio=FLAGS.se_ratio, dropout=FLAGS.dropout, input_channels=2 if FLAGS.use_depth else 1,
+        se_type=FLAGS.se_type, hypercolumn=FLAGS.hypercolumn, deep_supervision=FLAGS.deep_supervision,
+        input_size=FLAGS.input_size, pad_mode=FLAGS.pad_mode)
     init_weights, init_source = initial_weights(run_dir, dataclasses.asdict(model_config))
     prepare_run_dir(out_dir)
     if skipped:
@@ -138,15 +140,18 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
     specs = salt_flags.loss_stages(FLAGS.loss_schedule) if FLAGS.loss_schedule else [FLAGS.loss]
     loss_fn = [losses.CombinedLoss(spec, focal_gamma=FLAGS.focal_gamma, focal_alpha=FLAGS.focal_alpha)
                for spec in specs]
+    if FLAGS.deep_supervision:
+        loss_fn = [losses.DeepSupervisionLoss(fn, FLAGS.side_loss_weight, FLAGS.image_loss_weight) for fn in loss_fn]
     config = loop.LoopConfig(
         epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
-        seed=FLAGS.seed, augmentation=pipeline.Augmentation(hflip=FLAGS.hflip, translate=FLAGS.translate),
+        seed=FLAGS.seed, augmentation=pipeline.Augmentation(hflip=FLAGS.hflip, translate=FLAGS.translate, zoom=FLAGS.zoom,
+                                                        brightness=FLAGS.brightness, contrast=FLAGS.contrast),
         clip_norm=FLAGS.clip_norm, plateau_factor=FLAGS.plateau_factor,
         plateau_patience=FLAGS.plateau_patience, min_learning_rate=FLAGS.min_learning_rate,
         early_stop_patience=FLAGS.early_stop_patience, keep_checkpoints=FLAGS.keep_checkpoints,
         progress_every=FLAGS.progress_every, max_bad_steps=FLAGS.max_bad_steps,
         lr_schedule=FLAGS.lr_schedule, snapshot_cycles=FLAGS.snapshot_cycles,
-        loss_switch_epochs=tuple(int(e) for e in FLAGS.loss_switch_epochs),
+        loss_switch_epochs=tuple(int(e) for e in FLAGS.loss_switch_epochs), swa_epochs=FLAGS.swa_epochs,
         summary_every_steps=FLAGS.summary_every_steps,
         summary_images=FLAGS.summary_images, summary_worst_images=FLAGS.summary_worst_images,
         profile_steps=salt_flags.parse_profile_steps(FLAGS.profile_steps))

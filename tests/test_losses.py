@@ -121,6 +121,8 @@ LOSS_FNS = {
     "dice": losses.dice,
     "lovasz": losses.lovasz_hinge,
     "lovasz_elu": lambda y, z: losses.lovasz_hinge(y, z, elu_plus_one=True),
+    "lovasz_sym": losses.lovasz_symmetric,
+    "lovasz_sym_elu": lambda y, z: losses.lovasz_symmetric(y, z, elu_plus_one=True),
 }
 
 
@@ -324,7 +326,8 @@ class SpecTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(losses.parse_loss_spec(spec), want)
 
     @parameterized.parameters(
-        ("bce:1,lovaz:1", ["'lovaz'", "'bce:1,lovaz:1'", "choose from bce, focal, dice, lovasz, lovasz_elu"]),
+        ("bce:1,lovaz:1", ["'lovaz'", "'bce:1,lovaz:1'",
+                           "choose from bce, focal, dice, lovasz, lovasz_elu, lovasz_sym, lovasz_sym_elu"]),
         ("BCE", ["unknown loss 'BCE'"]),
         (":1", ["unknown loss ''"]),
         ("bce:-1", ["weight of 'bce' must be a positive finite number, got '-1'"]),
@@ -358,7 +361,42 @@ class SpecTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(losses.parse_loss_spec(losses.format_loss_spec(terms)), terms)
 
     def test_loss_names_closed_set(self):
-        self.assertEqual(losses.LOSS_NAMES, ("bce", "focal", "dice", "lovasz", "lovasz_elu"))
+        self.assertEqual(losses.LOSS_NAMES,
+                         ("bce", "focal", "dice", "lovasz", "lovasz_elu", "lovasz_sym", "lovasz_sym_elu"))
+
+
+class SymmetricLovaszTest(tf.test.TestCase, parameterized.TestCase):
+    """lovasz_sym against the NumPy port of the reference applied to (y, z) and to the mirrored (1 - y, -z)."""
+
+    @parameterized.parameters(False, True)
+    def test_matches_mean_of_reference_and_mirrored_reference(self, elu_plus_one):
+        for seed, (h, w) in enumerate([(7, 7), (5, 9), (101, 101)]):
+            labels, logits = make_batch(np.random.default_rng(40 + seed), h, w)
+            want = 0.5 * (np_lovasz(labels, logits, elu_plus_one) + np_lovasz(1.0 - labels, -logits, elu_plus_one))
+            got = losses.lovasz_symmetric(labels, logits, elu_plus_one=elu_plus_one)
+            self.assertAllClose(got, want, rtol=2e-5, atol=1e-6)
+
+    def test_symmetric_in_the_classes(self):
+        labels, logits = make_batch(np.random.default_rng(50))
+        self.assertAllClose(losses.lovasz_symmetric(labels, logits), losses.lovasz_symmetric(1.0 - labels, -logits),
+                            rtol=1e-6, atol=1e-7)
+
+    def test_empty_mask_gets_gradient_on_every_wrong_pixel(self):
+        """Hand-computed: on an empty 1x4 mask the mirrored term is the Lovász hinge of a full mask, whose
+        weights are 1/4 each, so every pixel with margin -z < 1 gets gradient -1/4 * 1/2 from it."""
+        labels = np.zeros((1, 1, 4, 1), np.float32)
+        logits = np.array([-3.0, -0.5, 0.2, 2.0], np.float32).reshape(1, 1, 4, 1)
+        loss, grad = value_and_grad(losses.lovasz_symmetric, labels, logits)
+        # plain term: relu(1 + max z) = 3 on the pixel z=2 only; mirrored: mean of relu(1 + z) = (0+0.5+1.2+3)/4.
+        self.assertAllClose(loss, [0.5 * (3.0 + (0.5 + 1.2 + 3.0) / 4.0)], atol=1e-6)
+        self.assertAllClose(grad.ravel(), [0.0, 0.125, 0.125, 0.5 + 0.125], atol=1e-6)
+
+    def test_usable_in_a_loss_mix(self):
+        labels, logits = make_batch(np.random.default_rng(51))
+        total, parts = losses.CombinedLoss("bce:1,lovasz_sym:0.5")(tf.constant(labels), tf.constant(logits))
+        want = 0.5 * (np_lovasz(labels, logits) + np_lovasz(1.0 - labels, -logits))
+        self.assertAllClose(parts["lovasz_sym"], want, rtol=2e-5, atol=1e-6)
+        self.assertAllClose(total, np_bce(labels, logits) + 0.5 * want, rtol=2e-5, atol=1e-6)
 
 
 class CombinedLossTest(tf.test.TestCase, parameterized.TestCase):

@@ -80,3 +80,26 @@ def test_threshold_sweep_matches_thresholding_each_time():
     np.testing.assert_allclose(got, expected, atol=1e-12)
     best_t, best_s = metrics.best_threshold(truth, probabilities, thresholds)
     assert best_s == pytest.approx(max(expected)) and best_t in thresholds
+
+
+def brute_force_auc(labels, scores):
+    """Every (positive, negative) pair: 1 if the positive scores higher, 1/2 on a tie."""
+    pos = [s for s, l in zip(scores, labels) if l]
+    neg = [s for s, l in zip(scores, labels) if not l]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_roc_auc_against_pair_counting():
+    rng = np.random.default_rng(3)
+    for n in (2, 7, 50):
+        labels = rng.random(n) < 0.4
+        labels[0], labels[1] = True, False
+        scores = np.round(rng.random(n), 1)  # rounding makes ties
+        assert metrics.roc_auc(labels, scores) == pytest.approx(brute_force_auc(labels, scores), abs=1e-12)
+
+
+def test_roc_auc_hand_cases():
+    assert metrics.roc_auc([True, False], [0.9, 0.1]) == 1.0
+    assert metrics.roc_auc([True, False], [0.1, 0.9]) == 0.0
+    assert metrics.roc_auc([True, False, True], [0.5, 0.5, 0.5]) == 0.5
+    assert np.isnan(metrics.roc_auc([True, True], [0.1, 0.2]))

@@ -25,7 +25,8 @@ def _build(seed=0, **kwargs):
     return build_model(ModelConfig(**kwargs))
 
 
-def _expected_params(base_width, depth, blocks_per_level, se, se_ratio, input_channels):
+def _expected_params(base_width, depth, blocks_per_level, se, se_ratio, input_channels, se_type="channel",
+                     hypercolumn=False, deep_supervision=False):
     """Parameter count from the architecture definition; returns (total, non_trainable)."""
     bn_channels = 0
 
@@ -48,6 +49,8 @@ def _expected_params(base_width, depth, blocks_per_level, se, se_ratio, input_ch
             n += conv(1, cin, cout)
         if se:
             n += se_gate(cout)
+            if se_type == "scse":
+                n += conv(1, cout, 1)  # spatial gate: 1x1 conv to one channel
         return n
 
     def stage(cin, cout):
@@ -63,7 +66,11 @@ def _expected_params(base_width, depth, blocks_per_level, se, se_ratio, input_ch
     for level in reversed(range(depth)):
         total += conv(3, w[level + 1], w[level])  # transposed conv (same parameter count as a conv)
         total += stage(2 * w[level], w[level])  # after concatenation with the skip
-    total += bn(base_width) + conv(1, base_width, 1)  # head
+    head_in = sum(w[:depth]) if hypercolumn else base_width  # hypercolumn: every decoder level concatenated
+    total += bn(head_in) + conv(1, head_in, 1)  # head
+    if deep_supervision:
+        total += sum(conv(1, w[level], 1) for level in range(depth))  # one side logit per decoder level
+        total += w[depth] + 1  # image head: dense(bottleneck width -> 1)
     return total, 2 * bn_channels
 
 
@@ -97,7 +104,8 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_rejects_bad_configs_and_inputs(self):
         for kwargs in ({"depth": 0}, {"depth": 6}, {"base_width": 0}, {"blocks_per_level": 0},
-                       {"se_ratio": 0}, {"dropout": 1.0}, {"input_channels": 0}):
+                       {"se_ratio": 0}, {"dropout": 1.0}, {"input_channels": 0}, {"se_type": "spatial"},
+                       {"pad_mode": "zero"}, {"input_size": 100}, {"input_size": 202}, {"input_size": 110, "depth": 6}):
             with self.assertRaises(ValueError):
                 ModelConfig(**kwargs)
         model = _build(base_width=2, depth=1, blocks_per_level=1)
@@ -123,12 +131,16 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.parameters(
         (2, 2, 1, True, 4, 1), (2, 2, 1, False, 4, 1), (2, 3, 2, True, 2, 2), (3, 2, 2, True, 8, 1),
-        (2, 5, 1, True, 3, 1),
+        (2, 5, 1, True, 3, 1), (2, 3, 1, True, 2, 1, "scse"), (2, 3, 1, True, 2, 1, "channel", True),
+        (3, 2, 1, False, 2, 2, "channel", False, True), (2, 3, 2, True, 4, 1, "scse", True, True, 128),
     )
-    def test_param_count_formula(self, base_width, depth, blocks, se, se_ratio, input_channels):
+    def test_param_count_formula(self, base_width, depth, blocks, se, se_ratio, input_channels, se_type="channel",
+                                 hypercolumn=False, deep_supervision=False, input_size=101):
         model = _build(base_width=base_width, depth=depth, blocks_per_level=blocks, se=se,
-                       se_ratio=se_ratio, input_channels=input_channels)
-        total, non_trainable = _expected_params(base_width, depth, blocks, se, se_ratio, input_channels)
+                       se_ratio=se_ratio, input_channels=input_channels, se_type=se_type, hypercolumn=hypercolumn,
+                       deep_supervision=deep_supervision, input_size=input_size)
+        total, non_trainable = _expected_params(base_width, depth, blocks, se, se_ratio, input_channels, se_type,
+                                                hypercolumn, deep_supervision)
         self.assertEqual(count_params(model), total)
         self.assertEqual(model.count_params(), total)  # Keras' own count agrees
         self.assertEqual(sum(int(np.prod(v.shape)) for v in model.non_trainable_variables), non_trainable)
@@ -156,18 +168,21 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(expected, 5723664)
         self.assertEqual(forward_flops_per_image(config), expected)
 
-    @parameterized.parameters((2, 3, 2, True, 2), (3, 2, 1, False, 1))
-    def test_flops_match_tf_profiler(self, base_width, depth, blocks, se, input_channels):
+    @parameterized.parameters((2, 3, 2, True, 2), (3, 2, 1, False, 1), (2, 3, 1, True, 1, "scse", True, True, 128),
+                              (2, 5, 1, True, 1, "scse", False, False, 128))
+    def test_flops_match_tf_profiler(self, base_width, depth, blocks, se, input_channels, se_type="channel",
+                                     hypercolumn=False, deep_supervision=False, input_size=101):
         """TF's graph profiler counts Conv2D and MatMul FLOPs (2*MACs) from the traced graph.
 
         Its Conv2DBackpropInput (transposed conv) statistic uses a different convention, so
         those ops are counted from their actual graph shapes: 2 * Hin * Win * kh * kw * Cout * Cin.
         """
         config = ModelConfig(base_width=base_width, depth=depth, blocks_per_level=blocks, se=se,
-                             input_channels=input_channels)
+                             input_channels=input_channels, se_type=se_type, hypercolumn=hypercolumn,
+                             deep_supervision=deep_supervision, input_size=input_size)
         keras.utils.set_random_seed(0)
         model = build_model(config)
-        fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        fn = tf.function(lambda x: model.forward(x, training=False)).get_concrete_function(
             tf.TensorSpec([1, 101, 101, input_channels], tf.float32))
         graph = fn.graph
         options = (tf.compat.v1.profiler.ProfileOptionBuilder(
@@ -191,12 +206,13 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(forward_flops_per_image(config), counted + transposed)
 
     # ------------------------------------------------------------------ block definition
-    @parameterized.parameters((3, 4, True), (4, 4, True), (4, 2, False))
-    def test_residual_block_matches_reference(self, cin, cout, se):
+    @parameterized.parameters((3, 4, True), (4, 4, True), (4, 2, False), (3, 4, True, "scse"), (4, 4, True, "scse"))
+    def test_residual_block_matches_reference(self, cin, cout, se, se_type="channel"):
         """Inference-mode block vs. a direct tf.nn re-implementation of the definition:
         pre = relu(bn1(x)); y = conv2(relu(bn2(conv1(pre)))); y *= sigmoid(W2 relu(W1 gap(y)));
-        out = y + (x if cin == cout else proj(pre))."""
-        block = ResidualBlock(cin, cout, se=se, se_ratio=2, name="block0")
+        (scSE: y = y * channel gate + y * sigmoid(conv1x1(y))); out = y + (x if cin == cout else proj(pre))."""
+        config = ModelConfig(se=se, se_ratio=2, se_type=se_type)
+        block = ResidualBlock(cin, cout, config, name="block0")
         block.build((None, 7, 9, cin))
         rng = np.random.default_rng(1)
         for v in block.variables:
@@ -219,10 +235,17 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
         pre = tf.nn.relu(bn(x, "bn1"))
         y = conv(tf.nn.relu(bn(conv(pre, "conv1"), "bn2")), "conv2")
         if se:
+            prefix = "scse/se" if se_type == "scse" else "se"
             squeezed = tf.reduce_mean(y, axis=[1, 2])
-            hidden = tf.nn.relu(squeezed @ w["se/squeeze/kernel"] + w["se/squeeze/bias"])
-            gate = tf.sigmoid(hidden @ w["se/excite/kernel"] + w["se/excite/bias"])
-            y = y * gate[:, None, None, :]
+            hidden = tf.nn.relu(squeezed @ w[f"{prefix}/squeeze/kernel"] + w[f"{prefix}/squeeze/bias"])
+            gate = tf.sigmoid(hidden @ w[f"{prefix}/excite/kernel"] + w[f"{prefix}/excite/bias"])
+            channel_gated = y * gate[:, None, None, :]
+            if se_type == "scse":
+                spatial = tf.sigmoid(tf.einsum("bhwc,c->bhw", y, w["scse/sse/gate/kernel"][0, 0, :, 0])
+                                     + w["scse/sse/gate/bias"][0])
+                y = channel_gated + y * spatial[..., None]
+            else:
+                y = channel_gated
         shortcut = x if cin == cout else conv(pre, "projection")
         self.assertAllClose(block(x, training=False), shortcut + y, rtol=1e-4, atol=1e-4)
 
@@ -498,3 +521,98 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+# Sizes of a 128x128 network under 2x2 'valid' pooling, by hand: five clean halvings.
+SIZES_128 = [128, 64, 32, 16, 8, 4]
+
+
+class RecipeOptionsTest(tf.test.TestCase, parameterized.TestCase):
+    """Padded input, hypercolumn head and deep supervision (issue 18), against hand-computed references."""
+
+    test_session = None
+
+    @parameterized.parameters(("reflect", 128), ("edge", 128), ("reflect", 120), ("edge", 104))
+    def test_padded_network_is_the_centre_of_the_network_on_the_padded_image(self, mode, size):
+        """model(x) == centre 101x101 of the same layers run on x padded by NumPy (np.pad 'reflect' is TF's
+        REFLECT, 'edge' repeats the border pixel), and the output is 101x101."""
+        model = _build(base_width=2, depth=3, blocks_per_level=1, input_size=size, pad_mode=mode)
+        x = _images(2, seed=3)
+        extra = size - 101
+        before, after = extra // 2, extra - extra // 2
+        padded = np.pad(x.numpy(), [(0, 0), (before, after), (before, after), (0, 0)], mode=mode)
+        self.assertAllClose(model.pad(x), padded)
+        inner = model.head(model.decoder(model.bottleneck(model.encoder(tf.constant(padded))[0]),
+                                         model.encoder(tf.constant(padded))[1])[-1])
+        out = model(x, training=False)
+        self.assertEqual(out.shape, (2, 101, 101, 1))
+        self.assertAllClose(out, inner[:, before:before + 101, before:before + 101], rtol=1e-5, atol=1e-5)
+
+    def test_padded_levels_halve_cleanly(self):
+        model = _build(base_width=2, depth=5, blocks_per_level=1, input_size=128)
+        shapes = {name: tuple(out.shape) for name, _, out in model.trace(_images(1))}
+        for level in range(5):
+            self.assertEqual(shapes[f"encoder/level{level}"], (1, SIZES_128[level], SIZES_128[level], 2 * 2**level))
+        self.assertEqual(shapes["bottleneck"], (1, 4, 4, 64))
+        self.assertEqual(shapes["head"], (1, 101, 101, 1))
+
+    def test_border_of_the_padded_output_reaches_no_loss(self):
+        """Gradients of a loss on model(x) w.r.t. the head's padded-size output are zero outside the centre:
+        whatever the network predicts on the border cannot change loss or metric."""
+        model = _build(base_width=2, depth=2, blocks_per_level=1, input_size=121)
+        x = _images(1, seed=4)
+        with tf.GradientTape() as tape:
+            record = []
+            outputs = model.forward(x, record=record)
+            loss = tf.reduce_sum(tf.square(outputs["mask"]))
+        features = dict((name, out) for name, _, out in record)["decoder/level0"]
+        grad = tape.gradient(loss, features)  # the head is 1x1 (pointwise): border features -> border logits
+        self.assertEqual(grad.shape[1], 121)
+        border = np.ones((121, 121), bool)
+        border[10:111, 10:111] = False
+        self.assertEqual(float(tf.reduce_max(tf.abs(tf.boolean_mask(grad[0], border)))), 0.0)
+        self.assertGreater(float(tf.reduce_max(tf.abs(grad[0, 10:111, 10:111]))), 0.0)
+
+    def test_hypercolumn_head_sees_every_level_upsampled(self):
+        """Head = conv1x1(relu(bn(concat[level0, resize(level1), resize(level2)]))) written with tf.nn ops."""
+        model = _build(base_width=2, depth=3, blocks_per_level=1, hypercolumn=True)
+        x = _images(2, seed=5)
+        record = {name: out for name, _, out in model.trace(x)}
+        levels = [record[f"decoder/level{level}"] for level in range(3)]
+        concat = tf.concat([levels[0]] + [tf.image.resize(t, (101, 101), method="bilinear") for t in levels[1:]], -1)
+        self.assertEqual(concat.shape[-1], 2 + 4 + 8)
+        w = {v.path.split("head/", 1)[1]: v for v in model.head.variables}
+        normed = (w["bn/gamma"] * (concat - w["bn/moving_mean"]) / tf.sqrt(w["bn/moving_variance"] + 1e-3)
+                  + w["bn/beta"])
+        want = tf.nn.conv2d(tf.nn.relu(normed), w["conv/kernel"], 1, "SAME") + w["conv/bias"]
+        self.assertAllClose(model(x), want, rtol=1e-5, atol=1e-5)
+
+    def test_deep_supervision_outputs(self):
+        """Sides: one 101x101 logit map per decoder level (deepest first), each conv1x1 of that level's output
+        upsampled; has_salt: dense(mean over pixels of the bottleneck), one logit per image."""
+        model = _build(base_width=2, depth=3, blocks_per_level=1, deep_supervision=True, input_size=112)
+        x = _images(3, seed=6)
+        record = {name: out for name, _, out in model.trace(x)}
+        outputs = model.forward(x)
+        self.assertEqual(set(outputs), {"mask", "sides", "has_salt"})
+        self.assertEqual(len(outputs["sides"]), 3)
+        self.assertEqual(outputs["has_salt"].shape, (3,))
+        for side, level in zip(outputs["sides"], (2, 1, 0)):
+            self.assertEqual(side.shape, (3, 101, 101, 1))
+            layer = getattr(model.side, f"level{level}")
+            logits = tf.nn.conv2d(record[f"decoder/level{level}"], layer.kernel, 1, "SAME") + layer.bias
+            full = tf.image.resize(logits, (112, 112), method="bilinear") if level else logits
+            self.assertAllClose(side, full[:, 5:106, 5:106], rtol=1e-5, atol=1e-5)
+        pooled = np.mean(record["bottleneck"].numpy().astype(np.float64), axis=(1, 2))
+        dense = model.image_head.dense
+        want = pooled @ dense.kernel.numpy().astype(np.float64)[:, 0] + float(dense.bias.numpy()[0])
+        self.assertAllClose(outputs["has_salt"], want, rtol=1e-5, atol=1e-6)
+        self.assertAllClose(model(x), outputs["mask"])
+
+    def test_old_exports_configs_still_build(self):
+        """An export's model.json from before these options has none of their keys: the defaults apply and
+        give the native, single-output model."""
+        config = ModelConfig(**dict(base_width=2, depth=2, blocks_per_level=1, se=True, se_ratio=4, dropout=0.0,
+                                    input_channels=1))
+        self.assertEqual((config.input_size, config.se_type, config.hypercolumn, config.deep_supervision),
+                         (101, "channel", False, False))

@@ -95,3 +95,102 @@ def test_depth_channel(demo_dir):
     assert x.shape == (160, 101, 101, 2) and y.shape == (160, 101, 101, 1)
     np.testing.assert_allclose(x[:, 50, 50, 1], data.depths / 1000.0, rtol=1e-6)
     np.testing.assert_allclose(x[..., 0], data.images / 255.0, rtol=1e-6)
+
+
+def np_crop_and_resize(image, scale, top, left, size=101):
+    """Bilinear crop-and-resize in float64 from its definition: output pixel (i, j) samples the source at
+    row (top + i * side / (size - 1)) * (H - 1), column likewise, side = 1 / scale."""
+    h, w = image.shape[:2]
+    side = 1.0 / scale
+    rows = (top + np.arange(size) * side / (size - 1)) * (h - 1)
+    cols = (left + np.arange(size) * side / (size - 1)) * (w - 1)
+    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+    fr, fc = (rows - r0)[:, None, None], (cols - c0)[None, :, None]
+    img = image.astype(np.float64)
+    top_row = img[r0][:, c0] * (1 - fc) + img[r0][:, c1] * fc
+    bottom_row = img[r1][:, c0] * (1 - fc) + img[r1][:, c1] * fc
+    return top_row * (1 - fr) + bottom_row * fr
+
+
+@pytest.mark.parametrize("scale,top,left", [(1.0, 0.0, 0.0), (1.2, 0.1, 0.05), (1.13, 0.0, 0.115), (2.0, 0.5, 0.25)])
+def test_zoom_crop_matches_numpy_bilinear(scale, top, left):
+    image = np.random.default_rng(7).random((101, 101, 2)).astype(np.float32)
+    got = pipeline.zoom_crop(tf.constant(image), tf.constant(scale), tf.constant(top), tf.constant(left)).numpy()
+    np.testing.assert_allclose(got, np_crop_and_resize(image, scale, top, left), rtol=1e-5, atol=1e-5)
+    if scale == 1.0:
+        np.testing.assert_allclose(got, image, atol=1e-6)  # the whole image, unchanged
+
+
+def test_zoom_keeps_mask_aligned_and_binary():
+    """Channel 0 of the image is the mask itself: after zoom the re-thresholded mask is that channel > 0.5."""
+    rng = np.random.default_rng(8)
+    masks = (rng.random((6, 101, 101, 1)) < 0.5).astype(np.float32)
+    images = np.concatenate([masks, rng.random((6, 101, 101, 1)).astype(np.float32)], axis=-1)
+    dataset = pipeline.train_dataset(tf.constant(images), tf.constant(masks), batch_size=1, seed=3, epoch=0,
+                                     augmentation=pipeline.Augmentation(hflip=False, zoom=1.2))
+    changed = 0
+    for x, y in dataset:
+        x, y = x.numpy()[0], y.numpy()[0]
+        assert set(np.unique(y)) <= {0.0, 1.0}
+        np.testing.assert_array_equal(y, (x[..., :1] > 0.5).astype(np.float32))
+        changed += not any(np.array_equal(y, m) for m in masks)
+    assert changed == 6  # every example got a zoom > 1
+
+
+def test_brightness_contrast_touch_the_image_channel_only_within_bounds():
+    rng = np.random.default_rng(9)
+    images = rng.random((8, 101, 101, 2)).astype(np.float32)
+    masks = (rng.random((8, 101, 101, 1)) < 0.5).astype(np.float32)
+    b, c = 0.1, 0.2
+    order = pipeline.epoch_order(8, seed=2, epoch=0)
+    dataset = pipeline.train_dataset(tf.constant(images), tf.constant(masks), batch_size=1, seed=2, epoch=0,
+                                     augmentation=pipeline.Augmentation(hflip=False, brightness=b, contrast=c))
+    for k, (x, y) in enumerate(dataset):
+        x, y, source = x.numpy()[0], y.numpy()[0], images[order[k]]
+        np.testing.assert_array_equal(x[..., 1], source[..., 1])  # the depth plane is untouched
+        np.testing.assert_array_equal(y, masks[order[k]])
+        # x = (s - mean) * factor + mean + shift: fit factor and shift by least squares, check the bounds.
+        s = source[..., 0].astype(np.float64).ravel()
+        design = np.stack([s - s.mean(), np.ones_like(s)], axis=1)
+        (factor, offset), *_ = np.linalg.lstsq(design, x[..., 0].astype(np.float64).ravel(), rcond=None)
+        shift = offset - s.mean()
+        np.testing.assert_allclose(design @ [factor, offset], x[..., 0].ravel(), atol=1e-5)
+        assert 1 - c - 1e-6 <= factor <= 1 + c + 1e-6 and abs(shift) <= b + 1e-6
+
+
+def test_new_augmentations_leave_flip_and_shift_keys_unchanged():
+    """Turning zoom and intensity off gives exactly the batches of the flip + shift pipeline (old runs stay
+    bit-identical), and turning them on changes them."""
+    images, masks = arrays()
+    old = collect(make(images, masks))
+    explicit = collect(pipeline.train_dataset(images, masks, batch_size=5, seed=1, epoch=0,
+                                              augmentation=pipeline.Augmentation(True, 12, 1.0, 0.0, 0.0)))
+    assert_same_batches(old, explicit)
+    zoomed = collect(pipeline.train_dataset(images, masks, batch_size=5, seed=1, epoch=0,
+                                            augmentation=pipeline.Augmentation(True, 12, 1.2, 0.1, 0.1)))
+    assert all(not np.array_equal(a[0], b[0]) for a, b in zip(old, zoomed))
+
+
+AUGMENTED_BATCH_DIGEST = """
+import hashlib, sys
+import numpy as np, tensorflow as tf
+from salt_tf import pipeline
+rng = np.random.default_rng(0)
+images = tf.constant(rng.random((12, 101, 101, 1)).astype(np.float32))
+masks = tf.constant((rng.random((12, 101, 101, 1)) < 0.4).astype(np.float32))
+digest = hashlib.sha256()
+for x, y in pipeline.train_dataset(images, masks, batch_size=4, seed=5, epoch=3,
+                                   augmentation=pipeline.Augmentation(True, 5, 1.2, 0.1, 0.15)):
+    digest.update(x.numpy().tobytes() + y.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_augmentation_bit_reproducible_across_processes():
+    import subprocess
+    import sys
+
+    outputs = [subprocess.run([sys.executable, "-c", AUGMENTED_BATCH_DIGEST], capture_output=True, text=True,
+                              check=True).stdout.strip().splitlines()[-1] for _ in range(2)]
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 64
