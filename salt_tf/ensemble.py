@@ -181,8 +181,9 @@ class Ensemble:
             return self.stacker.predict(probabilities)
         return np.mean(np.asarray(probabilities, dtype=np.float32), axis=0)
 
-    def masks(self, probabilities) -> np.ndarray:
-        return postprocess.apply(self.combine_probabilities(probabilities), self.postprocessing)
+    def masks(self, probabilities, has_salt=None) -> np.ndarray:
+        """Masks of the combined probabilities; `has_salt` [N]: the models' mean image-head probability."""
+        return postprocess.apply(self.combine_probabilities(probabilities), self.postprocessing, has_salt)
 
     def to_dict(self) -> dict:
         return {"version": FORMAT_VERSION, "models": self.models, "tta": list(self.tta),
@@ -236,9 +237,11 @@ def _threshold_scores(truth, train_p, test_truth, test_p) -> np.ndarray:
     return metrics.image_scores(test_truth, test_p > threshold)
 
 
-def _pp_scores(truth, train_p, test_truth, test_p) -> np.ndarray:
-    choice = postprocess.choose_postprocessing(truth, train_p)
-    return metrics.image_scores(test_truth, postprocess.apply(test_p, choice))
+def _pp_scores(truth, train_p, test_truth, test_p, train_h=None, test_h=None) -> np.ndarray:
+    """Per-image scores of test_p under the post-processing chosen on (truth, train_p); train_h/test_h: the
+    image head's salt probabilities of the same images (None: no head, no gate)."""
+    choice = postprocess.choose_postprocessing(truth, train_p, has_salt=train_h)
+    return metrics.image_scores(test_truth, postprocess.apply(test_p, choice, test_h))
 
 
 @dataclasses.dataclass
@@ -281,11 +284,11 @@ def compare_with_best_single(chosen_scores: np.ndarray, single_rows: Sequence[Ro
 
 
 def cross_validate(truth: np.ndarray, probabilities: np.ndarray, folds_of: np.ndarray, names: Sequence[str],
-                   l2: float = DEFAULT_L2) -> dict:
+                   l2: float = DEFAULT_L2, has_salt: np.ndarray | None = None) -> dict:
     """k-fold over images for the mean and (M >= 2) the stacked ensemble of probabilities [M,N,H,W].
 
     For each fold, everything is fitted on the other folds only: the meta-model, the threshold, the
-    post-processing. Returns per-image held-out scores [N] ("mean_postprocessed", "stacked" at the
+    post-processing (with `has_salt` [N], the image-head gate among it). Returns per-image held-out scores [N] ("mean_postprocessed", "stacked" at the
     training folds' threshold, "stacked_postprocessed") and the out-of-fold stacked probabilities
     "stacked_oof" [N,H,W] (None and Nones with one model).
     """
@@ -295,15 +298,17 @@ def cross_validate(truth: np.ndarray, probabilities: np.ndarray, folds_of: np.nd
     out = {"mean_postprocessed": np.zeros(n), "stacked_oof": None, "stacked": None, "stacked_postprocessed": None}
     if m >= 2:
         out.update(stacked_oof=np.zeros_like(mean), stacked=np.zeros(n), stacked_postprocessed=np.zeros(n))
+    heads = (lambda index: None) if has_salt is None else (lambda index: has_salt[index])  # noqa: E731
     for f in np.unique(folds_of):
         tr, te = folds_of != f, folds_of == f
-        out["mean_postprocessed"][te] = _pp_scores(truth[tr], mean[tr], truth[te], mean[te])
+        out["mean_postprocessed"][te] = _pp_scores(truth[tr], mean[tr], truth[te], mean[te], heads(tr), heads(te))
         if m >= 2:
             stacker = Stacker.fit(probs[:, tr], truth[tr], names, l2)
             train_p, test_p = stacker.predict(probs[:, tr]), stacker.predict(probs[:, te])
             out["stacked_oof"][te] = test_p
             out["stacked"][te] = _threshold_scores(truth[tr], train_p, truth[te], test_p)
-            out["stacked_postprocessed"][te] = _pp_scores(truth[tr], train_p, truth[te], test_p)
+            out["stacked_postprocessed"][te] = _pp_scores(truth[tr], train_p, truth[te], test_p, heads(tr),
+                                                          heads(te))
     return out
 
 
@@ -315,7 +320,8 @@ def views_label(tta: Sequence[str]) -> str:
 def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[str],
              plain_probabilities: np.ndarray | None = None, tta: Sequence[str] = ("none", "hflip"),
              folds: int = DEFAULT_FOLDS, seed: int = 0, l2: float = DEFAULT_L2,
-             model_info: Sequence[dict] | None = None) -> tuple[list[Row], Ensemble]:
+             model_info: Sequence[dict] | None = None,
+             has_salt: np.ndarray | None = None) -> tuple[list[Row], Ensemble]:
     """The evaluation table and the final ensemble choice.
 
     truth [N,H,W] (or [N,H,W,1]) of out-of-sample images; tta_probabilities [M,N,H,W] of M models with TTA
@@ -323,7 +329,8 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
     each with TTA, the mean, the stacked meta-model (out-of-fold predictions; n/a with one model), and both
     after post-processing. The choice between mean and stacked goes by the cross-validated score after
     post-processing (stacked only if strictly better); it is then refitted on all N images, the
-    post-processing of a stacked ensemble chosen on its out-of-fold probabilities.
+    post-processing of a stacked ensemble chosen on its out-of-fold probabilities. `has_salt` [N]: the mean
+    image-head salt probability of the models that have a head; with it the post-processing may gate on it.
     """
     probs = np.asarray(tta_probabilities, dtype=np.float32)
     m, n = probs.shape[:2]
@@ -348,11 +355,11 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
     mean_row = _plain_row(f"mean of {m}{suffix}", truth, mean, folds_of)
     rows.append(mean_row)
 
-    cv = cross_validate(truth, probs, folds_of, names, l2)
+    cv = cross_validate(truth, probs, folds_of, names, l2, has_salt)
     mean_pp_scores, stacked_oof = cv["mean_postprocessed"], cv["stacked_oof"]
     stacked_scores, stacked_pp_scores = cv["stacked"], cv["stacked_postprocessed"]
 
-    mean_choice = postprocess.choose_postprocessing(truth, mean)
+    mean_choice = postprocess.choose_postprocessing(truth, mean, has_salt=has_salt)
     rows_pp = [Row("mean + postprocessing", None, mean_choice.scores["final"], mean_choice.threshold,
                    float(mean_pp_scores.mean()), mean_pp_scores)]
     if m >= 2:
@@ -361,7 +368,7 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
         rows.append(Row(stacked_name,
                         metrics.competition_metric(truth, stacked_oof > 0.5), tuned, threshold,
                         float(stacked_scores.mean()), stacked_scores))
-        stacked_choice = postprocess.choose_postprocessing(truth, stacked_oof)
+        stacked_choice = postprocess.choose_postprocessing(truth, stacked_oof, has_salt=has_salt)
         rows_pp.append(Row("stacked + postprocessing", None, stacked_choice.scores["final"],
                            stacked_choice.threshold, float(stacked_pp_scores.mean()), stacked_pp_scores))
     else:

@@ -35,6 +35,7 @@ import tensorflow as tf
 from absl import logging
 
 from salt_tf import checkpoints, determinism, distribute, metrics, pipeline, records, schedules, summaries, swa
+from salt_tf import model as model_lib
 from salt_tf.summaries import Summaries
 
 
@@ -145,7 +146,7 @@ class Trainer:
         with tf.GradientTape() as tape:
             # Every output (mask logits; with deep supervision also side logits and the image-level logit):
             # the loss decides what it scores.
-            model_outputs = self.model(images, training=True, all_outputs=True)
+            model_outputs = model_lib.outputs_of(self.model, images, training=True)
             per_image_loss, terms = loss_fn(masks, model_outputs)
             loss = tf.nn.compute_average_loss(per_image_loss, global_batch_size=global_batch)
         gradients = tape.gradient(loss, self.model.trainable_variables)
@@ -200,7 +201,7 @@ class Trainer:
 
     def _eval_step(self, loss_fn, images, masks):
         """{"probabilities": [B,101,101], "loss": [B]} and, with an image-level head, "has_salt": [B]."""
-        model_outputs = self.model(images, training=False, all_outputs=True)
+        model_outputs = model_lib.outputs_of(self.model, images, training=False)
         per_image_loss, _ = loss_fn(masks, model_outputs)
         results = {"probabilities": tf.sigmoid(model_outputs["mask"])[..., 0], "loss": per_image_loss}
         if "has_salt" in model_outputs:

@@ -677,6 +677,14 @@ class UNet(keras.Model):
         return outputs if all_outputs else outputs["mask"]
 
 
+def outputs_of(model, x, training: bool) -> dict:
+    """Every output of `model` on x as UNet.forward's dict: a UNet's through Keras' __call__ (all_outputs=True);
+    any other Keras model's single output is the "mask" logits."""
+    if isinstance(model, UNet):
+        return model(x, training=training, all_outputs=True)
+    return {"mask": ops.cast(model(x, training=training), "float32")}
+
+
 PRECISIONS = ("float32", "mixed_bfloat16")
 
 

@@ -2,6 +2,7 @@
 
     python -m salt_tf.predict --model_dir=runs/a --images=/data/tgs/test/images --output=submission.csv
     python -m salt_tf.predict --model_dir=runs/a --evaluate        # table + <run>/ensemble.json
+    python -m salt_tf.predict --model_dir=runs/a/swa --evaluate    # one export of the run: <run>/swa/ensemble.json
 
 `--model_dir` is a run directory (its snapshots if it made any, else its export/) or one export folder.
 Predict mode reads every PNG of `--images` first (an unreadable file stops it with one line naming the
@@ -40,7 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 from absl import flags
 
-from salt_tf import IMAGE_SIZE, ensemble, postprocess
+from salt_tf import IMAGE_SIZE, ensemble, metrics, postprocess
 from salt_tf.data import kaggle
 
 PREDICT_FLAGS = flags.FlagValues()
@@ -119,8 +120,11 @@ def _flip(t, view: str):
 
 def tta_function(model, views: Sequence[str], channels: int):
     """The compiled TTA function of `model` for `views`: x [B,101,101,C] -> (mean probability [B,101,101],
-    first view's probability [B,101,101]). One trace per (model, views, channels), any batch size."""
+    first view's probability [B,101,101], mean image-head salt probability [B] — NaN without a head). One
+    trace per (model, views, channels), any batch size."""
     import tensorflow as tf
+
+    from salt_tf import model as model_lib
 
     views = tuple(views)
     if not views or any(v not in VIEWS for v in views) or len(set(views)) != len(views):
@@ -136,11 +140,15 @@ def tta_function(model, views: Sequence[str], channels: int):
         def run(x):
             batch = tf.shape(x)[0]
             stacked = tf.concat([_flip(x, v) for v in views], axis=0)          # [V*B, H, W, C]
-            logits = model_ref()(stacked, training=False)                     # [V*B, H, W, 1]
-            p = tf.sigmoid(tf.cast(logits, tf.float32))[..., 0]
+            outputs = model_lib.outputs_of(model_ref(), stacked, training=False)
+            p = tf.sigmoid(tf.cast(outputs["mask"], tf.float32))[..., 0]      # [V*B, H, W]
             p = tf.reshape(p, [len(views), batch, tf.shape(p)[1], tf.shape(p)[2]])
             unflipped = [_flip(p[i], v) for i, v in enumerate(views)]
-            return tf.add_n(unflipped) / float(len(views)), unflipped[0]
+            if "has_salt" in outputs:
+                has_salt = tf.reduce_mean(tf.reshape(tf.sigmoid(outputs["has_salt"]), [len(views), batch]), axis=0)
+            else:
+                has_salt = tf.fill([batch], float("nan"))
+            return tf.add_n(unflipped) / float(len(views)), unflipped[0], has_salt
 
         cache[key] = run
     return cache[key]
@@ -155,14 +163,16 @@ def _predict(model, images: np.ndarray, batch_size: int, tta: Sequence[str], wan
     n = len(images)
     mean = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     first = np.empty_like(mean) if want_first else None
+    has_salt = np.empty(n, np.float32)
     for start in range(0, n, batch_size):
-        m, f = run(images[start:start + batch_size])
+        m, f, h = run(images[start:start + batch_size])
         mean[start:start + batch_size] = m.numpy()
+        has_salt[start:start + batch_size] = h.numpy()
         if want_first:
             first[start:start + batch_size] = f.numpy()
         if progress:
             progress(min(start + batch_size, n), n)
-    return mean, first
+    return mean, first, (None if np.isnan(has_salt).all() else has_salt)
 
 
 def predict_probabilities(model, images: np.ndarray, batch_size: int = 64,
@@ -172,13 +182,28 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int = 64,
     return _predict(model, images, batch_size, tta, False, progress)[0]
 
 
+def predict_with_head(model, images: np.ndarray, batch_size: int = 64,
+                      tta: Sequence[str] = DEFAULT_TTA) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities [N,101,101] as predict_probabilities, the image head's salt probability [N] averaged over
+    the same views — None for a model without a head) from one pass."""
+    mean, _, has_salt = _predict(model, images, batch_size, tta, False)
+    return mean, has_salt
+
+
 def predict_plain_and_tta(model, images: np.ndarray, batch_size: int = 64,
-                          tta: Sequence[str] = DEFAULT_TTA) -> tuple[np.ndarray, np.ndarray]:
-    """(plain, TTA) probabilities from one pass: the plain prediction is the identity view of the TTA."""
+                          tta: Sequence[str] = DEFAULT_TTA) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(plain, TTA) probabilities from one pass: the plain prediction is the identity view of the TTA; and the
+    image head's TTA salt probability [N] (None without a head)."""
     if tta[0] != "none":
         raise ValueError("the first view must be 'none' to read the plain prediction off the TTA pass")
-    mean, first = _predict(model, images, batch_size, tta, True)
-    return first, mean
+    mean, first, has_salt = _predict(model, images, batch_size, tta, True)
+    return first, mean, has_salt
+
+
+def mean_head(heads: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """The mean salt probability [N] of the models that have an image head (None if none has)."""
+    present = [h for h in heads if h is not None]
+    return np.mean(present, axis=0) if present else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -382,7 +407,7 @@ def run_predict(fv: flags.FlagValues) -> int:
     # Cheap checks first (no TensorFlow): the models' configs, then every image.
     entries = find_exports(fv.model_dir)
     chosen = None
-    if fv.use_ensemble and not is_export(fv.model_dir):
+    if fv.use_ensemble:  # a run's ensemble.json, or an evaluated export folder's own (e.g. <run>/swa)
         chosen = _load_ensemble(fv.model_dir, entries)
     tta = parse_tta(fv.tta)
     if chosen is not None:
@@ -423,14 +448,16 @@ def run_predict(fv: flags.FlagValues) -> int:
     for start in range(0, len(ids), chunk):
         stop = min(start + chunk, len(ids))
         inputs = {}
-        probabilities = []
+        probabilities, heads = [], []
         for entry in entries:
             if entry.use_depth not in inputs:
                 inputs[entry.use_depth] = model_inputs(ids[start:stop], images[start:stop], entry.use_depth, depths)
-            probabilities.append(predict_probabilities(entry.model, inputs[entry.use_depth], fv.batch_size, tta))
+            p, h = predict_with_head(entry.model, inputs[entry.use_depth], fv.batch_size, tta)
+            probabilities.append(p)
+            heads.append(h)
         combined = chosen.combine_probabilities(probabilities) if chosen is not None \
             else np.mean(probabilities, axis=0)
-        masks[start:stop] = postprocess.apply(combined, choice)
+        masks[start:stop] = postprocess.apply(combined, choice, mean_head(heads))
         if fv.masks_dir:
             for id_, mask in zip(ids[start:stop], masks[start:stop]):
                 kaggle.write_png(os.path.join(fv.masks_dir, f"{id_}.png"), mask.astype(np.uint8) * 255)
@@ -469,14 +496,17 @@ def run_data_dir(run_dir: str) -> str:
 
 
 def run_evaluate(fv: flags.FlagValues) -> int:
-    from salt_tf import pipeline
+    from salt_tf import checkpoints, pipeline
     from salt_tf.data import splits
 
-    run_dir = fv.model_dir
-    if is_export(run_dir) or not os.path.isfile(os.path.join(run_dir, "split.csv")):
-        raise PredictError(f"{run_dir}: --evaluate needs a run directory (with split.csv and export/ or "
-                           "snapshots/), not an export folder")
-    entries = find_exports(run_dir)
+    # A run directory, or one export folder inside a run (its swa/, export/ or a snapshot): then the run's split
+    # and data are used and ensemble.json goes into the export folder, where predict finds it.
+    target = fv.model_dir
+    run_dir = checkpoints.source_run_dir(target) if is_export(target) else target
+    if not os.path.isfile(os.path.join(run_dir, "split.csv")):
+        raise PredictError(f"{target}: --evaluate needs a run directory (with split.csv and export/ or "
+                           "snapshots/) or an export folder inside one")
+    entries = find_exports(target)
     tta = parse_tta(fv.tta)
     data_dir = fv.data_dir or run_data_dir(run_dir)
     if fv.eval_ids == "val":
@@ -493,17 +523,25 @@ def run_evaluate(fv: flags.FlagValues) -> int:
     _say(f"evaluate: {len(entries)} model(s) of {run_dir} ({', '.join(e.name for e in entries)}) on "
          f"{len(data.ids)} images ({which}) of {data_dir}; tta {'+'.join(tta)}; {fv.folds}-fold CV over images")
     started = time.time()
-    plain, with_tta, inputs = [], [], {}
+    plain, with_tta, heads, inputs = [], [], [], {}
     for entry in entries:
         if entry.use_depth not in inputs:
             inputs[entry.use_depth] = pipeline.to_arrays(data, entry.use_depth)[0]
-        p, t = predict_plain_and_tta(entry.model, inputs[entry.use_depth], fv.batch_size, tta)
+        p, t, h = predict_plain_and_tta(entry.model, inputs[entry.use_depth], fv.batch_size, tta)
         plain.append(p)
         with_tta.append(t)
+        heads.append(h)
     predicted = time.time() - started
     names = [e.name for e in entries]
+    has_salt = mean_head(heads)
     rows, chosen = ensemble.evaluate(data.masks, np.stack(with_tta), names, np.stack(plain), tta=tta,
-                                     folds=fv.folds, l2=fv.stack_l2, model_info=[e.info() for e in entries])
+                                     folds=fv.folds, l2=fv.stack_l2, model_info=[e.info() for e in entries],
+                                     has_salt=has_salt)
+    if has_salt is not None:
+        truth_has_salt = data.masks.reshape(len(data.ids), -1).any(axis=1)
+        _say(f"image head (mean of {sum(h is not None for h in heads)} model(s)): accuracy "
+             f"{np.mean((has_salt > 0.5) == truth_has_salt):.4f} at 0.5, AUC "
+             f"{metrics.roc_auc(truth_has_salt, has_salt):.4f}; the cv post-processing may gate on it")
     _say(ensemble.format_table(rows))
     _say(f"@0.50: threshold 0.5.  tuned/thr: best threshold on these same images (optimistic).  cv: threshold, "
          f"meta-model and post-processing fitted on {chosen.scores['folds'] - 1} folds of the images, scored on "
@@ -530,7 +568,7 @@ def run_evaluate(fv: flags.FlagValues) -> int:
          f"(95% interval {versus['ci95'][0]:+.4f} .. {versus['ci95'][1]:+.4f}, paired bootstrap over the "
          f"{len(data.ids)} images)")
     if fv.write_ensemble:
-        path = os.path.join(run_dir, ensemble.ENSEMBLE_FILE)
+        path = os.path.join(target, ensemble.ENSEMBLE_FILE)
         chosen.save(path)
         _say(f"wrote {path}")
     return 0

@@ -308,3 +308,53 @@ def test_choose_postprocessing_keeps_only_the_empty_rule_when_only_it_helps():
     assert choice.min_component == 0
     assert choice.min_salt == 40
     assert choice.scores["final"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The image-head gate (deep supervision).
+
+
+def test_gate_by_hand():
+    masks = np.ones((4, 3, 3), dtype=bool)
+    has_salt = np.array([0.05, 0.3, 0.31, 0.9])
+    out = postprocess.gate(masks, has_salt, 0.31)
+    assert [bool(m.any()) for m in out] == [False, False, True, True]  # below t emptied; t itself kept
+    np.testing.assert_array_equal(postprocess.gate(masks, None, 0.0), masks)  # off: no head needed
+    with pytest.raises(ValueError, match="no image head"):
+        postprocess.gate(masks, None, 0.5)
+    choice = postprocess.PostProcessing(threshold=0.5, min_has_salt=0.4)
+    assert postprocess.PostProcessing.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
+    assert "image head < 0.40" in choice.describe()
+    assert postprocess.PostProcessing.from_dict({"threshold": 0.5}).min_has_salt == 0.0  # older ensemble.json
+
+
+def test_choose_postprocessing_gates_on_the_head_when_it_separates_the_empty_images():
+    """False blobs of 30 px on empty images, real salt of three 20 px bodies (the case above); without the
+    empty rule only the head can fix the empty images: head 0.2 on them, 0.8 on salt images -> t in (0.2, 0.8]
+    scores 1; the smallest such t of the grid is kept. Without a head no gate is tried."""
+    truth, probabilities = _case(30, [((2, 6), (2, 7)), ((15, 19), (15, 20)), ((30, 34), (2, 7))])
+    has_salt = np.where(truth.reshape(len(truth), -1).any(axis=1), 0.8, 0.2)
+    choice = postprocess.choose_postprocessing(truth, probabilities, component_grid=(), empty_grid=(),
+                                               has_salt=has_salt, gate_grid=(0.1, 0.2, 0.3, 0.5))
+    assert choice.min_has_salt == 0.3
+    assert choice.scores["with_empty_rule"] == pytest.approx(0.5)
+    assert choice.scores["final"] == pytest.approx(1.0)
+    assert metrics.competition_metric(truth, postprocess.apply(probabilities, choice, has_salt)) == pytest.approx(1.0)
+    no_head = postprocess.choose_postprocessing(truth, probabilities, component_grid=(), empty_grid=())
+    assert no_head.min_has_salt == 0.0 and "with_image_gate" not in no_head.scores
+
+
+def test_evaluate_uses_the_head_in_cross_validation():
+    """False blobs of 100 px on empty images, larger than the real salt (three 20 px bodies): no component or
+    empty rule can remove them without the real salt. With the head the cv post-processed score is 1 (each
+    fold's gate fitted on the other folds); without it the false blobs stay."""
+    truth, probabilities = _case(100, [((2, 6), (2, 7)), ((15, 19), (15, 20)), ((30, 34), (2, 7))], n=20)
+    has_salt = np.where(truth.reshape(len(truth), -1).any(axis=1), 0.8, 0.2)
+    probs = np.stack([probabilities, probabilities])
+    _, with_head = ensemble.evaluate(truth, probs, ["a", "b"], folds=4, has_salt=has_salt)
+    _, without = ensemble.evaluate(truth, probs, ["a", "b"], folds=4)
+    assert with_head.scores["cv_mean_postprocessed"] == pytest.approx(1.0)
+    assert with_head.postprocessing.min_has_salt > 0
+    assert without.postprocessing.min_has_salt == 0.0
+    assert without.scores["cv_mean_postprocessed"] < 1.0
+    np.testing.assert_array_equal(with_head.masks(probs, has_salt), truth)

@@ -500,3 +500,41 @@ class OverfitTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class DeepSupervisionLossTest(tf.test.TestCase):
+    """The deep-supervision total against NumPy: fused mask on every image, sides only where there is salt,
+    image-level BCE on every image."""
+
+    def test_total_and_terms_match_reference(self):
+        rng = np.random.default_rng(80)
+        labels, mask_logits = make_batch(rng)  # image 0 is empty, 1 full, 2 random
+        sides = [(2.0 * rng.standard_normal(labels.shape)).astype(np.float32) for _ in range(3)]
+        has_salt_logit = rng.standard_normal(3).astype(np.float32)
+        loss = losses.DeepSupervisionLoss(losses.CombinedLoss("bce:1,lovasz:0.5"), side_weight=0.1,
+                                          image_weight=0.05)
+        outputs = {"mask": tf.constant(mask_logits), "sides": tuple(tf.constant(s) for s in sides),
+                   "has_salt": tf.constant(has_salt_logit)}
+        total, terms = tf.function(loss)(tf.constant(labels), outputs)
+
+        def mask_loss(z):
+            return np_bce(labels, z) + 0.5 * np_lovasz(labels, z)
+
+        has_salt = np.array([0.0, 1.0, 1.0])
+        side = sum(mask_loss(s) for s in sides) * has_salt
+        image_bce = np_bce(has_salt.reshape(3, 1), has_salt_logit.astype(np.float64).reshape(3, 1))
+        self.assertAllClose(terms["side"], side, rtol=2e-5, atol=1e-6)
+        self.assertEqual(float(terms["side"][0]), 0.0)  # the empty image teaches the sides nothing
+        self.assertAllClose(terms["image_bce"], image_bce, rtol=1e-5, atol=1e-6)
+        self.assertAllClose(terms["bce"], np_bce(labels, mask_logits), rtol=1e-5, atol=1e-6)
+        self.assertAllClose(total, mask_loss(mask_logits) + 0.1 * side + 0.05 * image_bce, rtol=2e-5, atol=1e-6)
+
+    def test_plain_outputs_are_refused_and_weights_checked(self):
+        loss = losses.DeepSupervisionLoss(losses.CombinedLoss("bce"))
+        labels, logits = make_batch(np.random.default_rng(81))
+        with self.assertRaisesRegex(ValueError, "deep_supervision=True"):
+            loss(labels, logits)
+        with self.assertRaisesRegex(ValueError, "--side_loss_weight"):
+            losses.DeepSupervisionLoss(losses.CombinedLoss("bce"), side_weight=-1.0)
+        self.assertEqual(loss, losses.DeepSupervisionLoss(losses.CombinedLoss("bce")))
+        self.assertNotEqual(loss, losses.DeepSupervisionLoss(losses.CombinedLoss("bce"), image_weight=0.5))

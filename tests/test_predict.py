@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from salt_tf import checkpoints, ensemble, predict
 from salt_tf.data import kaggle
@@ -69,7 +70,8 @@ def test_tta_matches_a_numpy_reference_for_an_asymmetric_model_in_one_trace():
     np.testing.assert_allclose(got, reference, rtol=0, atol=1e-6)
     assert got.dtype == np.float32 and got.shape == (7, S, S)
     assert np.abs(got - _sigmoid(f(x))).max() > 0.05                            # TTA did change something
-    plain, tta = predict.predict_plain_and_tta(model, x, batch_size=5)
+    plain, tta, has_salt = predict.predict_plain_and_tta(model, x, batch_size=5)
+    assert has_salt is None  # no image head
     np.testing.assert_allclose(plain, _sigmoid(f(x)), rtol=0, atol=1e-6)
     np.testing.assert_array_equal(tta, predict.predict_probabilities(model, x, batch_size=5))
     # One compiled function for the model and views, whatever the batch sizes.
@@ -303,3 +305,21 @@ def test_evaluate_a_real_snapshot_run(demo_dir, tmp_path, capsys):
     assert any(line.startswith("mean of 2 (plain)") for line in lines[breakdown:])
     assert any(line.startswith("vs the best single model by cv") for line in lines)
     assert [m["name"] for m in ensemble.Ensemble.load(os.path.join(run, "ensemble.json")).models] == names
+
+
+def test_image_head_probability_is_averaged_over_the_views():
+    """A deeply supervised U-Net: the head's TTA probability is the mean over identity and hflip of the sigmoid
+    of its logit, computed here from the model's forward pass on flipped images; masks are unchanged by it."""
+    from salt_tf import model as model_lib
+
+    keras.utils.set_random_seed(4)
+    model = model_lib.build_model(model_lib.ModelConfig(base_width=2, depth=2, blocks_per_level=1,
+                                                        deep_supervision=True, input_size=104))
+    x = _images(5, seed=6)
+    probabilities, has_salt = predict.predict_with_head(model, x, batch_size=2)
+    logit = lambda a: model.forward(tf.constant(a))["has_salt"].numpy().astype(np.float64)  # noqa: E731
+    np.testing.assert_allclose(has_salt, (_sigmoid(logit(x)) + _sigmoid(logit(x[:, :, ::-1]))) / 2, atol=1e-6)
+    np.testing.assert_array_equal(probabilities, predict.predict_probabilities(model, x, batch_size=2))
+    assert probabilities.shape == (5, 101, 101)
+    assert predict.mean_head([None, has_salt, has_salt * 0]) == pytest.approx(has_salt / 2)
+    assert predict.mean_head([None, None]) is None
