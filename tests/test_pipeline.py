@@ -126,12 +126,13 @@ def test_zoom_keeps_mask_aligned_and_binary():
     """Channel 0 of the image is the mask itself: after zoom the re-thresholded mask is that channel > 0.5."""
     rng = np.random.default_rng(8)
     masks = (rng.random((6, 101, 101, 1)) < 0.5).astype(np.float32)
-    images = np.concatenate([masks, rng.random((6, 101, 101, 1)).astype(np.float32)], axis=-1)
+    images = np.concatenate([masks, 1.0 - rng.random((6, 101, 101, 1)).astype(np.float32)], axis=-1)
     dataset = pipeline.train_dataset(tf.constant(images), tf.constant(masks), batch_size=1, seed=3, epoch=0,
                                      augmentation=pipeline.Augmentation(hflip=False, zoom=1.2))
     changed = 0
     for x, y in dataset:
         x, y = x.numpy()[0], y.numpy()[0]
+        assert x[..., 1].min() > 0.0  # channel 1 is in (0, 1]: a crop reaching outside the image would add 0s
         assert set(np.unique(y)) <= {0.0, 1.0}
         np.testing.assert_array_equal(y, (x[..., :1] > 0.5).astype(np.float32))
         changed += not any(np.array_equal(y, m) for m in masks)
