@@ -147,6 +147,7 @@ def test_brightness_contrast_touch_the_image_channel_only_within_bounds():
     order = pipeline.epoch_order(8, seed=2, epoch=0)
     dataset = pipeline.train_dataset(tf.constant(images), tf.constant(masks), batch_size=1, seed=2, epoch=0,
                                      augmentation=pipeline.Augmentation(hflip=False, brightness=b, contrast=c))
+    draws = []
     for k, (x, y) in enumerate(dataset):
         x, y, source = x.numpy()[0], y.numpy()[0], images[order[k]]
         np.testing.assert_array_equal(x[..., 1], source[..., 1])  # the depth plane is untouched
@@ -158,6 +159,10 @@ def test_brightness_contrast_touch_the_image_channel_only_within_bounds():
         shift = offset - s.mean()
         np.testing.assert_allclose(design @ [factor, offset], x[..., 0].ravel(), atol=1e-5)
         assert 1 - c - 1e-6 <= factor <= 1 + c + 1e-6 and abs(shift) <= b + 1e-6
+        draws.append(((factor - 1) / c, shift / b))
+    draws = np.array(draws)
+    assert np.abs(draws[:, 0] - draws[:, 1]).max() > 0.1  # contrast and brightness are drawn independently
+    assert draws.min() < -0.2 and draws.max() > 0.2  # both directions occur
 
 
 def test_new_augmentations_leave_flip_and_shift_keys_unchanged():
