@@ -382,12 +382,13 @@ def assert_same_results(reference, model_dir):
     assert not left, left
 
 
+DEAD_PID = 4194304  # above Linux's largest pid_max: the pid of the process that crashed, not of the rerun
 COMMIT_FAULTS = {
     # which write of epoch 1's commit fails as on a full disk: (owner, attribute, the call that fails, the
     # temporary file or folder/ the failed write leaves)
     "best checkpoint": ("RunCheckpoints", "save_best", 1, "checkpoints/best/best-16_temp/"),
-    "export": ("checkpoints", "export_to", 1, f"export.tmp{os.getpid()}/"),
-    "metrics.csv": ("records", "write_metrics", 1, f"metrics.csv.tmp{os.getpid()}"),
+    "export": ("checkpoints", "export_to", 1, f"export.tmp{DEAD_PID}/"),
+    "metrics.csv": ("records", "write_metrics", 1, f"metrics.csv.tmp{DEAD_PID}"),
     "epoch checkpoint": ("RunCheckpoints", "save", 2, "checkpoints/step-16_temp/"),  # call 1: the start, step-0
 }
 
