@@ -1,7 +1,7 @@
 """Checkpoints of the training state, resume, and the exported model that `predict` loads.
 
-    <run_dir>/checkpoints/step-N.*         the last --keep_checkpoints (end of an epoch, or where a signal
-                                           stopped the run), N = optimizer steps taken
+    <run_dir>/checkpoints/step-N.*         the last --keep_checkpoints (the start, end of an epoch, or where a
+                                           signal stopped the run), N = optimizer steps taken
     <run_dir>/checkpoints/best/best-N.*    the epoch with the best validation metric
     <run_dir>/export/                      best weights + model.json (config, threshold): what predict loads
 
