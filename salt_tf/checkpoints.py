@@ -1,14 +1,15 @@
 """Checkpoints of the training state, resume, and the exported model that `predict` loads.
 
-    <run_dir>/checkpoints/step-N.*         the last --keep_checkpoints (end of an epoch, or where a signal
-                                           stopped the run), N = optimizer steps taken
+    <run_dir>/checkpoints/step-N.*         the last --keep_checkpoints (the start, end of an epoch, or where a
+                                           signal stopped the run), N = optimizer steps taken
     <run_dir>/checkpoints/best/best-N.*    the epoch with the best validation metric
     <run_dir>/export/                      best weights + model.json (config, threshold): what predict loads
 
 A checkpoint holds everything the loop needs to continue as if never stopped: model weights and batch-norm
 statistics, optimizer slots and iteration count, learning rate, the epoch counter and the schedule state.
 TensorFlow writes checkpoint data under temporary names and the index file last, so a kill mid-save leaves
-the previous checkpoint as the latest.
+the previous checkpoint as the latest. A run resumes from the newest checkpoint that reads back whole
+(resume_point): a damaged one is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 
 import tensorflow as tf
+from absl import logging
 
 from salt_tf import model as model_lib, records
 
@@ -41,19 +43,62 @@ class RunCheckpoints:
         self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, "best"),
                                                max_to_keep=1, checkpoint_name="best")
 
-    def restore_or_initialize(self) -> str | None:
-        """Restores the latest epoch checkpoint if there is one; returns its path (None = fresh start)."""
-        path = tf.train.latest_checkpoint(self.restore_dir)
-        if path:
-            # Every saved object must find its variable: a silent partial restore would be a wrong resume.
-            self.checkpoint.restore(path).assert_existing_objects_matched()
-        return path
+    def restore(self, path: str) -> None:
+        """Restores the training state from checkpoint `path` (resume_point picks it)."""
+        # Every saved object must find its variable: a silent partial restore would be a wrong resume.
+        self.checkpoint.restore(path).assert_existing_objects_matched()
 
     def save(self, step: int) -> str:
         return self.last.save(checkpoint_number=step)
 
     def save_best(self, step: int) -> str:
         return self.best.save(checkpoint_number=step)
+
+
+class ResumeError(ValueError):
+    """The run directory cannot be resumed as it is; the message is one line naming the way forward."""
+
+
+def newest_intact(checkpoint_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest checkpoint of `checkpoint_dir` (in save order) whose every tensor reads back, and the newer
+    ones that did not, as (path, reason). (None, [...]) when none is intact or there are none."""
+    state = tf.train.get_checkpoint_state(checkpoint_dir)
+    damaged = []
+    for path in reversed(list(state.all_model_checkpoint_paths) if state else []):
+        try:
+            reader = tf.train.load_checkpoint(path)
+            for name in reader.get_variable_to_shape_map():
+                reader.get_tensor(name)
+        except (tf.errors.OpError, IndexError, ValueError) as e:  # truncated, corrupt or missing files
+            damaged.append((path, (getattr(e, "message", None) or str(e)).splitlines()[0]))
+            continue
+        return path, damaged
+    return None, damaged
+
+
+def has_history(run_dir: str) -> bool:
+    """Whether finished epochs left results in the run directory (metrics.csv rows or an export)."""
+    return not records.read_metrics(run_dir).empty or os.path.isfile(
+        os.path.join(run_dir, EXPORT_DIR, EXPORT_CONFIG))
+
+
+def resume_point(run_dir: str, restart_from_scratch: bool = False) -> str | None:
+    """The checkpoint a run in `run_dir` continues from: the newest intact one, each newer damaged one named
+    in a warning; None for a fresh start. A run with history but no intact checkpoint raises ResumeError
+    rather than silently starting again from epoch 0 over its results, unless `restart_from_scratch`. (A
+    fresh run checkpoints its starting state before writing any history, so a crash never leaves history
+    without a checkpoint.)"""
+    path, damaged = newest_intact(os.path.join(run_dir, "checkpoints"))
+    for bad, reason in damaged:
+        logging.warning("checkpoint %s is damaged (%s); %s", bad, reason,
+                        f"resuming from the previous one, {os.path.basename(path)}" if path else "skipped")
+    if path is None and has_history(run_dir) and not restart_from_scratch:
+        found = f"its checkpoints are damaged ({', '.join(os.path.basename(b) for b, _ in damaged)})" \
+            if damaged else "it has no checkpoints"
+        raise ResumeError(f"--model_dir={run_dir} holds a run's results (metrics.csv, export/) but {found}, so it "
+                          "cannot resume; add --restart_from_scratch to train it again from epoch 0 over those "
+                          "results, or give a new --model_dir")
+    return path
 
 
 SNAPSHOTS_DIR = "snapshots"

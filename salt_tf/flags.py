@@ -146,6 +146,9 @@ def define_flags() -> None:
                         "directory (the best model, export/), an export/ or a snapshots/snapshot-K folder. The "
                         "optimizer, schedule and epoch start fresh; the model flags must match. Ignored when "
                         "--model_dir already has a checkpoint (the run resumes).")
+    flags.DEFINE_boolean("restart_from_scratch", False, "Train from epoch 0 in a --model_dir that holds a run's "
+                         "results (metrics.csv, export/) but no readable checkpoint, replacing those results. "
+                         "Without it such a directory stops the run. No effect when a checkpoint can be resumed.")
     flags.DEFINE_integer("keep_checkpoints", 2, "Most recent epoch checkpoints kept (the best is kept "
                          "apart).", lower_bound=1)
     flags.DEFINE_integer("progress_every", 10, "Steps between progress lines within an epoch (0 = off).",

@@ -8,8 +8,8 @@
         evaluate: predict the WHOLE validation set, competition metric, loss, pixel IoU, best threshold
         schedule: LR x factor when the metric has not improved for `patience` epochs (or a snapshot
                   cycle ends: its snapshot is exported, see schedules.py)
-        save: epoch checkpoint (+ best checkpoint and export when the metric improved), metrics.csv row,
-              TensorBoard scalars, console line
+        save: best checkpoint and export (when the metric improved), snapshot, metrics.csv row, fingerprints,
+              TensorBoard scalars, and LAST the epoch checkpoint, which commits the epoch; console line
 
 No Keras `fit`, no callbacks: the steps are `tf.function`s over our own variables, and everything between
 them is plain Python a debugger can step through.
@@ -78,16 +78,18 @@ class Trainer:
     def __init__(self, *, model: tf.Module, optimizer, loss_fn: Callable | Sequence[Callable], train_arrays,
                  val_arrays, config: LoopConfig, run_dir: str, export_config: dict | None = None,
                  hparams: dict | None = None, strategy: tf.distribute.Strategy | None = None,
-                 resume_from: str | None = None, init_weights: str | None = None):
+                 resume_from: str | None = None, resume_checkpoint: str | None = None,
+                 init_weights: str | None = None):
         """`model` and `optimizer` must have been created under `strategy.scope()`. `run_dir` is where this
         process writes; `resume_from` the run directory whose checkpoints it resumes (default: run_dir; a
-        non-chief worker writes to a temporary directory but resumes from the chief's). `init_weights`: an
-        export folder whose model weights a fresh run starts from (ignored on resume)."""
+        non-chief worker writes to a temporary directory but resumes from the chief's), `resume_checkpoint`
+        the checkpoint there to continue from (checkpoints.resume_point picks it; None = a fresh start).
+        `init_weights`: an export folder whose model weights a fresh run starts from (ignored on resume)."""
         self.model, self.optimizer, self.config = model, optimizer, config
         self.strategy = strategy or tf.distribute.get_strategy()
         # Loss stages: one loss, or one per snapshot cycle / per --loss_switch_epochs interval.
         self.loss_stages = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
-        self.run_dir, self.init_weights = run_dir, init_weights
+        self.run_dir, self.init_weights, self.resume_checkpoint = run_dir, init_weights, resume_checkpoint
         self.export_config = export_config or {}
         self.train_images, self.train_masks = (tf.constant(a) for a in train_arrays)
         self.val_images, self.val_masks = (tf.constant(a) for a in val_arrays)
@@ -345,7 +347,9 @@ class Trainer:
             self.summaries.close()
 
     def _run(self) -> dict:
-        restored = self.checkpoints.restore_or_initialize()
+        restored = self.resume_checkpoint
+        if restored:
+            self.checkpoints.restore(restored)
         first_epoch = int(self.epoch.numpy())
         # Rows of epochs after the checkpoint belong to work that is about to be redone.
         history = [row for row in records.read_metrics(self.run_dir).to_dict("records")
@@ -354,9 +358,13 @@ class Trainer:
                         if epoch <= first_epoch}
         if restored:
             logging.info("resumed from %s at epoch %d", restored, first_epoch)
-        elif self.init_weights:
-            checkpoints.restore_exported_weights(self.init_weights, self.model)
-            logging.info("started from the weights of %s", self.init_weights)
+        else:
+            if self.init_weights:
+                checkpoints.restore_exported_weights(self.init_weights, self.model)
+                logging.info("started from the weights of %s", self.init_weights)
+            # The starting state is checkpointed before any epoch writes its files: a run directory with
+            # results always has a checkpoint to resume from (see the commit order below).
+            self.checkpoints.save(self.global_step())
         if first_epoch == 0:
             if self.hparams is not None:
                 self.summaries.hparams(self.hparams, run_name=os.path.basename(os.path.abspath(self.run_dir)))
@@ -381,10 +389,11 @@ class Trainer:
                 self.weight_average.add(self.model)
             fingerprints[epoch + 1] = determinism.variable_fingerprints(self.model.variables)
             row["weights_sha256"] = determinism.combined_fingerprint(fingerprints[epoch + 1])
-            # Checkpoint first, then the CSV row: a crash in between redoes the epoch, and the resume
-            # drops rows past the checkpoint, so metrics.csv never holds an epoch twice.
+            # The epoch's files first, its checkpoint last: the checkpoint commits the epoch. A crash or a
+            # failed write before it resumes from the previous checkpoint and redoes the epoch, rewriting
+            # each file with the same content (the resume drops rows past the checkpoint, so metrics.csv
+            # never holds an epoch twice); after it, every file of the epoch is in place.
             step = self.global_step()
-            self.checkpoints.save(step)
             if improved:
                 self.checkpoints.save_best(step)
                 checkpoints.export(self.run_dir, self.model, dict(
@@ -395,6 +404,7 @@ class Trainer:
             records.write_metrics(self.run_dir, history)
             records.write_fingerprints(self.run_dir, fingerprints)
             self._write_epoch_summaries(row, probabilities, image_scores)
+            self.checkpoints.save(step)
             self._log_epoch(row, improved)
             if self._should_stop_early(epoch + 1):
                 logging.info("early stop: no improvement for %d epochs", self.config.early_stop_patience)

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from salt_tf import IMAGE_SIZE
-from salt_tf.data.kaggle import LabelledSet
+from salt_tf.data.kaggle import DataError, LabelledSet
 
 DEPTH_SCALE = 1000.0  # TGS depths are 50..960 feet; z / 1000 puts the depth plane on the image's scale.
 
@@ -46,7 +46,7 @@ def to_arrays(data: LabelledSet, use_depth: bool) -> tuple[np.ndarray, np.ndarra
     if use_depth:
         if np.isnan(data.depths).any():
             missing = data.ids[np.isnan(data.depths)][0]
-            raise ValueError(f"--use_depth: depths.csv has no depth for id {missing!r}; add it or drop --use_depth")
+            raise DataError(f"--use_depth: depths.csv has no depth for id {missing!r}; add it or drop --use_depth")
         plane = np.broadcast_to((data.depths / DEPTH_SCALE)[:, None, None, None], images.shape)
         images = np.concatenate([images, plane.astype(np.float32)], axis=-1)
     return images, data.masks.astype(np.float32)[..., None]

@@ -5,16 +5,21 @@
     record.json   code version, environment, determinism applied, data fingerprint, final summary
     metrics.csv   one row per finished epoch
     fingerprints.json   per epoch, the SHA-256 of every variable (what tools/compare_runs.py reads)
+    .lock         held (flock) by the one process writing the directory; holds its pid
 
 Every write is atomic (temp file in the same folder + rename): a crash leaves the old file or the new one,
-never half a file that would break a resume.
+never half a file that would break a resume; the temporary names it leaves behind are removed by the next
+process that takes the lock (remove_temporary_files).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 from typing import Any
 
@@ -25,6 +30,67 @@ SPLIT_FILE = "split.csv"
 RECORD_FILE = "record.json"
 METRICS_FILE = "metrics.csv"
 FINGERPRINTS_FILE = "fingerprints.json"
+LOCK_FILE = ".lock"
+
+
+class RunDirBusy(Exception):
+    """Another live process holds the run directory's lock; the message is one line naming it."""
+
+
+class RunDirLock:
+    """The one-writer lock of a run directory: an exclusive flock on <directory>/.lock, taken when the object
+    is created (creating the directory if needed) and held until release() or the end of the process. The
+    kernel drops a flock when its holder dies, however it dies, so a lock left by a dead process never
+    blocks; the pid written into the file only names the holder in the error message."""
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, LOCK_FILE)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusy(f"{directory} is in use by another training process (pid {holder}); wait for it "
+                             "to finish or stop it, or give this run another --model_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Unlocks (idempotent). The file stays: deleting it could let two processes lock different files."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+# What an interrupted writer leaves: this module's and export_to's "<name>.tmp<pid>" and "<name>.old<pid>",
+# TensorFlow's "<prefix>_temp/" checkpoint shards and its "checkpoint.tmp<hex>" state file.
+_TEMPORARY_NAME = re.compile(r".+(\.tmp[0-9a-f]+|\.old[0-9]+|_temp)$")
+
+
+def remove_temporary_files(run_dir: str) -> list[str]:
+    """Deletes the temporary files and folders a dead writer left in the run directory (events/ excluded);
+    returns their paths. Only for the holder of the directory's lock: another writer's are live."""
+    removed = []
+    for root, folders, files in os.walk(run_dir):
+        if root == run_dir and "events" in folders:
+            folders.remove("events")
+        for name in [f for f in folders if _TEMPORARY_NAME.fullmatch(f)]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            folders.remove(name)
+            removed.append(os.path.join(root, name))
+        for name in [f for f in files if _TEMPORARY_NAME.fullmatch(f)]:
+            os.remove(os.path.join(root, name))
+            removed.append(os.path.join(root, name))
+    return removed
 
 
 def atomic_write_text(path: str, text: str) -> None:

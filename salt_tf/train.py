@@ -6,6 +6,7 @@ lives in the modules it calls; this file only wires them together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -41,21 +42,28 @@ def load_data():
     return data, skipped or []
 
 
-def split_data(data, run_dir: str, out_dir: str | None = None):
-    """Train and validation subsets; the split is read back from the run directory on resume, so a run
-    always validates on the images it started with. A new split is written to out_dir (default run_dir)."""
-    from salt_tf.data import splits
+def split_data(data, run_dir: str):
+    """Train and validation subsets, and the split to write (None when it was read back): the split is read
+    from the run directory on resume, so a run always validates on the images it started with. Writes
+    nothing, so a bad --val_images or --batch_size stops the run before its directory exists."""
+    from salt_tf.data import kaggle, splits
     from salt_tf import records
 
     split_path = os.path.join(run_dir, records.SPLIT_FILE)
+    new_split = None
     if os.path.isfile(split_path):
         split = splits.read_split(split_path)
     else:
-        split = splits.stratified_split(list(data.ids), data.coverage(), FLAGS.val_images, FLAGS.split_seed)
-        splits.write_split(split, os.path.join(out_dir or run_dir, records.SPLIT_FILE))
+        split = new_split = splits.stratified_split(list(data.ids), data.coverage(), FLAGS.val_images,
+                                                    FLAGS.split_seed)
     train_ids = list(split.loc[split["role"] == "train", "id"])
     val_ids = list(split.loc[split["role"] == "val", "id"])
-    return data.subset(train_ids), data.subset(val_ids)
+    if len(train_ids) < FLAGS.batch_size:
+        raise kaggle.DataError(f"--batch_size={FLAGS.batch_size} is larger than the {len(train_ids)} training "
+                               f"images ({len(val_ids)} of {len(split)} held out for validation); lower "
+                               f"--batch_size to at most {len(train_ids)}" +
+                               ("" if new_split is None else " or lower --val_images"))
+    return data.subset(train_ids), data.subset(val_ids), new_split
 
 
 def build_optimizer():
@@ -93,15 +101,23 @@ def run() -> dict:
     # directory, deleted when it finishes.
     out_dir = distribute.write_dir(run_dir, role)
     try:
-        return _run(run_dir, out_dir, applied, strategy, per_replica_batch, role)
+        with contextlib.ExitStack() as lock:
+            return _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock)
     finally:
         distribute.remove_write_dir(out_dir, role)
 
 
-def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
-    from salt_tf import determinism, distribute, losses, loop, model as model_lib, pipeline, records
-    from salt_tf.data import kaggle
+def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: contextlib.ExitStack) -> dict:
+    """The run; `lock` receives out_dir's records.RunDirLock, held until the caller closes it."""
+    from salt_tf import checkpoints, determinism, distribute, losses, loop, model as model_lib, pipeline, records
+    from salt_tf.data import kaggle, splits
 
+    # One writer per directory. An existing directory (a resume) is locked before its split and checkpoints
+    # are read; a new one is created, and locked, only once every check of flags and data below has passed,
+    # so a failed start writes nothing.
+    locked_early = os.path.isdir(out_dir)
+    if locked_early:
+        lock.enter_context(records.RunDirLock(out_dir))
     started = time.time()
     # Data first: a bad file stops the run before anything is written into the run directory.
     data, skipped = load_data()
@@ -111,14 +127,24 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
         se_ratio=FLAGS.se_ratio, dropout=FLAGS.dropout, input_channels=2 if FLAGS.use_depth else 1,
         se_type=FLAGS.se_type, hypercolumn=FLAGS.hypercolumn, deep_supervision=FLAGS.deep_supervision,
         input_size=FLAGS.input_size, pad_mode=FLAGS.pad_mode)
-    init_weights, init_source = initial_weights(run_dir, dataclasses.asdict(model_config))
+    train_data, val_data, new_split = split_data(data, run_dir)
+    train_arrays = pipeline.to_arrays(train_data, FLAGS.use_depth)
+    val_arrays = pipeline.to_arrays(val_data, FLAGS.use_depth)
+    resume = checkpoints.resume_point(run_dir, FLAGS.restart_from_scratch)
+    init_weights, init_source = initial_weights(resume, dataclasses.asdict(model_config))
+    if not locked_early:
+        lock.enter_context(records.RunDirLock(out_dir))
+    # Writes start here.
+    for path in records.remove_temporary_files(out_dir):
+        logging.info("removed %s, left by an interrupted write", path)
     prepare_run_dir(out_dir)
     if skipped:
         import pandas as pd
 
         records.atomic_write_text(os.path.join(out_dir, "skipped.csv"),
                                   pd.DataFrame(skipped, columns=["id", "reason"]).to_csv(index=False))
-    train_data, val_data = split_data(data, run_dir, out_dir)
+    if new_split is not None:
+        splits.write_split(new_split, os.path.join(out_dir, records.SPLIT_FILE))
     if init_source:
         init_source["val_images_trained_on_by_source"] = seen = images_trained_on(init_weights, val_data.ids)
         if seen:
@@ -167,12 +193,11 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
         records.update_record(out_dir, init_checkpoint=init_source)
     trainer = loop.Trainer(
         model=model, optimizer=optimizer, loss_fn=loss_fn,
-        train_arrays=pipeline.to_arrays(train_data, FLAGS.use_depth),
-        val_arrays=pipeline.to_arrays(val_data, FLAGS.use_depth), config=config, run_dir=out_dir,
+        train_arrays=train_arrays, val_arrays=val_arrays, config=config, run_dir=out_dir,
         export_config={"model": dataclasses.asdict(model_config), "use_depth": FLAGS.use_depth,
                        "precision": FLAGS.precision},
         hparams=salt_flags.run_flag_values(), strategy=strategy, resume_from=run_dir,
-        init_weights=init_weights)
+        resume_checkpoint=resume, init_weights=init_weights)
     summary = trainer.run()
     records.update_record(out_dir, summary=summary,
                           finished=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()))
@@ -182,15 +207,13 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role) -> dict:
     return summary
 
 
-def initial_weights(run_dir: str, model_config: dict) -> tuple[str | None, dict | None]:
-    """With --init_checkpoint on a run that has no checkpoint yet: the export folder to start from and what
-    the record says of it; checked before anything is written, so a wrong path or model stops the run
-    cleanly. A resumed run continues from its own checkpoint and needs neither."""
-    import tensorflow as tf
-
+def initial_weights(resume: str | None, model_config: dict) -> tuple[str | None, dict | None]:
+    """With --init_checkpoint on a run that has no checkpoint to resume (`resume` None): the export folder to
+    start from and what the record says of it; checked before anything is written, so a wrong path or model
+    stops the run cleanly. A resumed run continues from its own checkpoint and needs neither."""
     from salt_tf import checkpoints, records
 
-    if not FLAGS.init_checkpoint or tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints")):
+    if not FLAGS.init_checkpoint or resume:
         return None, None
     export_dir = checkpoints.init_export_dir(FLAGS.init_checkpoint)
     source = checkpoints.check_init_compatible(export_dir, FLAGS.init_checkpoint, model_config)
@@ -248,15 +271,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value")
     import tensorflow as tf
 
-    from salt_tf.checkpoints import InitCheckpointError
+    from salt_tf.checkpoints import InitCheckpointError, ResumeError
     from salt_tf.data.kaggle import DataError
     from salt_tf.distribute import StrategyError
     from salt_tf.loop import TrainingStopped
+    from salt_tf.records import RunDirBusy
 
     logging.get_absl_handler().addFilter(_QuietSaverLogs())
     try:
         run()
-    except (DataError, StrategyError, InitCheckpointError) as e:
+    except (DataError, StrategyError, InitCheckpointError, ResumeError, RunDirBusy) as e:
         _fail(str(e), 2)
     except TrainingStopped as e:
         _fail(str(e), e.exit_code, prefix="stopped" if e.exit_code > 128 else "error")

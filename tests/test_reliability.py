@@ -4,6 +4,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -14,10 +16,11 @@ from absl import flags
 from absl.testing import flagsaver
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from salt_tf import determinism, records, train
+from salt_tf import checkpoints, determinism, records, train
 from salt_tf import flags as salt_flags
 from salt_tf.data import kaggle
-from train_helpers import assert_bit_identical, read_until, run_tiny, tiny_argv, train_process, wait_ok
+from train_helpers import (REPO_ROOT, assert_bit_identical, read_until, run_tiny, tiny_argv, train_process,
+                           wait_ok)
 
 FLAGS = flags.FLAGS
 
@@ -272,3 +275,188 @@ def test_process_exit_status_for_bad_data(tmp_path, demo_dir):
     assert process.returncode == 2
     assert len([l for l in output.splitlines() if l.startswith("error:")]) == 1
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ the run directory
+
+
+def error_lines(capsys):
+    return [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+
+
+def drop_first_depth(root):
+    depths = pd.read_csv(os.path.join(root, "depths.csv"), dtype=str)
+    depths[depths["id"] != first_id(root)].to_csv(os.path.join(root, "depths.csv"), index=False)
+
+
+USER_ERRORS = {
+    # case: (flag overrides, how to break a copy of the data or None, what the one line must contain)
+    "batch larger than the training set": (dict(batch_size=129), None,
+                                           "--batch_size=129 is larger than the 128 training images"),
+    "missing depth with --use_depth": (dict(use_depth=True), drop_first_depth, "--use_depth: depths.csv has no depth"),
+    "val_images not below the image count": (dict(val_images=160), None,
+                                             "--val_images=160 leaves no training or no validation images out of 160"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_user_error_stops_before_the_run_directory_is_written(case, tmp_path, demo_dir, capsys):
+    overrides, breaker, expected = USER_ERRORS[case]
+    root = demo_dir
+    if breaker:
+        root = str(tmp_path / "data")
+        shutil.copytree(demo_dir, root)
+        breaker(root)
+    model_dir = str(tmp_path / "run")
+    assert run_main(tiny_argv(root, model_dir, **overrides)) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and expected in lines[0], lines
+    # No flags.cfg or split.csv: a corrected retry starts as if this attempt never happened.
+    assert not os.path.exists(model_dir)
+
+
+HOLD_LOCK = ("import sys, time; from salt_tf import records; records.RunDirLock(sys.argv[1]); "
+             "print('locked', flush=True); time.sleep(600)")
+
+
+def test_one_writer_per_run_directory(tmp_path, demo_dir, capsys, monkeypatch):
+    from salt_tf import loop
+
+    model_dir = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, model_dir], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_main(tiny_argv(demo_dir, model_dir, epochs=1)) == 2
+        lines = error_lines(capsys)
+        assert len(lines) == 1 and f"in use by another training process (pid {holder.pid})" in lines[0], lines
+        assert os.listdir(model_dir) == [records.LOCK_FILE], "the second process wrote into the directory"
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died holding the lock (kill -9): its lock blocks nobody.
+    records.RunDirLock(model_dir).release()
+    # A training holds the lock of the directory it creates for its whole run, and releases it at the end.
+    probes = []
+    run = loop.Trainer.run
+
+    def run_while_probing(self):
+        with pytest.raises(records.RunDirBusy, match=f"pid {os.getpid()}"):
+            records.RunDirLock(self.run_dir)
+        probes.append(self.run_dir)
+        return run(self)
+
+    monkeypatch.setattr(loop.Trainer, "run", run_while_probing)
+    fresh_dir = str(tmp_path / "fresh")
+    run_tiny(demo_dir, fresh_dir, epochs=1)
+    assert probes == [fresh_dir]
+    records.RunDirLock(fresh_dir).release()
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory, demo_dir):
+    """An uninterrupted tiny run in this process (16 steps per epoch, 2 epochs)."""
+    model_dir = str(tmp_path_factory.mktemp("tiny_reference") / "run")
+    run_tiny(demo_dir, model_dir)
+    return model_dir
+
+
+TIMING_COLUMNS = ["train_seconds", "eval_seconds", "train_images_per_second"]
+
+
+def assert_same_results(reference, model_dir):
+    """Bit-identical weights and training state, every epoch's metrics row, the same best checkpoint and
+    export, and no temporary file left."""
+    assert_bit_identical(reference, model_dir)
+    pd.testing.assert_frame_equal(records.read_metrics(model_dir).drop(columns=TIMING_COLUMNS),
+                                  records.read_metrics(reference).drop(columns=TIMING_COLUMNS))
+    best = [os.path.basename(tf.train.latest_checkpoint(os.path.join(d, "checkpoints", "best")))
+            for d in (reference, model_dir)]
+    assert best[0] == best[1]
+    export = [os.path.join(d, checkpoints.EXPORT_DIR) for d in (reference, model_dir)]
+    assert records.files_sha256(export[1], checkpoints.EXPORT_WEIGHTS) == \
+        records.files_sha256(export[0], checkpoints.EXPORT_WEIGHTS)
+    assert checkpoints.read_export_config(export[1]) == checkpoints.read_export_config(export[0])
+    left = [os.path.join(root, n) for root, folders, files in os.walk(model_dir) for n in folders + files
+            if ".tmp" in n or ".old" in n or n.endswith("_temp")]
+    assert not left, left
+
+
+DEAD_PID = 4194304  # above Linux's largest pid_max: the pid of the process that crashed, not of the rerun
+COMMIT_FAULTS = {
+    # which write of epoch 1's commit fails as on a full disk: (owner, attribute, the call that fails, the
+    # temporary file or folder/ the failed write leaves)
+    "best checkpoint": ("RunCheckpoints", "save_best", 1, "checkpoints/best/best-16_temp/"),
+    "export": ("checkpoints", "export_to", 1, f"export.tmp{DEAD_PID}/"),
+    "metrics.csv": ("records", "write_metrics", 1, f"metrics.csv.tmp{DEAD_PID}"),
+    "epoch checkpoint": ("RunCheckpoints", "save", 2, "checkpoints/step-16_temp/"),  # call 1: the start, step-0
+}
+
+
+@pytest.mark.parametrize("fault", sorted(COMMIT_FAULTS))
+def test_failed_write_at_an_epoch_end_loses_nothing(fault, tmp_path, demo_dir, tiny_reference, capsys,
+                                                    monkeypatch):
+    owner_name, attribute, failing_call, leftover = COMMIT_FAULTS[fault]
+    owner = {"RunCheckpoints": checkpoints.RunCheckpoints, "checkpoints": checkpoints, "records": records}[owner_name]
+    model_dir = str(tmp_path / "run")
+    leftover = os.path.join(model_dir, leftover)
+    original, calls = getattr(owner, attribute), []
+
+    def write(*args, **kwargs):
+        calls.append(attribute)
+        if len(calls) == failing_call:
+            os.makedirs(os.path.dirname(leftover), exist_ok=True)  # a folder when the name ends with /
+            open(os.path.join(leftover, "part") if leftover.endswith("/") else leftover, "w").close()
+            raise OSError(28, "No space left on device", leftover)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, attribute, write)
+        assert run_main(tiny_argv(demo_dir, model_dir)) == 1
+    assert "No space left" in capsys.readouterr().err and os.path.exists(leftover)
+    run_tiny(demo_dir, model_dir)  # the same command again, with the space back
+    assert_same_results(tiny_reference, model_dir)
+
+
+def truncate_checkpoint(prefix):
+    for name in os.listdir(os.path.dirname(prefix)):
+        if name.startswith(os.path.basename(prefix) + ".data"):
+            truncate(os.path.join(os.path.dirname(prefix), name))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, demo_dir, tiny_reference, caplog):
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_reference, model_dir)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert latest.endswith("step-32")
+    truncate_checkpoint(latest)
+    run_tiny(demo_dir, model_dir)
+    assert f"checkpoint {latest} is damaged" in caplog.text
+    assert "resuming from the previous one, step-16" in caplog.text
+    assert_same_results(tiny_reference, model_dir)
+
+
+def test_history_without_a_readable_checkpoint_stops_unless_restarted(tmp_path, demo_dir, tiny_reference, capsys):
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_reference, model_dir)
+    checkpoint_dir = os.path.join(model_dir, "checkpoints")
+    for path in tf.train.get_checkpoint_state(checkpoint_dir).all_model_checkpoint_paths:
+        truncate_checkpoint(path)
+    export_sha = records.files_sha256(os.path.join(model_dir, "export"), checkpoints.EXPORT_WEIGHTS)
+    metrics = open(os.path.join(model_dir, records.METRICS_FILE)).read()
+    assert run_main(tiny_argv(demo_dir, model_dir)) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "checkpoints are damaged (step-32, step-16)" in lines[0] and \
+        "--restart_from_scratch" in lines[0], lines
+    assert open(os.path.join(model_dir, records.METRICS_FILE)).read() == metrics
+    assert records.files_sha256(os.path.join(model_dir, "export"), checkpoints.EXPORT_WEIGHTS) == export_sha
+    # Checkpoints deleted altogether: the same stop.
+    no_checkpoints = str(tmp_path / "no_checkpoints")
+    shutil.copytree(model_dir, no_checkpoints)
+    shutil.rmtree(os.path.join(no_checkpoints, "checkpoints"))
+    assert run_main(tiny_argv(demo_dir, no_checkpoints)) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "it has no checkpoints" in lines[0], lines
+    # A deliberate restart trains the run again from epoch 0.
+    run_tiny(demo_dir, model_dir, restart_from_scratch=True)
+    assert_same_results(tiny_reference, model_dir)

@@ -62,5 +62,5 @@ def test_split_csv_round_trip(tmp_path):
 @pytest.mark.parametrize("size", [0, 200, 1000])
 def test_bad_val_size(size):
     ids, coverage = fake_ids_and_coverage(200)
-    with pytest.raises(ValueError, match="--val_size"):
+    with pytest.raises(ValueError, match="--val_images"):
         splits.stratified_split(ids, coverage, size, seed=0)

@@ -64,7 +64,8 @@ def stratified_split(ids: Sequence[str], coverage: np.ndarray, val_size: int | f
     n = len(ids)
     count = int(round(val_size * n)) if isinstance(val_size, float) and val_size < 1 else int(val_size)
     if not 0 < count < n:
-        raise DataError(f"--val_size: {val_size} leaves no training or no validation images out of {n}")
+        raise DataError(f"--val_images={val_size} leaves no training or no validation images out of {n}; "
+                        f"give a number from 1 to {n - 1}")
     classes = coverage_class(coverage)
     groups = _shuffled_by_class(ids, classes, seed)
     sizes = np.array([len(g) for g in groups], dtype=np.float64)
