@@ -11,6 +11,11 @@ import os
 import sys
 import time
 
+if __name__ == "__main__":  # the command: start TensorFlow (imported by the flags) without CUDA noise on a CPU
+    from salt_tf import tfstart
+
+    tfstart.import_tensorflow()
+
 from absl import app, flags, logging
 
 from salt_tf import flags as salt_flags
@@ -253,7 +258,10 @@ def main(argv):
     from salt_tf.distribute import StrategyError
     from salt_tf.loop import TrainingStopped
 
+    from salt_tf import tfstart
+
     logging.get_absl_handler().addFilter(_QuietSaverLogs())
+    logging.info("%s", tfstart.device_summary(tf))
     try:
         run()
     except (DataError, StrategyError, InitCheckpointError) as e:
