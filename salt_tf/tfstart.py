@@ -40,7 +40,7 @@ DEFAULT_LOG_LEVEL = "1"  # INFO hidden; warnings and errors shown
 NO_CUDA_NOTICES = ("Could not find cuda drivers on your machine", "failed call to cuInit")
 ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 # An absl / TensorFlow C++ log line: severity letter, MMDD, time, thread, file:line].
-_LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+\s+\S+:\d+\]")
+_LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+\s+\S+:\d+\]")
 _SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
 
 
