@@ -243,8 +243,11 @@ def _quiet_env():
 
 def test_startup_filter_drops_only_the_no_cuda_notices_and_info():
     banner = tfstart.ABSL_BANNER + "\n"
-    text = (banner
+    text = ("a Python warning before any log line\n"
+            + banner
             + "I0000 00:00:1795954306.722707    7824 port.cc:153] oneDNN custom operations are on.\n"
+            + "I0000 00:00:1795954306.772146    7824 cpu_feature_guard.cc:227] This TensorFlow binary is optimized\n"
+            + "To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow\n"
             + "I0000 00:00:1795954306.723044    7824 cudart_stub.cc:31] Could not find cuda drivers on your "
               "machine, GPU will not be used.\n"
             + "E0000 00:00:1795954308.959927    7824 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA "
@@ -254,14 +257,18 @@ def test_startup_filter_drops_only_the_no_cuda_notices_and_info():
             + "W0000 00:00:1795954309.000002    7824 x.cc:1] a warning\n"
             + "Traceback (most recent call last):\n")
     shown = tfstart.filter_startup_output(text, min_level=1, driver_present=False)
-    assert shown == (banner + "E0000 00:00:1795954309.000001    7824 dso_loader.cc:12] a real problem\n"
+    assert shown == ("a Python warning before any log line\n" + banner + "E0000 00:00:1795954309.000001    7824 dso_loader.cc:12] a real problem\n"
                      "  its second line\nW0000 00:00:1795954309.000002    7824 x.cc:1] a warning\n"
                      "Traceback (most recent call last):\n")
     # With an NVIDIA driver a failing cuInit is a real error: kept.
     assert "failed call to cuInit" in tfstart.filter_startup_output(text, 1, driver_present=True)
     # Level 2 drops warnings too; nothing but INFO and the notices: no banner either.
     assert "a warning" not in tfstart.filter_startup_output(text, 2, False)
-    assert tfstart.filter_startup_output(text.split("E0000 00:00:1795954309")[0], 1, False) == ""
+    assert tfstart.filter_startup_output(banner + text.split(banner)[1].split("E0000 00:00:1795954309")[0], 1,
+                                         False) == ""
+    # TF_CPP_MIN_LOG_LEVEL=0 keeps the INFO lines (with their continuation), still without the CUDA notices.
+    everything = tfstart.filter_startup_output(text, 0, False)
+    assert "To enable the following instructions" in everything and "cuInit" not in everything
 
 
 @pytest.mark.skipif(tfstart.nvidia_driver_present(), reason="the machine has an NVIDIA driver")
