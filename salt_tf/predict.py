@@ -378,7 +378,19 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _load_ensemble(run_dir: str, entries: list[LoadedModel]) -> ensemble.Ensemble | None:
+def load_ensemble(run_dir: str, entries: list[LoadedModel]) -> ensemble.Ensemble | None:
+    """The ensemble.json of `run_dir` (None if it has none), checked against the models it was fitted on.
+
+    Args:
+        run_dir: a run directory or an export folder (as --model_dir).
+        entries: its models (find_exports), in order.
+
+    Returns:
+        The saved choice, or None.
+
+    Raises:
+        PredictError: unreadable, or fitted on other models (one line naming both lists).
+    """
     path = os.path.join(run_dir, ensemble.ENSEMBLE_FILE)
     if not os.path.isfile(path):
         return None
@@ -408,7 +420,7 @@ def run_predict(fv: flags.FlagValues) -> int:
     entries = find_exports(fv.model_dir)
     chosen = None
     if fv.use_ensemble:  # a run's ensemble.json, or an evaluated export folder's own (e.g. <run>/swa)
-        chosen = _load_ensemble(fv.model_dir, entries)
+        chosen = load_ensemble(fv.model_dir, entries)
     tta = parse_tta(fv.tta)
     if chosen is not None:
         if not fv["tta"].present:

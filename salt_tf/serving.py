@@ -172,7 +172,7 @@ def export_savedmodel(model_dir: str, output: str, tta: str | None = None, thres
                            "Serving a new version number)")
     parent = os.path.dirname(output)
     entries = predict.find_exports(model_dir)
-    chosen = predict._load_ensemble(model_dir, entries) if use_ensemble else None
+    chosen = predict.load_ensemble(model_dir, entries) if use_ensemble else None
     views = predict.parse_tta(tta) if tta is not None else tuple(chosen.tta) if chosen else predict.DEFAULT_TTA
     if chosen is not None:
         chosen_threshold = chosen.postprocessing.threshold

@@ -257,7 +257,6 @@ def main(argv):
     from salt_tf.data.kaggle import DataError
     from salt_tf.distribute import StrategyError
     from salt_tf.loop import TrainingStopped
-
     from salt_tf import tfstart
 
     logging.get_absl_handler().addFilter(_QuietSaverLogs())
