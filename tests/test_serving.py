@@ -272,13 +272,23 @@ def test_startup_filter_drops_only_the_no_cuda_notices_and_info():
 
 
 @pytest.mark.skipif(tfstart.nvidia_driver_present(), reason="the machine has an NVIDIA driver")
-def test_commands_start_without_cuda_lines_on_a_cpu_machine():
+def test_commands_start_without_cuda_lines_on_a_cpu_machine(tmp_path):
     train_help = subprocess.run([sys.executable, "-m", "salt_tf.train", "--help"], cwd=REPO_ROOT,
                                 env=_quiet_env(), capture_output=True, text=True, timeout=300)
     output = train_help.stdout + train_help.stderr
     assert train_help.returncode in (0, 1), output[-2000:]  # absl's --help exits with status 1
     assert "--flagfile" in output and "--model_dir" in output
     assert not [line for line in output.splitlines() if any(n in line for n in NO_CUDA)], output[:3000]
+
+    # The README's demo command, cut to one short epoch: its whole output.
+    demo = subprocess.run([sys.executable, "-m", "salt_tf.train", "--flagfile=flags/demo.cfg", "--epochs=1",
+                           "--demo_images=48", "--val_images=16", "--batch_size=8", "--base_width=2", "--depth=2",
+                           f"--model_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}"],
+                          cwd=REPO_ROOT, env=_quiet_env(), capture_output=True, text=True, timeout=300)
+    output = demo.stdout + demo.stderr
+    assert demo.returncode == 0, output[-3000:]
+    assert not [line for line in output.splitlines() if any(n in line for n in NO_CUDA)], output[:3000]
+    assert "devices: CPU:0" in output and "done: best val_metric" in output
 
     start = subprocess.run([sys.executable, "-c", "from salt_tf import tfstart; print(tfstart.device_summary())"],
                            cwd=REPO_ROOT, env=_quiet_env(), capture_output=True, text=True, timeout=300)
