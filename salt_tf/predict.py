@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 from absl import flags
 
-from salt_tf import IMAGE_SIZE, ensemble, metrics, postprocess
+from salt_tf import IMAGE_SIZE, ensemble, metrics, postprocess, tfstart
 from salt_tf.data import kaggle
 
 PREDICT_FLAGS = flags.FlagValues()
@@ -268,7 +268,7 @@ def find_exports(path: str) -> list[LoadedModel]:
 
 def restore(entry: LoadedModel) -> LoadedModel:
     """Builds the model of an export's config and restores its weights into it."""
-    import tensorflow as tf
+    tf = tfstart.import_tensorflow()  # the first TensorFlow import of a command: no CUDA noise on a CPU
 
     from salt_tf import checkpoints, model as model_lib
 
@@ -378,7 +378,19 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _load_ensemble(run_dir: str, entries: list[LoadedModel]) -> ensemble.Ensemble | None:
+def load_ensemble(run_dir: str, entries: list[LoadedModel]) -> ensemble.Ensemble | None:
+    """The ensemble.json of `run_dir` (None if it has none), checked against the models it was fitted on.
+
+    Args:
+        run_dir: a run directory or an export folder (as --model_dir).
+        entries: its models (find_exports), in order.
+
+    Returns:
+        The saved choice, or None.
+
+    Raises:
+        PredictError: unreadable, or fitted on other models (one line naming both lists).
+    """
     path = os.path.join(run_dir, ensemble.ENSEMBLE_FILE)
     if not os.path.isfile(path):
         return None
@@ -408,7 +420,7 @@ def run_predict(fv: flags.FlagValues) -> int:
     entries = find_exports(fv.model_dir)
     chosen = None
     if fv.use_ensemble:  # a run's ensemble.json, or an evaluated export folder's own (e.g. <run>/swa)
-        chosen = _load_ensemble(fv.model_dir, entries)
+        chosen = load_ensemble(fv.model_dir, entries)
     tta = parse_tta(fv.tta)
     if chosen is not None:
         if not fv["tta"].present:
@@ -437,6 +449,7 @@ def run_predict(fv: flags.FlagValues) -> int:
 
     for entry in entries:
         restore(entry)
+    _say(tfstart.device_summary())
     _say(f"predict: {len(ids)} images of {fv.images}; {len(entries)} model(s) of {fv.model_dir} "
          f"({', '.join(e.name for e in entries)}); {how}; tta {'+'.join(tta)}; {choice.describe()}")
     if fv.masks_dir:
@@ -496,6 +509,7 @@ def run_data_dir(run_dir: str) -> str:
 
 
 def run_evaluate(fv: flags.FlagValues) -> int:
+    tfstart.import_tensorflow()  # before checkpoints and pipeline import it
     from salt_tf import checkpoints, pipeline
     from salt_tf.data import splits
 
@@ -520,6 +534,7 @@ def run_evaluate(fv: flags.FlagValues) -> int:
     data = kaggle.load_labelled(data_dir, ids)
     for entry in entries:
         restore(entry)
+    _say(tfstart.device_summary())
     _say(f"evaluate: {len(entries)} model(s) of {run_dir} ({', '.join(e.name for e in entries)}) on "
          f"{len(data.ids)} images ({which}) of {data_dir}; tta {'+'.join(tta)}; {fv.folds}-fold CV over images")
     started = time.time()
@@ -602,5 +617,4 @@ def main(argv: Sequence[str] | None = None, flag_values: flags.FlagValues = PRED
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main())
+    sys.exit(main())  # TensorFlow is first imported by restore(), through tfstart

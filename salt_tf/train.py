@@ -12,6 +12,11 @@ import os
 import sys
 import time
 
+if __name__ == "__main__":  # the command: start TensorFlow (imported by the flags) without CUDA noise on a CPU
+    from salt_tf import tfstart
+
+    tfstart.import_tensorflow()
+
 from absl import app, flags, logging
 
 from salt_tf import flags as salt_flags
@@ -275,9 +280,11 @@ def main(argv):
     from salt_tf.data.kaggle import DataError
     from salt_tf.distribute import StrategyError
     from salt_tf.loop import TrainingStopped
+    from salt_tf import tfstart
     from salt_tf.records import RunDirBusy
 
     logging.get_absl_handler().addFilter(_QuietSaverLogs())
+    logging.info("%s", tfstart.device_summary(tf))
     try:
         run()
     except (DataError, StrategyError, InitCheckpointError, ResumeError, RunDirBusy) as e:
