@@ -178,8 +178,8 @@ def test_two_workers_train_write_one_series_and_validate_every_image_once(tmp_pa
     state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
     assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == \
         [f"step-{STEPS_PER_EPOCH}", f"step-{2 * STEPS_PER_EPOCH}"]
-    assert sorted(os.listdir(model_dir)) == ["checkpoints", "events", "export", "fingerprints.json", "flags.cfg",
-                                             "metrics.csv", "record.json", "split.csv"]
+    assert sorted(os.listdir(model_dir)) == [".lock", "checkpoints", "events", "export", "fingerprints.json",
+                                             "flags.cfg", "metrics.csv", "record.json", "split.csv"]
     assert not [name for name in os.listdir(temp) if name.startswith("salt_tf-")]
 
     # The validation metric equals a single-process evaluation of the final weights, over all 33 images.
