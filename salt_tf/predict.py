@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 from absl import flags
 
-from salt_tf import IMAGE_SIZE, ensemble, metrics, postprocess, tfstart
+from salt_tf import IMAGE_SIZE, ensemble, metrics, postprocess, records, tfstart
 from salt_tf.data import kaggle
 
 PREDICT_FLAGS = flags.FlagValues()
@@ -489,13 +489,7 @@ def run_predict(fv: flags.FlagValues) -> int:
 
 def run_data_dir(run_dir: str) -> str:
     """The labelled folder a run trained on: --data_dir of its flags.cfg (or record.json's absolute path)."""
-    path = os.path.join(run_dir, "flags.cfg")
-    data_dir = None
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip().startswith("--data_dir="):
-                    data_dir = line.strip()[len("--data_dir="):]
+    data_dir = (records.read_flagfile(run_dir) or {}).get("data_dir")
     if data_dir and os.path.isdir(data_dir):
         return data_dir
     record = os.path.join(run_dir, "record.json")

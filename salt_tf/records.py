@@ -102,6 +102,36 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def parse_flagfile(text: str) -> dict[str, str]:
+    """{flag name: value as text} of a flagfile; booleans become "true"/"false", the last setting wins. The one
+    reader of flags.cfg (runs, predict and the resume check of train use it)."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue  # comments and blank lines
+        body = line[2:]
+        if "=" in body:
+            name, value = body.split("=", 1)
+        elif body.startswith("no"):
+            # absl's spelling of a false boolean. (A boolean whose own name began with "no" would be
+            # misread here; the flagfile alone cannot tell, and salt_tf defines none.)
+            name, value = body[2:], "false"
+        else:
+            name, value = body, "true"
+        values[name] = value
+    return values
+
+
+def read_flagfile(run_dir: str) -> dict[str, str] | None:
+    """The parsed flags.cfg of a run directory; None if it has none."""
+    path = os.path.join(run_dir, FLAGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return parse_flagfile(f.read())
+
+
 def write_json(path: str, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -47,24 +47,8 @@ class RunError(Exception):
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def parse_flagfile(text: str) -> dict[str, str]:
-    """{flag name: value as text} of a flagfile; booleans become "true"/"false", the last setting wins."""
-    values = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("--"):
-            continue  # comments and blank lines
-        body = line[2:]
-        if "=" in body:
-            name, value = body.split("=", 1)
-        elif body.startswith("no"):
-            # absl's spelling of a false boolean. (A boolean whose own name began with "no" would be
-            # misread here; the flagfile alone cannot tell, and salt_tf defines none.)
-            name, value = body[2:], "false"
-        else:
-            name, value = body, "true"
-        values[name] = value
-    return values
+# flags.cfg has one reader, shared with predict and train (kept under this name for tools/ and tests).
+parse_flagfile = records.parse_flagfile
 
 
 @dataclasses.dataclass
@@ -98,8 +82,7 @@ def load_run(path: str, name: str | None = None) -> Run:
         raise RunError(f"{path}: no such directory")
     if not os.path.isfile(flags_path):
         raise RunError(f"{path}: not a salt_tf run directory (no {records.FLAGS_FILE})")
-    with open(flags_path, encoding="utf-8") as f:
-        flags = parse_flagfile(f.read())
+    flags = records.read_flagfile(path)
     record_path = os.path.join(path, records.RECORD_FILE)
     # A run that died before its data was loaded has flags.cfg only: still listable, with blanks.
     record = records.read_json(record_path) if os.path.isfile(record_path) else {}
