@@ -28,7 +28,9 @@ def define_flags() -> None:
 
     # --- Run directory and data.
     flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, flags.cfg, metrics.csv, events. "
-                        "Running again with the same directory resumes the run.")
+                        "Running again with the same directory resumes the run: with the same flags "
+                        "(--flagfile=<model_dir>/flags.cfg), or changing only those "
+                        "salt_tf.flags.RESUME_MAY_CHANGE lists.")
     flags.DEFINE_enum("dataset", "kaggle", ["kaggle", "demo"],
                       "kaggle: read the competition layout from --data_dir. demo: generate the embedded "
                       "synthetic set into --data_dir (once) and train on it.")
@@ -107,7 +109,8 @@ def define_flags() -> None:
     flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm (0 = off).", lower_bound=0.0)
     flags.DEFINE_integer("max_bad_steps", 20, "A step with a non-finite loss or gradient is skipped; this many "
                          "in a row stop the run (the last checkpoint stays intact).", lower_bound=1)
-    flags.DEFINE_integer("epochs", 50, "Epochs to train in all (a resumed run continues to this).",
+    flags.DEFINE_integer("epochs", 50, "Epochs to train in all (a resumed run continues to this; a resume may "
+                         "raise it, except with --lr_schedule=cosine or --swa_epochs).",
                          lower_bound=1)
     flags.DEFINE_integer("batch_size", 32, "Training batch size: the global batch, split evenly over the "
                          "replicas under --strategy=mirrored or multi_worker.", lower_bound=1)
@@ -144,8 +147,8 @@ def define_flags() -> None:
     flags.DEFINE_string("init_checkpoint", "", "Start a new run from the model weights (and batch-norm "
                         "statistics) of an earlier one, e.g. to cycle snapshots from a converged model: its run "
                         "directory (the best model, export/), an export/ or a snapshots/snapshot-K folder. The "
-                        "optimizer, schedule and epoch start fresh; the model flags must match. Ignored when "
-                        "--model_dir already has a checkpoint (the run resumes).")
+                        "optimizer, schedule and epoch start fresh; the model flags must match. A rerun that "
+                        "resumes a run must give the value the run started with (flags.cfg has it).")
     flags.DEFINE_boolean("restart_from_scratch", False, "Train from epoch 0 in a --model_dir that holds a run's "
                          "results (metrics.csv, export/) but no readable checkpoint, replacing those results. "
                          "Without it such a directory stops the run. No effect when a checkpoint can be resumed.")
@@ -311,6 +314,84 @@ def _model_dir_ok(path):
     return True
 
 
+# ------------------------------------------------------------------ what a resume may change
+# A rerun on a --model_dir that holds a run (a checkpoint or results) resumes it, so every run flag must equal
+# the run's flags.cfg (a flag absent from an older run's flags.cfg counts as its default) -- except these,
+# which change nothing the run has computed or will compute. train.check_resume_flags stops on any other
+# difference; a change of one of these is written to flags.cfg and listed in record.json ("flag_changes").
+RESUME_MAY_CHANGE = (
+    "model_dir",             # where the run lives, not what it is: a moved or copied run directory resumes
+    "data_dir",              # where the data lives: what it is, its fingerprint (record.json), is compared instead
+    "strict",                # how bad files are treated: the examples trained on are compared by that fingerprint
+    "restart_from_scratch",  # an instruction for this start, not a setting (never written to flags.cfg)
+    "keep_checkpoints",      # bookkeeping
+    "progress_every",        # logging and TensorBoard only: no effect on any weight or metric
+    "summary_every_steps",
+    "summary_images",
+    "summary_worst_images",
+    "profile_steps",
+    "max_bad_steps",         # only when non-finite steps stop the run; a stopped run resumes where it was
+)
+# --epochs may grow (more epochs; never fewer), unless it defines the schedule of the epochs already trained:
+# with --lr_schedule=cosine it sets the cycle length, with --swa_epochs the epochs averaged. See epochs_note.
+GROWABLE = "epochs"
+# Instructions for one start, not settings of the run: left out of flags.cfg, so a later rerun from it (the
+# way to resume) never restarts a run on its own.
+NOT_RECORDED = ("restart_from_scratch",)
+
+
+def _text(flag, value) -> str:
+    """A flag value as flags.cfg (records.parse_flagfile) spells it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _same(flag, recorded: str | None) -> bool:
+    """Whether a flags.cfg value equals the flag's value now; absent = the default (a flag newer than the run)."""
+    if recorded is None:
+        return flag.value == flag.default
+    try:
+        return flag.parser.parse(recorded) == flag.value
+    except (ValueError, TypeError):
+        return False
+
+
+def epochs_note(recorded: str, given: int) -> str | None:
+    """Why an --epochs change cannot resume the run (None: it can)."""
+    try:
+        before = int(recorded)
+    except ValueError:
+        return "not a number in flags.cfg"
+    if given < before:
+        return "may only grow"
+    if FLAGS.lr_schedule == "cosine":
+        return "sets the cosine cycle length"
+    if FLAGS.swa_epochs:
+        return "sets the epochs --swa_epochs averages"
+    return None
+
+
+def resume_changes(recorded: dict[str, str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Compares the flags given now with a run's flags.cfg (`recorded`, parsed). Returns the changes a resume
+    may make, {name: [recorded, given]}, and one 'name: recorded -> given' text for each it may not."""
+    allowed, refused = {}, []
+    for flag in sorted(run_flags(), key=lambda f: f.name):
+        was = recorded.get(flag.name)
+        if _same(flag, was):
+            continue
+        shown_was = was if was is not None else f"{_text(flag, flag.default)} (default; not in flags.cfg)"
+        now = _text(flag, flag.value) if flag.value is not None else "(none)"
+        note = None
+        if flag.name == GROWABLE:
+            note = epochs_note(was if was is not None else str(flag.default), flag.value)
+        if flag.name in RESUME_MAY_CHANGE or (flag.name == GROWABLE and note is None):
+            allowed[flag.name] = [was, now]
+        else:
+            refused.append(f"{flag.name}: {shown_was} -> {now}" + (f" ({note})" if note else ""))
+    return allowed, refused
+
+
 def run_flags() -> list:
     """The flags defined here, i.e. those that describe a run (not absl's own logging flags)."""
     return FLAGS.get_flags_for_module(__name__)
@@ -327,6 +408,6 @@ def flagfile_text() -> str:
     lines = ["# Effective flags of this run; `python -m salt_tf.train --flagfile=<this file>` resumes or",
              "# reproduces it (override --model_dir to reproduce elsewhere)."]
     for flag in sorted(run_flags(), key=lambda f: f.name):
-        if flag.value is not None:
+        if flag.value is not None and flag.name not in NOT_RECORDED:
             lines.append(flag.serialize())
     return "\n".join(lines) + "\n"

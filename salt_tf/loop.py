@@ -284,10 +284,7 @@ class Trainer:
                 logging.warning("epoch %d step %d: non-finite loss or gradient (loss %s); step skipped, %d in a "
                                 "row", epoch + 1, step, float(outputs["loss"]), consecutive_bad)
                 if consecutive_bad >= self.config.max_bad_steps:
-                    raise TrainingStopped(
-                        f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (epoch {epoch + 1}, "
-                        f"step {step}); stopped. The last good checkpoint is intact: lower --learning_rate or set "
-                        "--clip_norm, then run the same command to resume.", exit_code=3)
+                    raise self._non_finite_stop(consecutive_bad, epoch, step)
             if self.config.progress_every and step % self.config.progress_every == 0 and step < steps:
                 seen = (step - done) * self.config.batch_size
                 logging.info("  epoch %d step %d/%d  loss %.4f  %.1f img/s", epoch + 1, step, steps,
@@ -306,6 +303,26 @@ class Trainer:
         results["train_seconds"] = seconds_before + time.perf_counter() - start
         results["train_images_per_second"] = (steps - done) * self.config.batch_size / (time.perf_counter() - start)
         return results
+
+    def _non_finite_stop(self, count: int, epoch: int, step: int) -> TrainingStopped:
+        """The stop after --max_bad_steps non-finite steps in a row, saying truthfully what is kept. Rerunning the
+        same command would repeat the same steps: the way on is other settings, hence a new run directory."""
+        latest = self.checkpoints.last.latest_checkpoint
+        done = int(self.epoch.numpy())
+        message = (f"{count} consecutive steps had a non-finite loss or gradient (epoch {epoch + 1}, step {step}); "
+                   "stopped. ")
+        start_again = (f"start again with a lower --learning_rate or a --clip_norm, with a new --model_dir (or "
+                       f"after deleting {self.run_dir}).")
+        if latest is None:
+            message += "No checkpoint had been written: " + start_again
+        elif done == 0:
+            message += "No epoch had finished, so nothing is lost: " + start_again
+        else:
+            message += (f"The last good checkpoint, {os.path.basename(latest)} ({done} epoch"
+                        f"{'s' if done > 1 else ''} finished), is intact; to go on with a lower --learning_rate or "
+                        f"a --clip_norm, start a new run from its best weights with --init_checkpoint={self.run_dir} "
+                        "and a new --model_dir.")
+        return TrainingStopped(message, exit_code=3)
 
     def global_step(self) -> int:
         """Training steps taken, skipped (non-finite) ones included: the x axis of every summary."""

@@ -6,7 +6,8 @@
 
 `--model_dir` is a run directory (its snapshots if it made any, else its export/) or one export folder.
 Predict mode reads every PNG of `--images` first (an unreadable file stops it with one line naming the
-file, before anything is written; `--skip_bad` leaves such files out and lists them), predicts them in
+file, before anything is written; `--skip_bad` predicts the others, lists the bad ones and gives them empty
+masks in the submission, or leaves their rows out with `--nobad_as_empty`), predicts them in
 batches with TTA, combines the models (the run's `ensemble.json` if `--evaluate` wrote one: mean or stacked
 meta-model plus post-processing; else the mean and the export's threshold) and writes the submission CSV
 `id,rle_mask` atomically, and with `--masks_dir` one mask PNG per image.
@@ -70,8 +71,12 @@ def define_flags(flag_values: flags.FlagValues = PREDICT_FLAGS) -> None:
                         "from hflip,vflip. Default: the TTA of the run's ensemble.json, else hflip.", **fv)
     flags.DEFINE_integer("batch_size", 64, "Images per model call (each call runs batch x views images).",
                          lower_bound=1, **fv)
-    flags.DEFINE_boolean("skip_bad", False, "Leave out unreadable PNGs (each listed with a warning) instead of "
-                         "stopping.", **fv)
+    flags.DEFINE_boolean("skip_bad", False, "Predict the readable PNGs instead of stopping at an unreadable one "
+                         "(each listed with a warning); see --bad_as_empty for the submission rows of the others.",
+                         **fv)
+    flags.DEFINE_boolean("bad_as_empty", True, "With --skip_bad: give each unreadable image an empty mask in the "
+                         "submission, which Kaggle accepts (it rejects a file with ids missing); "
+                         "--nobad_as_empty leaves their rows out.", **fv)
     flags.DEFINE_float("threshold", None, "Probability threshold; overrides ensemble.json and the export's "
                        "validation threshold.", lower_bound=0.0, upper_bound=0.999, **fv)
     flags.DEFINE_string("depths", None, "CSV id,z for models trained with --use_depth (default: "
@@ -361,8 +366,6 @@ def submission_text(ids: Sequence[str], masks: np.ndarray) -> str:
 
 def write_submission(path: str, ids: Sequence[str], masks: np.ndarray) -> None:
     """Writes the submission CSV atomically (temp file + rename)."""
-    from salt_tf import records
-
     records.atomic_write_text(path, submission_text(ids, masks))
 
 
@@ -476,15 +479,28 @@ def run_predict(fv: flags.FlagValues) -> int:
                 kaggle.write_png(os.path.join(fv.masks_dir, f"{id_}.png"), mask.astype(np.uint8) * 255)
         elapsed = time.time() - started
         _say(f"  {stop}/{len(ids)} images  {stop / max(elapsed, 1e-9):.1f} images/s")
+    if bad and fv.bad_as_empty:  # one row per image of the folder, in id order, as without bad files
+        ids, masks = with_empty_masks(ids, masks, [os.path.splitext(os.path.basename(p))[0] for p, _ in bad])
     write_submission(fv.output, ids, masks)
     elapsed = time.time() - started
     with_salt = int(masks.reshape(len(ids), -1).any(axis=1).sum())
     _say(f"wrote {fv.output}: {len(ids)} images ({with_salt} with salt) in {elapsed:.1f} s, "
          f"{len(ids) / max(elapsed, 1e-9):.1f} images/s" + (f"; masks in {fv.masks_dir}" if fv.masks_dir else ""))
     if bad:
-        _warn(f"--skip_bad: {len(bad)} unreadable file(s) left out of {fv.output}: "
-              + ", ".join(os.path.basename(p) for p, _ in bad))
+        names = ", ".join(os.path.basename(p) for p, _ in bad)
+        _warn(f"--skip_bad: {len(bad)} unreadable file(s) written as empty masks in {fv.output}: {names}"
+              if fv.bad_as_empty else
+              f"--skip_bad --nobad_as_empty: {len(bad)} unreadable file(s) left out of {fv.output}, which Kaggle "
+              f"rejects (every test id needs a row): {names}")
     return 0
+
+
+def with_empty_masks(ids: Sequence[str], masks: np.ndarray, missing: Sequence[str]):
+    """ids and masks with an empty mask for each id of `missing`, all in id order."""
+    every = list(ids) + list(missing)
+    order = sorted(range(len(every)), key=lambda i: every[i])
+    filled = np.concatenate([masks, np.zeros((len(missing),) + masks.shape[1:], dtype=masks.dtype)])
+    return [every[i] for i in order], filled[order]
 
 
 def run_data_dir(run_dir: str) -> str:

@@ -25,11 +25,78 @@ FLAGS = flags.FLAGS
 
 
 def prepare_run_dir(run_dir: str) -> None:
-    """Creates the run directory and writes the effective flagfile (a resume rewrites the same text)."""
+    """Creates the run directory and writes the effective flagfile: the values this run uses (a resume may have
+    changed only what check_resume_flags allows)."""
     from salt_tf import records
 
     os.makedirs(run_dir, exist_ok=True)
     records.atomic_write_text(os.path.join(run_dir, records.FLAGS_FILE), salt_flags.flagfile_text())
+
+
+def holds_run(run_dir: str) -> bool:
+    """Whether run_dir holds a run a rerun resumes: a checkpoint, or results of finished epochs."""
+    from salt_tf import checkpoints
+
+    return os.path.isfile(os.path.join(run_dir, "checkpoints", "checkpoint")) or checkpoints.has_history(run_dir)
+
+
+def model_shape_flags() -> set[str]:
+    """The flags that decide the model's variables (what --init_checkpoint requires to match)."""
+    from salt_tf import checkpoints, model as model_lib
+
+    names = {field.name for field in dataclasses.fields(model_lib.ModelConfig)}
+    return names - set(checkpoints._SHAPE_FREE_SETTINGS) - {"input_channels"} | {"use_depth"}
+
+
+def check_resume_flags(run_dir: str) -> dict | None:
+    """Before anything is read or written: when run_dir holds a run, the flags given must be those of its
+    flags.cfg, up to the changes a resume may make (salt_tf.flags.RESUME_MAY_CHANGE, more --epochs). Returns
+    those changes, {name: [recorded, given]}, or None when run_dir holds no run (a fresh start); raises
+    ResumeError with one line naming every other difference and the two ways forward."""
+    from salt_tf import checkpoints, records
+
+    recorded = records.read_flagfile(run_dir) if holds_run(run_dir) else None
+    if recorded is None:
+        return None
+    allowed, refused = salt_flags.resume_changes(recorded)
+    if not refused:
+        return allowed
+    flagfile = os.path.join(run_dir, records.FLAGS_FILE)
+    model_changed = sorted(model_shape_flags() & {line.split(":")[0] for line in refused})
+    if model_changed:
+        other = (f"to train the other model ({', '.join('--' + n for n in model_changed)}), give a new "
+                 "--model_dir (--init_checkpoint needs the same model)")
+    else:
+        other = (f"to continue from its best weights with the new settings, start a new run with "
+                 f"--init_checkpoint={run_dir} and a new --model_dir")
+    raise checkpoints.ResumeError(
+        f"--model_dir={run_dir} holds a run made with other flags ({'; '.join(refused)}); nothing was "
+        f"written. To resume it, rerun with its recorded flags: --flagfile={flagfile}; {other}")
+
+
+def check_resume_data(run_dir: str, data_fingerprint: str) -> None:
+    """A resumed run must train on the images it started with (wherever --data_dir now points)."""
+    from salt_tf import records
+    from salt_tf.data import kaggle
+
+    path = os.path.join(run_dir, records.RECORD_FILE)
+    recorded = (records.read_json(path).get("data") or {}).get("fingerprint") if os.path.isfile(path) else None
+    if recorded and recorded != data_fingerprint:
+        raise kaggle.DataError(f"--data_dir={FLAGS.data_dir} holds other images or masks than the run in "
+                               f"{run_dir} trained on (its data fingerprint in {records.RECORD_FILE} differs); "
+                               "point --data_dir at that data to resume, or give a new --model_dir")
+
+
+def record_flag_changes(out_dir: str, changes: dict, resume: str | None) -> None:
+    """Appends a resume's legal flag changes to record.json's "flag_changes" (flags.cfg now holds the new
+    values)."""
+    from salt_tf import records
+
+    path = os.path.join(out_dir, records.RECORD_FILE)
+    earlier = (records.read_json(path) if os.path.isfile(path) else {}).get("flag_changes") or []
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+             "checkpoint": os.path.basename(resume) if resume else None, "changed": changes}
+    records.update_record(out_dir, flag_changes=earlier + [entry])
 
 
 def load_data():
@@ -123,10 +190,14 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
     locked_early = os.path.isdir(out_dir)
     if locked_early:
         lock.enter_context(records.RunDirLock(out_dir))
+    # A rerun on a run directory resumes that run: first of all, the flags must be the run's.
+    flag_changes = check_resume_flags(run_dir)
     started = time.time()
     # Data first: a bad file stops the run before anything is written into the run directory.
     data, skipped = load_data()
     data_fingerprint = kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
+    if flag_changes is not None:
+        check_resume_data(run_dir, data_fingerprint)
     model_config = model_lib.ModelConfig(
         base_width=FLAGS.base_width, depth=FLAGS.depth, blocks_per_level=FLAGS.blocks_per_level, se=FLAGS.se,
         se_ratio=FLAGS.se_ratio, dropout=FLAGS.dropout, input_channels=2 if FLAGS.use_depth else 1,
@@ -143,6 +214,10 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
     for path in records.remove_temporary_files(out_dir):
         logging.info("removed %s, left by an interrupted write", path)
     prepare_run_dir(out_dir)
+    if flag_changes:
+        record_flag_changes(out_dir, flag_changes, resume)
+        logging.info("resuming with changed flags (recorded in %s): %s", records.RECORD_FILE, "; ".join(
+            f"{name}: {was} -> {now}" for name, (was, now) in flag_changes.items()))
     if skipped:
         import pandas as pd
 
@@ -263,6 +338,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     """Parses argv into FLAGS; a bad flag ends the program with one line naming it (exit status 2)."""
     try:
         remaining = FLAGS(argv)
+        if len(remaining) > 1:
+            raise flags.Error(f"unexpected argument {' '.join(remaining[1:])}: flags take the form --name=value "
+                              "(--help lists them)")
         if FLAGS.model_dir is None:
             raise flags.IllegalFlagValueError("--model_dir is required: the run directory to write (or resume)")
         return remaining
@@ -272,8 +350,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value")
+    del argv  # parse_flags has refused any argument that is not a flag
     import tensorflow as tf
 
     from salt_tf.checkpoints import InitCheckpointError, ResumeError
