@@ -185,11 +185,27 @@ def test_bad_png_stops_with_one_line_and_no_csv_or_is_skipped(tiny_run, demo_dir
     assert err.count("\n") == 1 and err.startswith("error: ") and "broken.png" in err and "--skip_bad" in err
     assert not os.path.exists(output) and not [n for n in os.listdir(tmp_path) if n.startswith("submission")]
 
+    good = sorted(os.path.splitext(n)[0] for n in os.listdir(folder) if n != "broken.png")
+    # Kaggle rejects a submission with a test id missing: by default the bad image gets an empty mask, in id
+    # order, and one line says so; the readable images' rows are those of a run without the bad file.
     status, out, err = _main(argv + ["--skip_bad"], capsys)
     assert status == 0, err
     frame = pd.read_csv(output, dtype=str, keep_default_na=False)
-    assert len(frame) == 8 and "broken" not in set(frame["id"])
-    assert "skipped" in err and "broken.png" in err.splitlines()[-1]
+    assert list(frame["id"]) == sorted(good + ["broken"])
+    assert frame.set_index("id").loc["broken", "rle_mask"] == ""
+    assert "skipped" in err and "1 unreadable file(s) written as empty masks" in err.splitlines()[-1] and \
+        "broken.png" in err.splitlines()[-1]
+    with_bad = frame[frame["id"] != "broken"].reset_index(drop=True)
+    os.remove(folder / "broken.png")
+    status, _, _ = _main(argv, capsys)
+    assert status == 0
+    pd.testing.assert_frame_equal(with_bad, pd.read_csv(output, dtype=str, keep_default_na=False))
+    # --nobad_as_empty leaves the row out, and says Kaggle rejects that.
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    status, out, err = _main(argv + ["--skip_bad", "--nobad_as_empty"], capsys)
+    assert status == 0, err
+    assert list(pd.read_csv(output, dtype=str, keep_default_na=False)["id"]) == good
+    assert "left out of" in err.splitlines()[-1] and "Kaggle rejects" in err.splitlines()[-1]
 
 
 def test_command_line_process_fails_before_loading_tensorflow(tiny_run, tmp_path):

@@ -227,6 +227,24 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, demo_dir):
         trainer.train_epoch(0)
     assert stopped.value.exit_code == 3 and int(trainer.skipped_steps) == 3
     assert trainer.checkpoints.last.latest_checkpoint is None  # nothing half-trained was saved
+    # The message says what is kept, truthfully: no checkpoint is claimed when none exists, and rerunning the
+    # same command (which repeats the same steps) is not the advice.
+    message = str(stopped.value)
+    assert "No checkpoint had been written" in message and "intact" not in message, message
+    assert "same command" not in message
+    # With a start checkpoint but no finished epoch: nothing to keep, start again.
+    trainer.checkpoints.save(trainer.global_step())
+    with pytest.raises(loop.TrainingStopped) as stopped:
+        trainer.train_epoch(0)
+    assert "No epoch had finished" in str(stopped.value) and "intact" not in str(stopped.value)
+    # After a finished epoch, the checkpoint named is the newest one, and the way on is a new run from it.
+    trainer.epoch.assign(1)
+    latest = os.path.basename(trainer.checkpoints.save(trainer.global_step()))
+    with pytest.raises(loop.TrainingStopped) as stopped:
+        trainer.train_epoch(1)
+    message = str(stopped.value)
+    assert f"The last good checkpoint, {latest} (1 epoch finished), is intact" in message, message
+    assert f"--init_checkpoint={trainer.run_dir}" in message
 
 
 @pytest.fixture(scope="module")
@@ -460,3 +478,99 @@ def test_history_without_a_readable_checkpoint_stops_unless_restarted(tmp_path, 
     # A deliberate restart trains the run again from epoch 0.
     run_tiny(demo_dir, model_dir, restart_from_scratch=True)
     assert_same_results(tiny_reference, model_dir)
+
+
+# ------------------------------------------------------------------------------------------ resume and flags
+
+
+def edit_flagfile(model_dir, **values):
+    """Sets (or, with None, removes) flags in a run's flags.cfg, as a run of another code version wrote it."""
+    path = os.path.join(model_dir, records.FLAGS_FILE)
+    lines = [l for l in open(path).read().splitlines()
+             if records.parse_flagfile(l).keys().isdisjoint(values)]
+    lines += [f"--{name}={value}" for name, value in values.items() if value is not None]
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+def directory_contents(model_dir):
+    """{relative path: bytes} of every file of a run directory but its lock."""
+    contents = {}
+    for root, _, files in os.walk(model_dir):
+        for name in files:
+            if name != records.LOCK_FILE:
+                path = os.path.join(root, name)
+                contents[os.path.relpath(path, model_dir)] = open(path, "rb").read()
+    return contents
+
+
+RESUME_REFUSED = {
+    # case: (flags.cfg edits, flags given, what the one line must name)
+    "lower learning rate": ({}, dict(learning_rate=0.001), ["learning_rate: 0.01 -> 0.001", "--init_checkpoint="]),
+    "other model": ({}, dict(base_width=8, hflip=False),
+                    ["base_width: 4 -> 8", "hflip: true -> false", "give a new --model_dir"]),
+    "fewer epochs": ({}, dict(epochs=1), ["epochs: 2 -> 1 (may only grow)"]),
+    "more epochs of a cosine schedule": (dict(lr_schedule="cosine", snapshot_cycles=1),
+                                         dict(lr_schedule="cosine", snapshot_cycles=1, epochs=4),
+                                         ["epochs: 2 -> 4 (sets the cosine cycle length)"]),
+    "more epochs with --swa_epochs": (dict(swa_epochs=1), dict(swa_epochs=1, epochs=4),
+                                      ["epochs: 2 -> 4 (sets the epochs --swa_epochs averages)"]),
+    "flag newer than the run, set": (dict(contrast=None), dict(contrast=0.1),
+                                     ["contrast: 0.0 (default; not in flags.cfg) -> 0.1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_REFUSED))
+def test_resume_with_other_flags_stops_with_one_line_and_writes_nothing(case, tmp_path, demo_dir, tiny_reference,
+                                                                        capsys):
+    edits, given, expected = RESUME_REFUSED[case]
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_reference, model_dir)
+    edit_flagfile(model_dir, **edits)
+    before = directory_contents(model_dir)
+    assert run_main(tiny_argv(demo_dir, model_dir, **given)) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1, lines
+    for text in expected + [f"--flagfile={os.path.join(model_dir, records.FLAGS_FILE)}"]:
+        assert text in lines[0], (text, lines[0])
+    # flags.cfg keeps the values the run was trained with; nothing else changed either.
+    assert directory_contents(model_dir) == before
+
+
+def test_legal_flag_changes_resume_bit_identically_and_are_recorded(tmp_path, demo_dir, tiny_reference):
+    model_dir = str(tmp_path / "run")
+    run_tiny(demo_dir, model_dir, epochs=1)
+    # As an older version wrote it: without a flag added since (absent = its default, so the run resumes).
+    edit_flagfile(model_dir, contrast=None)
+    # More epochs, and logging and bookkeeping flags that change no number.
+    run_tiny(demo_dir, model_dir, epochs=2, progress_every=5, summary_every_steps=7, keep_checkpoints=3)
+    assert_same_results(tiny_reference, model_dir)
+    written = records.read_flagfile(model_dir)  # what the run now does, so `runs reproduce` gets the same
+    assert (written["epochs"], written["progress_every"], written["contrast"]) == ("2", "5", "0.0")
+    changes = records.read_json(os.path.join(model_dir, records.RECORD_FILE))["flag_changes"]
+    assert len(changes) == 1 and changes[0]["checkpoint"] == "step-16", changes
+    assert changes[0]["changed"] == {"epochs": ["1", "2"], "progress_every": ["0", "5"],
+                                     "summary_every_steps": ["100", "7"], "keep_checkpoints": ["2", "3"]}
+    # Resuming from flags.cfg is the same run: nothing more is recorded.
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        FLAGS(["train", f"--flagfile={os.path.join(model_dir, records.FLAGS_FILE)}"])
+        assert train.run()["epochs_completed"] == 2
+    assert len(records.read_json(os.path.join(model_dir, records.RECORD_FILE))["flag_changes"]) == 1
+
+
+def test_resume_follows_moved_data_but_not_other_data(tmp_path, demo_dir, tiny_reference, capsys):
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_reference, model_dir)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(demo_dir, moved)
+    metrics = open(os.path.join(model_dir, records.METRICS_FILE)).read()
+    run_tiny(moved, model_dir)  # the same images elsewhere: resumes (a finished run: nothing to train)
+    assert records.read_flagfile(model_dir)["data_dir"] == moved
+    assert open(os.path.join(model_dir, records.METRICS_FILE)).read() == metrics
+    image = image_path(moved, first_id(moved))
+    cv2.imwrite(image, 255 - cv2.imread(image, cv2.IMREAD_GRAYSCALE))
+    before = directory_contents(model_dir)
+    assert run_main(tiny_argv(moved, model_dir)) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "other images or masks than the run" in lines[0], lines
+    assert directory_contents(model_dir) == before

@@ -125,6 +125,7 @@ def test_rerun_of_a_finished_run_trains_nothing(tmp_path, demo_dir):
     (["--loss_schedule=bce:1;dice:1", "--loss_switch_epochs=3,5"], "--loss_switch_epochs"),
     (["--profile_steps=5,2"], "--profile_steps"),
     (["--max_bad_steps=0"], "--max_bad_steps"),
+    (["stray"], "unexpected argument stray"),  # not the whole --help
 ])
 def test_bad_flags_stop_with_one_line(tmp_path, capsys, argv, names):
     salt_flags.define_flags()
