@@ -478,6 +478,11 @@ def test_history_without_a_readable_checkpoint_stops_unless_restarted(tmp_path, 
     # A deliberate restart trains the run again from epoch 0.
     run_tiny(demo_dir, model_dir, restart_from_scratch=True)
     assert_same_results(tiny_reference, model_dir)
+    # An instruction for that start, recorded as such, never a setting in flags.cfg: rerunning from flags.cfg
+    # must not restart a damaged run on its own.
+    assert "restart_from_scratch" not in records.read_flagfile(model_dir)
+    changes = records.read_json(os.path.join(model_dir, records.RECORD_FILE))["flag_changes"]
+    assert changes[-1]["changed"]["restart_from_scratch"] == [None, "true"]
 
 
 # ------------------------------------------------------------------------------------------ resume and flags
