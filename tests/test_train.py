@@ -12,7 +12,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from salt_tf import flags as salt_flags
-from salt_tf import records, train
+from salt_tf import checkpoints, records, train
 import train_helpers
 from train_helpers import checkpoint_state, events_files, run_tiny
 
@@ -187,9 +187,11 @@ def test_init_checkpoint_starts_from_the_source_runs_exported_weights(tmp_path, 
     assert leaked
     recorded = records.read_json(os.path.join(other, records.RECORD_FILE))["init_checkpoint"]
     assert recorded["val_images_trained_on_by_source"] == len(leaked)
-    # A resumed run ignores the flag: its own checkpoint wins, and the source may be gone.
+    # A resume needs no source (it may be gone); a rerun that names another one, or other training flags, is
+    # refused before anything changes (issue 19: flags.cfg must tell what the run did).
     before = checkpoint_state(started)
-    run_tiny(demo_dir, started, epochs=1, init_checkpoint="/no/longer/there", optimizer="sgd")
+    with pytest.raises(checkpoints.ResumeError, match="init_checkpoint: .* -> /no/longer/there"):
+        run_tiny(demo_dir, started, epochs=1, init_checkpoint="/no/longer/there", optimizer="sgd")
     after = checkpoint_state(started)
     assert all(np.array_equal(before[name], after[name]) for name in before)
 
