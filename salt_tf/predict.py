@@ -56,19 +56,30 @@ class PredictError(ValueError):
     """A problem with the user's model folder or flags; the message is one line naming the path or flag."""
 
 
+def define_model_flags(flag_values: flags.FlagValues, what: str = "") -> None:
+    """The flags that choose the models and how they are combined, shared by predict and serving: --model_dir,
+    --tta, --threshold, --use_ensemble. `what` ends the --tta help (e.g. " in the graph")."""
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_string("model_dir", None, "A run directory (its snapshots if any, else its export/) or one "
+                        "export folder (model.json + weights).", **fv)
+    flags.DEFINE_string("tta", "hflip", f"Test-time augmentation{what}: 'none', or views averaged with the "
+                        "identity from hflip,vflip. Default: the TTA of the run's ensemble.json, else hflip.", **fv)
+    flags.DEFINE_float("threshold", None, "Probability threshold; overrides ensemble.json and the export's "
+                       "validation threshold.", lower_bound=0.0, upper_bound=0.999, **fv)
+    flags.DEFINE_boolean("use_ensemble", True, "Use <model_dir>/ensemble.json (written by --evaluate) when "
+                         "present: its combination, threshold and TTA.", **fv)
+
+
 def define_flags(flag_values: flags.FlagValues = PREDICT_FLAGS) -> None:
     """Registers the predict flags in `flag_values` (idempotent)."""
     if "tta" in flag_values:
         return
     fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("model_dir", None, "A run directory (its snapshots if any, else its export/) or one "
-                        "export folder (model.json + weights).", **fv)
+    define_model_flags(flag_values)
     flags.DEFINE_string("images", None, "Folder of 101x101 PNG images to predict (e.g. <data>/test/images).",
                         **fv)
     flags.DEFINE_string("output", None, "Submission CSV to write (id,rle_mask).", **fv)
     flags.DEFINE_string("masks_dir", None, "Also write one mask PNG (0/255) per image into this folder.", **fv)
-    flags.DEFINE_string("tta", "hflip", "Test-time augmentation: 'none', or views averaged with the identity "
-                        "from hflip,vflip. Default: the TTA of the run's ensemble.json, else hflip.", **fv)
     flags.DEFINE_integer("batch_size", 64, "Images per model call (each call runs batch x views images).",
                          lower_bound=1, **fv)
     flags.DEFINE_boolean("skip_bad", False, "Predict the readable PNGs instead of stopping at an unreadable one "
@@ -77,12 +88,8 @@ def define_flags(flag_values: flags.FlagValues = PREDICT_FLAGS) -> None:
     flags.DEFINE_boolean("bad_as_empty", True, "With --skip_bad: give each unreadable image an empty mask in the "
                          "submission, which Kaggle accepts (it rejects a file with ids missing); "
                          "--nobad_as_empty leaves their rows out.", **fv)
-    flags.DEFINE_float("threshold", None, "Probability threshold; overrides ensemble.json and the export's "
-                       "validation threshold.", lower_bound=0.0, upper_bound=0.999, **fv)
     flags.DEFINE_string("depths", None, "CSV id,z for models trained with --use_depth (default: "
                         "<images>/../../depths.csv, the Kaggle layout).", **fv)
-    flags.DEFINE_boolean("use_ensemble", True, "Use <model_dir>/ensemble.json (written by --evaluate) when "
-                         "present.", **fv)
     flags.DEFINE_boolean("evaluate", False, "Evaluate the run's models on labelled images, print the table and "
                          "write <model_dir>/ensemble.json, instead of predicting --images.", **fv)
     flags.DEFINE_string("data_dir", None, "--evaluate: labelled folder in the Kaggle layout (default: the "
@@ -599,21 +606,34 @@ def run_evaluate(fv: flags.FlagValues) -> int:
     return 0
 
 
+def parse_command_line(argv: Sequence[str], flag_values: flags.FlagValues, doc: str, error: type) -> bool:
+    """Parses a model command's argv (predict, serving) into `flag_values`.
+
+    Returns:
+        False when it printed the help (the first two paragraphs of `doc`, then the flags): nothing more to do.
+    Raises:
+        flags.Error for a bad flag; `error` (one line) for a stray argument or a missing --model_dir.
+    """
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        _say("\n\n".join(doc.split("\n\n")[:2]) + "\n")
+        _say(flag_values.get_help())
+        return False
+    flag_values.unparse_flags()
+    remaining = flag_values(list(argv))
+    if len(remaining) > 1:
+        raise error(f"unexpected arguments: {' '.join(remaining[1:])}; flags take the form --name=value")
+    if not flag_values.model_dir:
+        raise error("--model_dir is required: a run directory or an export folder")
+    return True
+
+
 def main(argv: Sequence[str] | None = None, flag_values: flags.FlagValues = PREDICT_FLAGS) -> int:
     """The command line; returns the exit status (0 ok, 2 bad flags/data/model, 1 a failing write)."""
     argv = list(sys.argv if argv is None else argv)
     define_flags(flag_values)
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        _say("\n\n".join(__doc__.split("\n\n")[:2]) + "\n")
-        _say(flag_values.get_help())
-        return 0
     try:
-        flag_values.unparse_flags()
-        remaining = flag_values(argv)
-        if len(remaining) > 1:
-            raise PredictError(f"unexpected arguments: {' '.join(remaining[1:])}; flags take the form --name=value")
-        if not flag_values.model_dir:
-            raise PredictError("--model_dir is required: a run directory or an export folder")
+        if not parse_command_line(argv, flag_values, __doc__, PredictError):
+            return 0
         if flag_values.evaluate:
             return run_evaluate(flag_values)
         return run_predict(flag_values)

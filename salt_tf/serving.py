@@ -56,18 +56,10 @@ def define_flags(flag_values: flags.FlagValues = SERVING_FLAGS) -> None:
     """Registers the serving flags in `flag_values` (idempotent)."""
     if "output" in flag_values:
         return
-    fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("model_dir", None, "A run directory (its snapshots if any, else its export/) or one "
-                        "export folder (model.json + weights).", **fv)
+    predict.define_model_flags(flag_values, " in the graph")
     flags.DEFINE_string("output", None, "Folder to write the SavedModel into (must not exist or be empty); "
-                        "for TF Serving a numbered version folder such as serving/salt/1.", **fv)
-    flags.DEFINE_string("tta", "hflip", "Test-time augmentation in the graph: 'none', or views averaged with "
-                        "the identity from hflip,vflip. Default: the TTA of the run's ensemble.json, else "
-                        "hflip.", **fv)
-    flags.DEFINE_float("threshold", None, "Probability threshold of the masks; overrides ensemble.json and "
-                       "the export's validation threshold.", lower_bound=0.0, upper_bound=0.999, **fv)
-    flags.DEFINE_boolean("use_ensemble", True, "Use <model_dir>/ensemble.json (written by predict --evaluate) "
-                         "when present: its combination, threshold and TTA.", **fv)
+                        "for TF Serving a numbered version folder such as serving/salt/1.",
+                        flag_values=flag_values)
 
 
 def _stacked(stacker: ensemble.Stacker, probabilities):
@@ -216,17 +208,9 @@ def main(argv: Sequence[str] | None = None, flag_values: flags.FlagValues = SERV
     """The command line; returns the exit status (0 ok, 2 bad flags or model folder, 1 a failing write)."""
     argv = list(sys.argv if argv is None else argv)
     define_flags(flag_values)
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print("\n\n".join(__doc__.split("\n\n")[:2]) + "\n", flush=True)
-        print(flag_values.get_help(), flush=True)
-        return 0
     try:
-        flag_values.unparse_flags()
-        remaining = flag_values(argv)
-        if len(remaining) > 1:
-            raise ServingError(f"unexpected arguments: {' '.join(remaining[1:])}; flags take the form --name=value")
-        if not flag_values.model_dir:
-            raise ServingError("--model_dir is required: a run directory or an export folder")
+        if not predict.parse_command_line(argv, flag_values, __doc__, ServingError):
+            return 0
         tta = flag_values.tta if flag_values["tta"].present else None
         info = export_savedmodel(flag_values.model_dir, flag_values.output, tta, flag_values.threshold,
                                  flag_values.use_ensemble)
