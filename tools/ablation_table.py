@@ -31,7 +31,7 @@ def final_export(run_dir: str) -> str:
     return entries[-1].path  # the last snapshot (cosine: the end of the run) or export/
 
 
-def row(name: str, export_dir: str, data, split_ids, reference_scores=None, seconds=None) -> dict:
+def row(name: str, export_dir: str, data, reference_scores=None, seconds=None) -> dict:
     from salt_tf import ensemble, metrics, model as model_lib, pipeline, predict
 
     entry = predict.restore(predict.find_exports(export_dir)[0])
@@ -107,12 +107,12 @@ def main(argv: list[str]) -> int:
     for run in args.runs:
         name = os.path.basename(os.path.normpath(run))
         first_new = len(rows)
-        result = row(name, final_export(run), data, val_ids, reference, fastest_epoch_seconds(run))
+        result = row(name, final_export(run), data, reference, fastest_epoch_seconds(run))
         reference = result["cv_scores"] if reference is None else reference
         rows.append(result)
         swa_dir = os.path.join(run, "swa")
         if predict.is_export(swa_dir):
-            rows.append(row(f"{name} (swa)", swa_dir, data, val_ids, reference, None))
+            rows.append(row(f"{name} (swa)", swa_dir, data, reference, None))
         print("\n".join(format_rows(rows[first_new:], markdown=False).splitlines()[1:]), flush=True)
     print(format_rows(rows, args.markdown))
     return 0
