@@ -49,8 +49,8 @@ def read_tf_config(environ=os.environ) -> dict:
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
-        raise StrategyError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}); see README, "
-                            "'Scaling out'") from None
+        raise StrategyError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}); see "
+                            "docs/scaling.md") from None
     cluster = config.get("cluster") if isinstance(config, dict) else None
     task = config.get("task") if isinstance(config, dict) else None
     if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
