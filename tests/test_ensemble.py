@@ -262,6 +262,38 @@ def test_empty_rule_and_apply():
     assert postprocess.PostProcessing.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
 
 
+def test_rules_at_their_exact_boundaries():
+    # p == threshold is not salt (p > t), a mask of exactly K pixels survives "empty if < K", a component of
+    # exactly N pixels survives "remove if < N": each hand-built.
+    probabilities = np.full((1, 6, 6), 0.5, np.float32)
+    probabilities[0, 0, :2] = 0.51
+    masks = postprocess.apply(probabilities, postprocess.PostProcessing(threshold=0.5))
+    expected = np.zeros((1, 6, 6), bool)
+    expected[0, 0, :2] = True
+    np.testing.assert_array_equal(masks, expected)
+    four = np.zeros((2, 6, 6), bool)
+    four[0, :2, :2] = True                     # exactly 4 pixels
+    four[1, :1, :3] = True                     # 3 pixels
+    np.testing.assert_array_equal(postprocess.empty_if_small(four, 4), [four[0], np.zeros((6, 6), bool)])
+    np.testing.assert_array_equal(postprocess.remove_small_components(four, 4), [four[0], np.zeros((6, 6), bool)])
+
+
+def test_cv_of_a_single_model_fits_the_threshold_on_the_other_folds_only():
+    # Fold 0: salt at 0.7 on 0.3 (any threshold in [0.3, 0.7) is perfect); fold 1: salt at 0.2 on 0.1
+    # (perfect only in [0.1, 0.2)). Held out, each fold gets the other's threshold: fold 0 gets 0.18 (the
+    # highest perfect one of fold 1, nearest 0.5), so every pixel of its images is salt; fold 1 gets 0.5, so
+    # nothing is. Scores by hand: fold 0 images have 16 of 100 pixels salt, IoU 0.16 -> 0; fold 1's salt
+    # images predicted empty -> 0. A fit on the held-out fold itself would score 1 everywhere.
+    truth = np.zeros((4, 10, 10), bool)
+    truth[:, :4, :4] = True
+    probabilities = np.where(truth, 0.7, 0.3).astype(np.float32)
+    probabilities[2:] = np.where(truth[2:], 0.2, 0.1)
+    folds_of = np.array([0, 0, 1, 1])
+    row = ensemble._plain_row("m", truth, probabilities, folds_of)
+    np.testing.assert_array_equal(row.cv_scores, [0.0, 0.0, 0.0, 0.0])
+    assert row.cv == 0.0 and row.at_half == 0.5
+
+
 def _case(empty_blob, salt_components, n=10, size=40):
     """n empty-truth images with a false positive blob of `empty_blob` pixels, and n salt images whose truth
     is `salt_components` separate squares, predicted exactly; every predicted pixel has probability 0.9, so

@@ -57,6 +57,7 @@ def test_rle_empty_means_no_salt(empty):
     ("10200 5", "past the image"),
     ("1 10 5 3", "overlap"),
     ("20 2 1 2", "overlap"),
+    ("1 3 3 2", "overlap"),    # the second run starts on the last pixel of the first
 ])
 def test_rle_malformed_is_a_clear_error(bad, message):
     with pytest.raises(kaggle.DataError, match=message):
@@ -80,6 +81,19 @@ def test_read_png_gray_rgb_and_16_bit(tmp_path):
     _write(str(tmp_path / "m8.png"), (mask * 255).astype(np.uint8))
     for name in ("m16.png", "m8.png"):
         np.testing.assert_array_equal(kaggle.read_png(str(tmp_path / name), kind="mask"), mask)
+
+
+def test_read_png_16_bit_images(tmp_path):
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (101, 101), dtype=np.uint8)
+    gray[0, 0], gray[0, 1] = 0, 255
+    # A true 16-bit image: its high byte, like every 8-bit image (hand-computed: 0x12AB -> 0x12).
+    wide = gray.astype(np.uint16) * 256 + 0xAB
+    _write(str(tmp_path / "w16.png"), wide)
+    np.testing.assert_array_equal(kaggle.read_png(str(tmp_path / "w16.png"), kind="image"), gray)
+    # 8-bit values in a 16-bit file: kept (the high byte would make the image black).
+    _write(str(tmp_path / "n16.png"), gray.astype(np.uint16))
+    np.testing.assert_array_equal(kaggle.read_png(str(tmp_path / "n16.png"), kind="image"), gray)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -103,3 +103,17 @@ def test_roc_auc_hand_cases():
     assert metrics.roc_auc([True, False], [0.1, 0.9]) == 0.0
     assert metrics.roc_auc([True, False, True], [0.5, 0.5, 0.5]) == 0.5
     assert np.isnan(metrics.roc_auc([True, True], [0.1, 0.2]))
+
+
+def test_best_threshold_ties_go_to_the_threshold_nearest_half():
+    # Salt pixels at 0.9, the rest at 0.1: every threshold in [0.1, 0.9) scores a perfect 1.0, so the tie is
+    # broken towards 0.5 (in the sweep); thresholds at or above 0.9 lose the salt.
+    truth = np.zeros((2, 10, 10), bool)
+    truth[0, :4, :4] = True
+    probabilities = np.where(truth, 0.9, 0.1)
+    threshold, score = metrics.best_threshold(truth, probabilities)
+    assert (threshold, score) == (0.5, 1.0)
+    # Perfect only in [0.1, 0.3): the tie is broken towards 0.5 within that range, i.e. the highest of it.
+    probabilities = np.where(truth, 0.3, 0.1)
+    threshold, score = metrics.best_threshold(truth, probabilities)
+    assert (threshold, score) == (0.28, 1.0)

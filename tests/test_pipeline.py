@@ -200,3 +200,48 @@ def test_augmentation_bit_reproducible_across_processes():
     outputs = [subprocess.run([sys.executable, "-c", AUGMENTED_BATCH_DIGEST], capture_output=True, text=True,
                               check=True).stdout.strip().splitlines()[-1] for _ in range(2)]
     assert outputs[0] == outputs[1] and len(outputs[0]) == 64
+
+
+def _indexed_images(n):
+    """Image k is the constant k (mask 0): the batches then spell out the order examples are visited in."""
+    images = np.repeat(np.arange(n, dtype=np.float32), 101 * 101).reshape(n, 101, 101, 1)
+    return tf.constant(images), tf.constant(np.zeros_like(images))
+
+
+def _visited(n, epoch, seed=3, batch_size=4, start_step=0):
+    images, masks = _indexed_images(n)
+    dataset = pipeline.train_dataset(images, masks, batch_size=batch_size, seed=seed, epoch=epoch,
+                                     augmentation=pipeline.Augmentation(hflip=False, translate=0),
+                                     start_step=start_step)
+    return [int(v) for x, _ in dataset for v in x.numpy()[:, 0, 0, 0]]
+
+
+def test_each_epoch_visits_the_examples_in_its_own_order():
+    orders = [_visited(22, epoch) for epoch in range(4)]
+    for order in orders:
+        assert len(order) == 20 and len(set(order)) == 20 and set(order) <= set(range(22))  # 5 full batches
+    assert len({tuple(o) for o in orders}) == 4          # a new shuffle every epoch
+    assert _visited(22, 2) == orders[2]                   # and the same one when asked again
+
+
+def test_a_resumed_epoch_continues_at_its_batch():
+    whole = _visited(22, epoch=1)
+    for start_step in (1, 3, 5):
+        assert _visited(22, epoch=1, start_step=start_step) == whole[start_step * 4:]
+
+
+def test_shifts_reach_both_extremes():
+    rng = np.random.default_rng(9)
+    images = rng.random((64, 101, 101, 1)).astype(np.float32)
+    translate = 2
+    shifts = set()
+    dataset = pipeline.train_dataset(tf.constant(images), tf.constant(np.zeros_like(images)), batch_size=1,
+                                     seed=0, epoch=0, augmentation=pipeline.Augmentation(False, translate))
+    order = pipeline.epoch_order(64, seed=0, epoch=0)
+    for k, (x, _) in enumerate(dataset):
+        candidates = reference_transforms(images[order[k]], translate)
+        shifts.update((dy, dx) for (flip, dy, dx), out in candidates.items()
+                      if not flip and np.array_equal(out, x.numpy()[0]))
+    # Offsets 0..2m along each axis (i.e. shifts -m..+m): both ends of both axes are drawn.
+    assert {dy for dy, _ in shifts} == set(range(2 * translate + 1))
+    assert {dx for _, dx in shifts} == set(range(2 * translate + 1))

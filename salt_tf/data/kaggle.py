@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 import pandas as pd
+from absl import logging
 
 from salt_tf import IMAGE_SIZE
 
@@ -84,11 +85,23 @@ def rle_decode(rle: str | float | None, shape: tuple[int, int] = (IMAGE_SIZE, IM
 # PNG reading.
 
 
+_reported_8_bit_in_16: list[str] = []
+
+
+def _warn_once_8_bit_in_16(path: str) -> None:
+    if not _reported_8_bit_in_16:
+        _reported_8_bit_in_16.append(path)
+        logging.warning("%s: a 16-bit image whose values are all <= 255; read as 8-bit values (later files like "
+                        "it are not reported)", path)
+
+
 def read_png(path: str, *, kind: str) -> np.ndarray:
     """Reads a 101x101 image (kind='image', uint8) or mask (kind='mask', uint8 {0,1}).
 
     Images may be gray or RGB/RGBA with equal colour channels (Kaggle ships RGB); masks may be 8- or
-    16-bit. Anything else is a DataError naming the file.
+    16-bit. A 16-bit image is scaled to 8 bits (its high byte), unless all its values are <= 255: then they are
+    8-bit values in a 16-bit file and are kept as they are (a warning names the first such file). Anything else
+    is a DataError naming the file.
     """
     try:
         with open(path, "rb") as f:
@@ -114,8 +127,14 @@ def read_png(path: str, *, kind: str) -> np.ndarray:
         raise DataError(f"{path}: size {array.shape[1]}x{array.shape[0]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
     if kind == "mask":
         return (array > 0).astype(np.uint8)
-    if array.dtype == np.uint16:  # a 16-bit image: keep 8 bits of dynamic range like the rest
-        array = (array >> 8).astype(np.uint8)
+    if array.dtype == np.uint16:
+        if int(array.max()) <= 255:
+            # 8-bit values saved in a 16-bit file (some tools widen without rescaling): taking the high byte
+            # would make the image black, so the values are kept, and the first such file is reported.
+            _warn_once_8_bit_in_16(path)
+            array = array.astype(np.uint8)
+        else:  # a true 16-bit image: keep 8 bits of dynamic range like the rest
+            array = (array >> 8).astype(np.uint8)
     if array.dtype != np.uint8:
         raise DataError(f"{path}: unsupported pixel type {array.dtype}; expected 8- or 16-bit")
     return array
