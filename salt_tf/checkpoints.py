@@ -34,8 +34,10 @@ class RunCheckpoints:
 
     def __init__(self, run_dir: str, keep: int, restore_dir: str | None = None, **state):
         """Saves under run_dir; resumes from restore_dir's checkpoints (default run_dir): a non-chief worker
-        saves into its temporary directory but resumes from the chief's."""
-        self.checkpoint = tf.train.Checkpoint(**state)
+        saves into its temporary directory but resumes from the chief's. Creates the partial-epoch state
+        (PartialEpoch, below), so call it outside `strategy.scope()`."""
+        self.partial_epoch = PartialEpoch()
+        self.checkpoint = tf.train.Checkpoint(partial_epoch=self.partial_epoch.variable, **state)
         directory = os.path.join(run_dir, "checkpoints")
         self.restore_dir = os.path.join(restore_dir or run_dir, "checkpoints")
         self.last = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep,
@@ -53,6 +55,52 @@ class RunCheckpoints:
 
     def save_best(self, step: int) -> str:
         return self.best.save(checkpoint_number=step)
+
+
+# ---------------------------------------------------------------------------------- partial-epoch state
+# Where an interrupted epoch stopped, so a resume continues at that batch. Saved in every checkpoint as the
+# string variable `partial_epoch` holding JSON (the format of every checkpoint written so far): empty between
+# epochs, else {"steps", "sums", "finite_steps", "seconds"}.
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """How far the current epoch got: its steps done, the running sums of the step outputs over its finite
+    steps, how many steps were finite, and the training seconds spent on it."""
+    steps: int = 0
+    sums: dict = dataclasses.field(default_factory=dict)
+    finite_steps: int = 0
+    seconds: float = 0.0
+
+
+class PartialEpoch:
+    """The checkpointed EpochProgress of an interrupted epoch (a JSON string in a tf.Variable)."""
+
+    def __init__(self):
+        # Outside any strategy's scope: collectives cannot broadcast a string (every worker writes the same
+        # value anyway, from plain Python).
+        if tf.distribute.has_strategy():
+            raise RuntimeError("create RunCheckpoints (its partial_epoch string variable) outside strategy.scope()")
+        self.variable = tf.Variable("", dtype=tf.string, trainable=False, name="partial_epoch")
+
+    def read(self) -> EpochProgress:
+        """The progress saved by `write`, or a fresh epoch's (nothing done) when the last epoch finished."""
+        text = self.variable.numpy().decode()
+        if not text:
+            return EpochProgress()
+        saved = json.loads(text)
+        # Checkpoints written before "finite_steps" existed counted every step as finite.
+        return EpochProgress(steps=saved["steps"], sums=saved["sums"],
+                             finite_steps=saved.get("finite_steps", saved["steps"]), seconds=saved["seconds"])
+
+    def write(self, progress: EpochProgress) -> None:
+        """Records the progress of an epoch about to be interrupted (the next checkpoint saves it)."""
+        self.variable.assign(json.dumps({"steps": progress.steps, "sums": progress.sums,
+                                         "finite_steps": progress.finite_steps, "seconds": progress.seconds}))
+
+    def clear(self) -> None:
+        """The epoch finished: the next one starts at its first batch."""
+        self.variable.assign("")
 
 
 class ResumeError(ValueError):

@@ -397,14 +397,12 @@ def error_breakdown(truth: np.ndarray, masks: np.ndarray) -> dict:
     """Where a prediction loses points: the score per coverage group, how many images without salt got
     some ("false salt") and how many with salt got none ("missed"), and the score if no image without salt
     got any — what a perfect empty/not-empty decision on top of these masks would reach at most."""
-    from salt_tf.data import splits
-
     truth = np.asarray(truth).reshape(np.shape(masks)).astype(bool)
     masks = np.asarray(masks, dtype=bool)
     scores = metrics.image_scores(truth, masks)
     has_salt = truth.reshape(len(truth), -1).any(axis=1)
     predicted_salt = masks.reshape(len(masks), -1).any(axis=1)
-    return {"all": float(scores.mean()), **splits.coverage_group_scores(truth, scores),
+    return {"all": float(scores.mean()), **metrics.coverage_group_scores(truth, scores),
             "false_salt_images": int((predicted_salt & ~has_salt).sum()),
             "missed_images": int((has_salt & ~predicted_salt).sum()),
             "without_false_salt": float(metrics.image_scores(truth, masks & has_salt[:, None, None]).mean())}

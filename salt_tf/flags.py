@@ -1,8 +1,12 @@
 """Every command-line flag of `python -m salt_tf.train`, defined in one place and validated up front.
 
-`define_flags()` registers them (idempotent, so tests and tools may call it too); the validators turn a bad
-value or a contradictory combination into one line naming the flag before any work starts. Only entry
-points (train, predict, runs) import this module.
+`define_flags()` registers them all, `define_model_flags()` only the model's (the tools that build a model
+use those); both are idempotent, so tests and tools may call them too. The validators turn a bad value or a
+contradictory combination into one line naming the flag before any work starts. A flag that sets a field of
+a config dataclass (model.ModelConfig, losses.LossConfig, schedules.OptimizerConfig, loop.LoopConfig,
+pipeline.Augmentation) takes its default from that field; salt_tf.configs turns the parsed flags into those
+objects. This module builds nothing. The train command, tests and tools import it; predict and runs have
+their own flags.
 """
 
 from __future__ import annotations
@@ -20,11 +24,21 @@ FLAGS = flags.FLAGS
 _DEFINED = False
 
 
+def _text_list(values) -> list[str]:
+    """A tuple field's default as a DEFINE_list default."""
+    return [str(v) for v in values]
+
+
 def define_flags() -> None:
+    """Registers every flag of the train command in absl's global FLAGS, with its validators (idempotent)."""
     global _DEFINED
     if _DEFINED:
         return
     _DEFINED = True
+    from salt_tf import loop, pipeline, schedules
+
+    loop_defaults, augmentation = loop.LoopConfig(), pipeline.Augmentation()
+    loss_defaults, optimizer_defaults = losses.LossConfig(), schedules.OptimizerConfig()
 
     # --- Run directory and data.
     flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, flags.cfg, metrics.csv, events. "
@@ -41,107 +55,99 @@ def define_flags() -> None:
                          lower_bound=1)
     flags.DEFINE_integer("split_seed", 0, "Seed of the train/validation split; separate from --seed so "
                          "runs with different training seeds validate on the same images.")
-    flags.DEFINE_boolean("use_depth", False, "Add the depth from depths.csv as a second input channel.")
     flags.DEFINE_boolean("strict", True, "Stop at the first bad data file. --nostrict skips bad examples with "
                          "a warning and lists them in <model_dir>/skipped.csv.")
 
     # --- Augmentation.
-    flags.DEFINE_boolean("hflip", True, "Random left-right flips.")
-    flags.DEFINE_integer("translate", 0, "Random shift of up to this many pixels along each axis, the "
+    flags.DEFINE_boolean("hflip", augmentation.hflip, "Random left-right flips.")
+    flags.DEFINE_integer("translate", augmentation.translate,
+                         "Random shift of up to this many pixels along each axis, the "
                          "border filled by reflection (0 = off).", lower_bound=0, upper_bound=99)
-    flags.DEFINE_float("zoom", 1.0, "Random zoom-and-crop: a square crop of 101/s pixels, s uniform in [1, "
+    flags.DEFINE_float("zoom", augmentation.zoom,
+                       "Random zoom-and-crop: a square crop of 101/s pixels, s uniform in [1, "
                        "--zoom], resized back to 101x101 (bilinear; the mask re-thresholded at 0.5). 1 = off; "
                        "1.2 is the common choice.", lower_bound=1.0, upper_bound=2.0)
-    flags.DEFINE_float("brightness", 0.0, "Random brightness: add a value uniform in [-b, b] to the image "
+    flags.DEFINE_float("brightness", augmentation.brightness,
+                       "Random brightness: add a value uniform in [-b, b] to the image "
                        "(pixel values are in [0, 1]; the depth plane is not changed). 0 = off.",
                        lower_bound=0.0, upper_bound=0.5)
-    flags.DEFINE_float("contrast", 0.0, "Random contrast: scale the image about its mean by a factor uniform in "
+    flags.DEFINE_float("contrast", augmentation.contrast,
+                       "Random contrast: scale the image about its mean by a factor uniform in "
                        "[1 - c, 1 + c]. 0 = off.", lower_bound=0.0, upper_bound=0.9)
 
-    # --- Model.
-    flags.DEFINE_integer("base_width", 16, "Filters at the first level; doubled at each level down.",
-                         lower_bound=1)
-    flags.DEFINE_integer("depth", 4, "Number of poolings (101 -> 50 -> 25 -> 12 -> 6 -> 3).",
-                         lower_bound=1, upper_bound=5)
-    flags.DEFINE_integer("blocks_per_level", 2, "Residual blocks per level.", lower_bound=1)
-    flags.DEFINE_boolean("se", True, "Squeeze-and-excitation gates in every residual block.")
-    flags.DEFINE_integer("se_ratio", 4, "SE reduction ratio r (hidden units = channels // r).", lower_bound=1)
-    flags.DEFINE_float("dropout", 0.0, "Spatial dropout rate at the bottleneck and decoder levels.",
-                       lower_bound=0.0, upper_bound=0.9)
-    flags.DEFINE_enum("se_type", "channel", ["channel", "scse"], "With --se: channel gates (cSE, Hu et al.), or "
-                      "scse: channel and spatial gates side by side, added (Roy et al. 2018).")
-    flags.DEFINE_boolean("hypercolumn", False, "The final 1x1 conv sees every decoder level's output, upsampled "
-                         "to full size and concatenated.")
-    flags.DEFINE_boolean("deep_supervision", False, "Side logits from every decoder level (trained on images "
-                         "with salt only) and an image-level 'has salt' logit on the bottleneck (trained on every "
-                         "image); weights --side_loss_weight and --image_loss_weight.")
-    flags.DEFINE_float("side_loss_weight", 0.1, "With --deep_supervision: weight of each side output's --loss.",
-                       lower_bound=0.0)
-    flags.DEFINE_float("image_loss_weight", 0.05, "With --deep_supervision: weight of the image head's BCE.",
-                       lower_bound=0.0)
-    flags.DEFINE_integer("input_size", 101, "The network's input size: 101 = native; larger pads each image "
-                         "(--pad_mode) to this size, the network runs at it, and the loss, metric and predictions "
-                         "see the centre 101x101 only. 128 allows 5 clean poolings.", lower_bound=101,
-                         upper_bound=201)
-    flags.DEFINE_enum("pad_mode", "reflect", ["reflect", "edge"], "How --input_size pads the 101x101 image: "
-                      "mirror without repeating the border (reflect), or repeat the border pixel (edge).")
+    define_model_flags()
 
     # --- Loss.
-    flags.DEFINE_string("loss", "bce:1,dice:1", "Weighted loss terms 'name:weight,...' from "
+    flags.DEFINE_string("loss", loss_defaults.loss, "Weighted loss terms 'name:weight,...' from "
                         f"{', '.join(losses.LOSS_NAMES)}.")
-    flags.DEFINE_string("loss_schedule", "", "Loss stages 'spec;spec;...' (each like --loss), overriding "
+    flags.DEFINE_string("loss_schedule", loss_defaults.loss_schedule,
+                        "Loss stages 'spec;spec;...' (each like --loss), overriding "
                         "--loss: with --lr_schedule=plateau_restart or cosine, snapshot cycle k trains with stage "
                         "k (the last stage repeats); with plateau, stages change at --loss_switch_epochs. "
                         "E.g. 'focal:1,dice:1;bce:1,lovasz_elu:1'.")
-    flags.DEFINE_list("loss_switch_epochs", [], "With --lr_schedule=plateau and --loss_schedule: the epochs "
+    flags.DEFINE_list("loss_switch_epochs", _text_list(loop_defaults.loss_switch_epochs),
+                      "With --lr_schedule=plateau and --loss_schedule: the epochs "
                       "(0-based) at which the next loss stage starts, e.g. 20.")
-    flags.DEFINE_float("focal_gamma", 2.0, "Focal loss gamma.", lower_bound=0.0)
-    flags.DEFINE_float("focal_alpha", 0.25, "Focal loss weight of positives (negatives get 1 - alpha).",
+    flags.DEFINE_float("side_loss_weight", loss_defaults.side_loss_weight,
+                       "With --deep_supervision: weight of each side output's --loss.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("image_loss_weight", loss_defaults.image_loss_weight,
+                       "With --deep_supervision: weight of the image head's BCE.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("focal_gamma", loss_defaults.focal_gamma, "Focal loss gamma.", lower_bound=0.0)
+    flags.DEFINE_float("focal_alpha", loss_defaults.focal_alpha,
+                       "Focal loss weight of positives (negatives get 1 - alpha).",
                        lower_bound=0.0, upper_bound=1.0)
 
     # --- Optimization.
-    flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "adam, or sgd with momentum.")
-    flags.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.")
-    flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0, upper_bound=0.999)
-    flags.DEFINE_boolean("nesterov", False, "Nesterov momentum for SGD.")
-    flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (AdamW / SGDW style; 0 = off).",
+    flags.DEFINE_enum("optimizer", optimizer_defaults.optimizer, ["adam", "sgd"], "adam, or sgd with momentum.")
+    flags.DEFINE_float("learning_rate", optimizer_defaults.learning_rate, "Initial learning rate.")
+    flags.DEFINE_float("momentum", optimizer_defaults.momentum, "SGD momentum.", lower_bound=0.0, upper_bound=0.999)
+    flags.DEFINE_boolean("nesterov", optimizer_defaults.nesterov, "Nesterov momentum for SGD.")
+    flags.DEFINE_float("weight_decay", optimizer_defaults.weight_decay,
+                       "Decoupled weight decay (AdamW / SGDW style; 0 = off).",
                        lower_bound=0.0)
-    flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm (0 = off).", lower_bound=0.0)
-    flags.DEFINE_integer("max_bad_steps", 20, "A step with a non-finite loss or gradient is skipped; this many "
+    flags.DEFINE_float("clip_norm", loop_defaults.clip_norm,
+                       "Clip gradients to this global norm (0 = off).", lower_bound=0.0)
+    flags.DEFINE_integer("max_bad_steps", loop_defaults.max_bad_steps,
+                         "A step with a non-finite loss or gradient is skipped; this many "
                          "in a row stop the run (the last checkpoint stays intact).", lower_bound=1)
-    flags.DEFINE_integer("epochs", 50, "Epochs to train in all (a resumed run continues to this; a resume may "
+    flags.DEFINE_integer("epochs", loop_defaults.epochs,
+                         "Epochs to train in all (a resumed run continues to this; a resume may "
                          "raise it, except with --lr_schedule=cosine or --swa_epochs).",
                          lower_bound=1)
-    flags.DEFINE_integer("batch_size", 32, "Training batch size: the global batch, split evenly over the "
+    flags.DEFINE_integer("batch_size", loop_defaults.batch_size,
+                         "Training batch size: the global batch, split evenly over the "
                          "replicas under --strategy=mirrored or multi_worker.", lower_bound=1)
-    flags.DEFINE_integer("eval_batch_size", 64, "Validation batch size.", lower_bound=1)
+    flags.DEFINE_integer("eval_batch_size", loop_defaults.eval_batch_size, "Validation batch size.", lower_bound=1)
 
     # --- Learning-rate schedule: the seed recipe's multiply-on-plateau, or snapshot ensembles.
-    flags.DEFINE_enum("lr_schedule", "plateau", ["plateau", "plateau_restart", "cosine"],
+    flags.DEFINE_enum("lr_schedule", loop_defaults.lr_schedule, ["plateau", "plateau_restart", "cosine"],
                       "plateau: LR x --plateau_factor on a plateau. plateau_restart: snapshot ensemble (seed "
                       "variant): on a plateau the cycle's best weights become a snapshot and the LR restarts. "
                       "cosine: snapshot ensemble of Huang et al. 2017, --snapshot_cycles cosine cycles, a "
                       "snapshot at the end of each. Snapshots go to <model_dir>/snapshots/.")
-    flags.DEFINE_integer("snapshot_cycles", 4, "Cycles (= snapshots) of --lr_schedule=cosine; must divide "
+    flags.DEFINE_integer("snapshot_cycles", loop_defaults.snapshot_cycles,
+                         "Cycles (= snapshots) of --lr_schedule=cosine; must divide "
                          "--epochs.", lower_bound=1)
-    flags.DEFINE_float("plateau_factor", 0.7, "Multiply the LR by this when the validation metric has not "
+    flags.DEFINE_float("plateau_factor", loop_defaults.plateau_factor,
+                       "Multiply the LR by this when the validation metric has not "
                        "improved for --plateau_patience epochs.", lower_bound=0.01, upper_bound=1.0)
-    flags.DEFINE_integer("plateau_patience", 5, "Epochs without improvement before the LR drops.",
+    flags.DEFINE_integer("plateau_patience", loop_defaults.plateau_patience,
+                         "Epochs without improvement before the LR drops.",
                          lower_bound=1)
-    flags.DEFINE_float("min_learning_rate", 1e-5, "Floor of the plateau schedule.", lower_bound=0.0)
-    flags.DEFINE_integer("swa_epochs", 0, "Stochastic weight averaging: average the weights at the end of the "
+    flags.DEFINE_float("min_learning_rate", loop_defaults.min_learning_rate,
+                       "Floor of the plateau schedule.", lower_bound=0.0)
+    flags.DEFINE_integer("swa_epochs", loop_defaults.swa_epochs,
+                         "Stochastic weight averaging: average the weights at the end of the "
                          "last N epochs, recompute batch-norm statistics on the training images and export the "
                          "result to <model_dir>/swa (predict --model_dir=<model_dir>/swa). 0 = off.", lower_bound=0)
-    flags.DEFINE_integer("early_stop_patience", 0, "Stop after this many epochs without improvement "
+    flags.DEFINE_integer("early_stop_patience", loop_defaults.early_stop_patience,
+                         "Stop after this many epochs without improvement "
                          "(0 = never).", lower_bound=0)
 
-    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"],
-                      "float32, or Keras' mixed_bfloat16 policy: bfloat16 activations and convolutions, float32 "
-                      "variables, batch-norm statistics and losses. Faster on CPUs with AVX512_BF16/AMX and on "
-                      "GPUs with bfloat16 units; see docs/performance.md for speed and accuracy measured here.")
-
     # --- Reproducibility and bookkeeping.
-    flags.DEFINE_integer("seed", 0, "Seed of initialization, data order and augmentation.")
+    flags.DEFINE_integer("seed", loop_defaults.seed, "Seed of initialization, data order and augmentation.")
     flags.DEFINE_boolean("deterministic", True, "Bit-identical runs for the same flags and seed "
                          "(see salt_tf/determinism.py).")
     flags.DEFINE_string("init_checkpoint", "", "Start a new run from the model weights (and batch-norm "
@@ -152,9 +158,11 @@ def define_flags() -> None:
     flags.DEFINE_boolean("restart_from_scratch", False, "Train from epoch 0 in a --model_dir that holds a run's "
                          "results (metrics.csv, export/) but no readable checkpoint, replacing those results. "
                          "Without it such a directory stops the run. No effect when a checkpoint can be resumed.")
-    flags.DEFINE_integer("keep_checkpoints", 2, "Most recent epoch checkpoints kept (the best is kept "
+    flags.DEFINE_integer("keep_checkpoints", loop_defaults.keep_checkpoints,
+                         "Most recent epoch checkpoints kept (the best is kept "
                          "apart).", lower_bound=1)
-    flags.DEFINE_integer("progress_every", 10, "Steps between progress lines within an epoch (0 = off).",
+    flags.DEFINE_integer("progress_every", loop_defaults.progress_every,
+                         "Steps between progress lines within an epoch (0 = off).",
                          lower_bound=0)
 
     # --- Devices and hosts (salt_tf/distribute.py; README, "Scaling out").
@@ -172,17 +180,84 @@ def define_flags() -> None:
                          "replicas after every step either way. No effect with one replica.")
 
     # --- TensorBoard.
-    flags.DEFINE_integer("summary_every_steps", 100, "Every N steps, write per-variable histograms, norms, "
+    flags.DEFINE_integer("summary_every_steps", loop_defaults.summary_every_steps,
+                         "Every N steps, write per-variable histograms, norms, "
                          "gradient norms and update/weight ratios, and the step's losses (0 = never).",
                          lower_bound=0)
-    flags.DEFINE_integer("summary_images", 8, "Validation images (a fixed, coverage-spread set) drawn with "
+    flags.DEFINE_integer("summary_images", loop_defaults.summary_images,
+                         "Validation images (a fixed, coverage-spread set) drawn with "
                          "true and predicted outlines every epoch (0 = none).", lower_bound=0, upper_bound=64)
-    flags.DEFINE_integer("summary_worst_images", 4, "Worst-scored validation images drawn every epoch.",
+    flags.DEFINE_integer("summary_worst_images", loop_defaults.summary_worst_images,
+                         "Worst-scored validation images drawn every epoch.",
                          lower_bound=0, upper_bound=64)
-    flags.DEFINE_string("profile_steps", "", "'START,STOP': profile global steps START..STOP-1 into "
+    flags.DEFINE_string("profile_steps", format_profile_steps(loop_defaults.profile_steps),
+                        "'START,STOP': profile global steps START..STOP-1 into "
                         "<model_dir>/events for TensorBoard's profile tab (empty = off).")
 
     _register_validators()
+
+
+# Model flags' definition state: define_model_flags() is called by define_flags() and by tools on their own.
+_MODEL_DEFINED = False
+
+
+def define_model_flags() -> None:
+    """Registers the flags of model.ModelConfig (with --use_depth for its input channels) and --precision, the
+    flags every command that builds a model shares (train, tools/model_summary.py, tools/bench.py, ...);
+    idempotent. configs.model_config turns them into a ModelConfig."""
+    global _MODEL_DEFINED
+    if _MODEL_DEFINED:
+        return
+    _MODEL_DEFINED = True
+    from salt_tf import model as model_lib
+
+    model_defaults = model_lib.ModelConfig()
+    flags.DEFINE_integer("base_width", model_defaults.base_width,
+                         "Filters at the first level; doubled at each level down.",
+                         lower_bound=1)
+    flags.DEFINE_integer("depth", model_defaults.depth, "Number of poolings (101 -> 50 -> 25 -> 12 -> 6 -> 3).",
+                         lower_bound=1, upper_bound=5)
+    flags.DEFINE_integer("blocks_per_level", model_defaults.blocks_per_level,
+                         "Residual blocks per level.", lower_bound=1)
+    flags.DEFINE_boolean("se", model_defaults.se, "Squeeze-and-excitation gates in every residual block.")
+    flags.DEFINE_integer("se_ratio", model_defaults.se_ratio,
+                         "SE reduction ratio r (hidden units = channels // r).", lower_bound=1)
+    flags.DEFINE_float("dropout", model_defaults.dropout, "Spatial dropout rate at the bottleneck and decoder levels.",
+                       lower_bound=0.0, upper_bound=0.9)
+    flags.DEFINE_enum("se_type", model_defaults.se_type, ["channel",
+                      "scse"], "With --se: channel gates (cSE, Hu et al.), or "
+                      "scse: channel and spatial gates side by side, added (Roy et al. 2018).")
+    flags.DEFINE_boolean("hypercolumn", model_defaults.hypercolumn,
+                         "The final 1x1 conv sees every decoder level's output, upsampled "
+                         "to full size and concatenated.")
+    flags.DEFINE_boolean("deep_supervision", model_defaults.deep_supervision,
+                         "Side logits from every decoder level (trained on images "
+                         "with salt only) and an image-level 'has salt' logit on the bottleneck (trained on every "
+                         "image); weights --side_loss_weight and --image_loss_weight.")
+    flags.DEFINE_integer("input_size", model_defaults.input_size,
+                         "The network's input size: 101 = native; larger pads each image "
+                         "(--pad_mode) to this size, the network runs at it, and the loss, metric and predictions "
+                         "see the centre 101x101 only. 128 allows 5 clean poolings.", lower_bound=101,
+                         upper_bound=201)
+    flags.DEFINE_enum("pad_mode", model_defaults.pad_mode, ["reflect",
+                      "edge"], "How --input_size pads the 101x101 image: "
+                      "mirror without repeating the border (reflect), or repeat the border pixel (edge).")
+    flags.DEFINE_boolean("use_depth", model_defaults.input_channels == 2, "Add the depth from depths.csv as a "
+                         "second input channel.")
+    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"],
+                      "float32, or Keras' mixed_bfloat16 policy: bfloat16 activations and convolutions, float32 "
+                      "variables, batch-norm statistics and losses. Faster on CPUs with AVX512_BF16/AMX and on "
+                      "GPUs with bfloat16 units; see docs/performance.md for speed and accuracy measured here.")
+
+    @flags.multi_flags_validator(["depth", "input_size"])
+    def _depth_fits_input(values):
+        size = values["input_size"]
+        for _ in range(values["depth"]):
+            size //= 2
+        if size < 2:
+            raise flags.ValidationError(f"--depth={values['depth']} pools an --input_size={values['input_size']} "
+                                        "input below 2x2; lower --depth")
+        return True
 
 
 def _register_validators() -> None:
@@ -247,16 +322,6 @@ def _register_validators() -> None:
                                         "distributed); drop --strategy/--devices or --swa_epochs")
         return True
 
-    @flags.multi_flags_validator(["depth", "input_size"])
-    def _depth_fits_input(values):
-        size = values["input_size"]
-        for _ in range(values["depth"]):
-            size //= 2
-        if size < 2:
-            raise flags.ValidationError(f"--depth={values['depth']} pools an --input_size={values['input_size']} "
-                                        "input below 2x2; lower --depth")
-        return True
-
     @flags.multi_flags_validator(["strategy", "devices"])
     def _devices_need_mirrored(values):
         if values["devices"] and values["strategy"] != "mirrored":
@@ -281,13 +346,15 @@ def _register_validators() -> None:
 
 def loss_stages(schedule: str) -> list[str]:
     """'a;b' -> ['a', 'b'], each checked like --loss (ValidationError naming the flag)."""
-    stages = [stage.strip() for stage in schedule.split(";")]
-    for stage in stages:
-        try:
-            losses.parse_loss_spec(stage, flag="--loss_schedule")
-        except ValueError as e:
-            raise flags.ValidationError(str(e)) from None
-    return stages
+    try:
+        return losses.parse_loss_schedule(schedule)
+    except ValueError as e:
+        raise flags.ValidationError(str(e)) from None
+
+
+def format_profile_steps(steps: tuple[int, int] | None) -> str:
+    """(20, 25) -> '20,25'; None -> '' (the inverse of parse_profile_steps)."""
+    return "" if steps is None else ",".join(map(str, steps))
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:

@@ -10,6 +10,7 @@ lower index), and no gradient flows through a sort, gather or scatter (see ``lov
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -159,6 +160,14 @@ def parse_loss_spec(spec: str, flag: str = "--loss") -> tuple[tuple[str, float],
     return _check_terms(pairs, spec, flag)
 
 
+def parse_loss_schedule(schedule: str, flag: str = "--loss_schedule") -> list[str]:
+    """'a;b' -> ['a', 'b'] (loss stages), each checked like --loss (ValueError naming `flag`)."""
+    stages = [stage.strip() for stage in schedule.split(";")]
+    for stage in stages:
+        parse_loss_spec(stage, flag=flag)
+    return stages
+
+
 def format_loss_spec(terms) -> str:
     """Inverse of ``parse_loss_spec``, for logs and run configs."""
     return ",".join(f"{name}:{weight:g}" for name, weight in terms)
@@ -265,3 +274,39 @@ class DeepSupervisionLoss:
     def __repr__(self):
         return f"DeepSupervisionLoss({self.mask_loss!r}, side_weight={self.side_weight}, " \
                f"image_weight={self.image_weight})"
+
+
+# ---------------------------------------------------------------------------------- the loss of a run
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The loss of a run. Every field is the train flag of the same name (configs.loss_config), whose default
+    is the field's default here."""
+    loss: str = "bce:1,dice:1"      # 'name:weight,...'
+    loss_schedule: str = ""         # 'spec;spec;...': loss stages overriding `loss` ("" = one stage, `loss`)
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    side_loss_weight: float = 0.1   # with a deeply supervised model (DeepSupervisionLoss)
+    image_loss_weight: float = 0.05
+
+    def stages(self) -> list[str]:
+        """The loss spec of each stage: the schedule's, else the one `loss`."""
+        return parse_loss_schedule(self.loss_schedule) if self.loss_schedule else [self.loss]
+
+
+def build_losses(config: LossConfig, deep_supervision: bool = False) -> list:
+    """The loss of each stage of `config`, for a model with or without deep supervision.
+
+    Args:
+      config: the loss settings.
+      deep_supervision: whether the model has side outputs and an image head (model.ModelConfig's).
+
+    Returns:
+      One loss per stage: CombinedLoss, wrapped in DeepSupervisionLoss for a deeply supervised model.
+    """
+    stages = [CombinedLoss(spec, focal_gamma=config.focal_gamma, focal_alpha=config.focal_alpha)
+              for spec in config.stages()]
+    if deep_supervision:
+        stages = [DeepSupervisionLoss(fn, config.side_loss_weight, config.image_loss_weight) for fn in stages]
+    return stages

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from salt_tf.data.splits import coverage_class
+
 IOU_THRESHOLDS_PERCENT = np.arange(50, 100, 5, dtype=np.int64)  # 0.50 ... 0.95
 DEFAULT_SWEEP = np.round(np.linspace(0.02, 0.98, 49), 4)        # probability thresholds for the sweep
 
@@ -110,3 +112,20 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
         ranks[order[start:end]] = (start + 1 + end) / 2.0
     u = ranks[labels].sum() - positives * (positives + 1) / 2.0
     return float(u / (positives * negatives))
+
+
+# Coverage groups for the per-group scores (TensorBoard, predict --evaluate): what a user asks ("does it
+# miss small salt?"). Each group is a range of the split's coverage classes (data.splits.coverage_class).
+COVERAGE_GROUPS = {"empty": (0, 0), "small": (1, 1), "medium": (2, 5), "large": (6, 10)}
+
+
+def coverage_group_scores(truth: np.ndarray, image_scores: np.ndarray) -> dict[str, float]:
+    """Mean per-image competition score within each coverage group (groups absent from the set are left
+    out)."""
+    classes = coverage_class(truth.reshape(len(truth), -1).mean(axis=1))
+    scores = {}
+    for name, (low, high) in COVERAGE_GROUPS.items():
+        members = (classes >= low) & (classes <= high)
+        if members.any():
+            scores[name] = float(image_scores[members].mean())
+    return scores

@@ -1,5 +1,5 @@
-"""Learning-rate schedules and snapshot cycles, with their state in variables (checkpointed, so a resumed
-run continues the schedule exactly).
+"""The optimizer, learning-rate schedules and snapshot cycles, with the schedules' state in variables
+(checkpointed, so a resumed run continues the schedule exactly).
 
     plateau          the seed recipe: LR x factor when the validation metric has not improved for
                      `patience` epochs, down to a floor
@@ -18,6 +18,42 @@ import math
 import tensorflow as tf
 
 MODES = ("plateau", "plateau_restart", "cosine")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer of a run. Every field is the train flag of the same name (configs.optimizer_config),
+    whose default is the field's default here."""
+    optimizer: str = "adam"         # adam | sgd (with momentum)
+    learning_rate: float = 1e-3     # the initial learning rate (the schedule moves it)
+    momentum: float = 0.9           # sgd
+    nesterov: bool = False          # sgd
+    weight_decay: float = 0.0       # decoupled (AdamW / SGDW style); 0 = off
+
+
+def build_optimizer(config: OptimizerConfig):
+    """The Keras optimizer of `config`; create it under the strategy's scope.
+
+    Args:
+      config: the optimizer settings.
+
+    Returns:
+      keras.optimizers.Adam or SGD; with weight decay, the kernels only are decayed.
+    """
+    import keras
+
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    common = dict(learning_rate=config.learning_rate, weight_decay=config.weight_decay or None)
+    if config.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(**common)
+    else:
+        optimizer = keras.optimizers.SGD(momentum=config.momentum, nesterov=config.nesterov, **common)
+    if config.weight_decay:
+        # Decay the kernels only: shrinking biases and batch-norm scales regularizes nothing.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,18 @@
-"""TensorBoard event files of a run, and what goes in them. The loop decides *when*; this module *how*.
+"""TensorBoard event files of a run, and what goes in them. The loop decides *when*; this module *how*: the
+tags, the image grids and the HParams session.
 
     <run_dir>/events/          HParams session (the run's flags) for the HParams dashboard
-    <run_dir>/events/train/    per-step scalars; on summary steps, per-variable statistics and gradients
-    <run_dir>/events/val/      per-epoch validation scalars, coverage-class scores, image grids
+    <run_dir>/events/train/    per-step scalars; on summary steps, per-variable statistics and gradients;
+                               per-epoch training scalars
+    <run_dir>/events/val/      per-epoch validation scalars, coverage-group scores, image grids
 
 Per-variable tags drop the model's name and keep its readable path, so TensorBoard groups them by part of
 the network: `encoder/level1/block0/conv1/kernel/norm`, `.../gradient_norm`, `.../update_ratio`,
 histograms `.../values` and `.../gradients`.
+
+A new statistic: compute it in `variable_statistics` (inside the compiled summary function) and write it in
+`Summaries.step_statistics`; a new per-epoch scalar: a column of the loop's metrics row, tagged in
+`Summaries.epoch`.
 """
 
 from __future__ import annotations
@@ -17,8 +23,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-# The coverage groups live with the split (which defines coverage classes); re-exported for the loop.
-from salt_tf.data.splits import COVERAGE_GROUPS, coverage_class, coverage_group_scores  # noqa: F401
+from salt_tf import metrics
 
 
 def variable_tag(variable) -> str:
@@ -29,10 +34,96 @@ def variable_tag(variable) -> str:
 
 
 class Summaries:
-    def __init__(self, run_dir: str):
-        self.root = os.path.join(run_dir, "events")
-        self.train = tf.summary.create_file_writer(os.path.join(self.root, "train"))
-        self.val = tf.summary.create_file_writer(os.path.join(self.root, "val"))
+    """The event writers of one run directory, and every tag written to them."""
+
+    def __init__(self, run_dir: str | None, *, images: int = 8, worst_images: int = 4,
+                 hparams: dict | None = None):
+        """Opens the writers of <run_dir>/events.
+
+        Args:
+          run_dir: the run directory; None writes nothing (every method is then a no-op), for a loop run
+            without files (tools, tests).
+          images: fixed, coverage-spread validation images drawn every epoch; 0 = none.
+          worst_images: worst-scored validation images drawn every epoch; 0 = none.
+          hparams: {flag: value} of the run for the HParams dashboard (written by `start`); None = none.
+        """
+        self.run_dir = run_dir
+        self.images, self.worst_images, self.hparams_values = images, worst_images, hparams
+        self.root = os.path.join(run_dir, "events") if run_dir else None
+        if run_dir:
+            self.train = tf.summary.create_file_writer(os.path.join(self.root, "train"))
+            self.val = tf.summary.create_file_writer(os.path.join(self.root, "val"))
+        else:
+            self.train = self.val = tf.summary.create_noop_writer()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is written (the loop skips computing statistics nobody would see)."""
+        return self.root is not None
+
+    # ------------------------------------------------------------------------------- what the loop calls
+
+    def start(self, baseline: dict) -> None:
+        """A run's first session, before its first epoch: the HParams session and the starting model's
+        validation loss and metric at step 0 (the baseline every epoch is compared with)."""
+        if self.hparams_values is not None and self.enabled:
+            self.hparams(self.hparams_values, run_name=os.path.basename(os.path.abspath(self.run_dir)))
+        self.scalars(self.val, {"metric": baseline["val_metric"], "loss": baseline["val_loss"]}, step=0)
+
+    def epoch(self, row: dict, best_metric: float, step: int) -> None:
+        """The per-epoch scalars of the loop's metrics row (train_*, val_*), the best metric so far and the
+        weights' fingerprint, at global step `step`."""
+        self.scalars(self.train, {
+            "epoch_loss": row["train_loss"], "epoch_gradient_norm": row["train_gradient_norm"],
+            "epoch_learning_rate": row["learning_rate"], "images_per_second": row["train_images_per_second"],
+            "epoch": row["epoch"],
+            **{f"epoch_{name[len('train_'):]}": v for name, v in row.items() if name.startswith("train_loss/")},
+        }, step)
+        self.scalars(self.val, {
+            "loss": row["val_loss"], "metric": row["val_metric"], "pixel_iou": row["val_pixel_iou"],
+            "best_threshold": row["val_best_threshold"],
+            "metric_at_best_threshold": row["val_metric_at_best_threshold"],
+            "best_metric": best_metric,
+            **{f"image_head/{name[len('val_image_'):]}": v for name, v in row.items()
+               if name.startswith("val_image_")},
+            **{f"metric_by_coverage/{name[len('val_metric_'):]}": v for name, v in row.items()
+               if name[len("val_metric_"):] in metrics.COVERAGE_GROUPS},
+        }, step)
+        self.text(self.train, "weights_sha256", row["weights_sha256"], step)
+
+    def validation_images(self, images: np.ndarray, truth: np.ndarray, probabilities: np.ndarray,
+                          image_scores: np.ndarray, step: int) -> None:
+        """Grids of validation images with the true (green) and predicted (red) outlines: the same images
+        every epoch, and the epoch's worst-scored ones.
+
+        Args:
+          images: [N, 101, 101] the validation images (first channel).
+          truth: [N, 101, 101] bool true masks.
+          probabilities: [N, 101, 101] the model's probabilities (predicted = above 0.5).
+          image_scores: [N] competition score of each image.
+          step: the global step.
+        """
+        if not self.enabled:
+            return
+        predicted = probabilities > 0.5
+
+        def tiles(indices):
+            return [overlay(images[i], truth[i], predicted[i]) for i in indices]
+
+        fixed = pick_display_indices(truth, self.images)
+        if len(fixed):
+            self.image(self.val, "fixed_images", grid(tiles(fixed)), step,
+                       "the same validation images every epoch; green = truth, red = prediction")
+        if self.worst_images:
+            worst = np.argsort(image_scores, kind="stable")[:self.worst_images]
+            self.image(self.val, "worst_images", grid(tiles(worst)), step,
+                       "lowest competition score this epoch; green = truth, red = prediction")
+
+    def weight_average(self, metric: float, step: int) -> None:
+        """The validation metric of the SWA weights (--swa_epochs)."""
+        self.scalars(self.val, {"swa_metric": metric}, step)
+
+    # ------------------------------------------------------------------------------- writing
 
     @staticmethod
     def scalars(writer, values: dict, step: int) -> None:

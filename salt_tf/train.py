@@ -1,6 +1,7 @@
 """Entry point: `python -m salt_tf.train --flagfile=flags/<name>.cfg [--flag=value ...]`.
 
-Flags -> determinism -> strategy -> data and split -> model, loss, optimizer -> loop -> run record. The logic
+Flags -> determinism -> strategy -> data and split -> configs (salt_tf.configs) -> model, loss, optimizer ->
+TrainStep (salt_tf/step.py) -> the loop over the run directory (loop.run_dir_trainer) -> run record. The logic
 lives in the modules it calls; this file only wires them together.
 """
 
@@ -138,22 +139,12 @@ def split_data(data, run_dir: str):
     return data.subset(train_ids), data.subset(val_ids), new_split
 
 
-def build_optimizer():
-    import keras
-
-    common = dict(learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay or None)
-    if FLAGS.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(**common)
-    else:
-        optimizer = keras.optimizers.SGD(momentum=FLAGS.momentum, nesterov=FLAGS.nesterov, **common)
-    if FLAGS.weight_decay:
-        # Decay the kernels only: shrinking biases and batch-norm scales regularizes nothing.
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return optimizer
-
-
 def run() -> dict:
-    """Runs (or resumes) the training described by FLAGS; returns the final summary."""
+    """Runs (or resumes) the training described by FLAGS (parsed, salt_tf.flags.define_flags).
+
+    Returns:
+      The final summary (loop.Trainer.run's), also written to record.json.
+    """
     run_dir = FLAGS.model_dir
     # Before TensorFlow runs its first op: thread pools are fixed then.
     from salt_tf import determinism
@@ -181,7 +172,8 @@ def run() -> dict:
 
 def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: contextlib.ExitStack) -> dict:
     """The run; `lock` receives out_dir's records.RunDirLock, held until the caller closes it."""
-    from salt_tf import checkpoints, determinism, distribute, losses, loop, model as model_lib, pipeline, records
+    from salt_tf import checkpoints, configs, determinism, distribute, losses, loop, model as model_lib, pipeline
+    from salt_tf import records, schedules, step as step_lib
     from salt_tf.data import kaggle, splits
 
     # One writer per directory. An existing directory (a resume) is locked before its split and checkpoints
@@ -198,11 +190,7 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
     data_fingerprint = kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
     if flag_changes is not None:
         check_resume_data(run_dir, data_fingerprint)
-    model_config = model_lib.ModelConfig(
-        base_width=FLAGS.base_width, depth=FLAGS.depth, blocks_per_level=FLAGS.blocks_per_level, se=FLAGS.se,
-        se_ratio=FLAGS.se_ratio, dropout=FLAGS.dropout, input_channels=2 if FLAGS.use_depth else 1,
-        se_type=FLAGS.se_type, hypercolumn=FLAGS.hypercolumn, deep_supervision=FLAGS.deep_supervision,
-        input_size=FLAGS.input_size, pad_mode=FLAGS.pad_mode)
+    model_config, config = configs.model_config(), configs.loop_config()
     train_data, val_data, new_split = split_data(data, run_dir)
     train_arrays = pipeline.to_arrays(train_data, FLAGS.use_depth)
     val_arrays = pipeline.to_arrays(val_data, FLAGS.use_depth)
@@ -236,31 +224,14 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
     # Everything with variables is created under the strategy's scope: mirrored on every replica.
     with strategy.scope():
         model = model_lib.build_model(model_config, precision=FLAGS.precision)
-        optimizer = build_optimizer()
+        optimizer = schedules.build_optimizer(configs.optimizer_config())
     synchronized = distribute.synchronize_batch_norm(model, strategy, FLAGS.sync_batch_norm)
     logging.info("model: %d parameters, %.2f GFLOP forward per image", model_lib.count_params(model),
                  model_lib.forward_flops_per_image(model_config) / 1e9)
     logging.info("strategy %s: %d replicas (%s), per-replica batch %d of global %d%s", FLAGS.strategy,
                  strategy.num_replicas_in_sync, role.task, per_replica_batch, FLAGS.batch_size,
                  f", {synchronized} batch-norm layers synchronized" if synchronized else "")
-    specs = salt_flags.loss_stages(FLAGS.loss_schedule) if FLAGS.loss_schedule else [FLAGS.loss]
-    loss_fn = [losses.CombinedLoss(spec, focal_gamma=FLAGS.focal_gamma, focal_alpha=FLAGS.focal_alpha)
-               for spec in specs]
-    if FLAGS.deep_supervision:
-        loss_fn = [losses.DeepSupervisionLoss(fn, FLAGS.side_loss_weight, FLAGS.image_loss_weight) for fn in loss_fn]
-    config = loop.LoopConfig(
-        epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
-        seed=FLAGS.seed, augmentation=pipeline.Augmentation(hflip=FLAGS.hflip, translate=FLAGS.translate, zoom=FLAGS.zoom,
-                                                        brightness=FLAGS.brightness, contrast=FLAGS.contrast),
-        clip_norm=FLAGS.clip_norm, plateau_factor=FLAGS.plateau_factor,
-        plateau_patience=FLAGS.plateau_patience, min_learning_rate=FLAGS.min_learning_rate,
-        early_stop_patience=FLAGS.early_stop_patience, keep_checkpoints=FLAGS.keep_checkpoints,
-        progress_every=FLAGS.progress_every, max_bad_steps=FLAGS.max_bad_steps,
-        lr_schedule=FLAGS.lr_schedule, snapshot_cycles=FLAGS.snapshot_cycles,
-        loss_switch_epochs=tuple(int(e) for e in FLAGS.loss_switch_epochs), swa_epochs=FLAGS.swa_epochs,
-        summary_every_steps=FLAGS.summary_every_steps,
-        summary_images=FLAGS.summary_images, summary_worst_images=FLAGS.summary_worst_images,
-        profile_steps=salt_flags.parse_profile_steps(FLAGS.profile_steps))
+    loss_stages = losses.build_losses(configs.loss_config(), model_config.deep_supervision)
     records.update_record(out_dir, code=records.code_version(), environment=determinism.environment(),
                           determinism=applied, distribution=distribution_record(strategy, per_replica_batch),
                           data={"dir": os.path.abspath(FLAGS.data_dir),
@@ -271,13 +242,13 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
                           started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)))
     if init_source:
         records.update_record(out_dir, init_checkpoint=init_source)
-    trainer = loop.Trainer(
-        model=model, optimizer=optimizer, loss_fn=loss_fn,
-        train_arrays=train_arrays, val_arrays=val_arrays, config=config, run_dir=out_dir,
+    step = step_lib.TrainStep(model, optimizer, loss_stages, batch_size=config.batch_size,
+                              clip_norm=config.clip_norm, strategy=strategy)
+    trainer = loop.run_dir_trainer(
+        step, config, train_arrays, val_arrays, out_dir, restore_dir=run_dir,
         export_config={"model": dataclasses.asdict(model_config), "use_depth": FLAGS.use_depth,
                        "precision": FLAGS.precision},
-        hparams=salt_flags.run_flag_values(), strategy=strategy, resume_from=run_dir,
-        resume_checkpoint=resume, init_weights=init_weights)
+        hparams=salt_flags.run_flag_values(), resume_checkpoint=resume, init_weights=init_weights)
     summary = trainer.run()
     records.update_record(out_dir, summary=summary,
                           finished=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()))

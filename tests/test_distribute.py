@@ -317,25 +317,22 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 from salt_tf import determinism
 determinism.configure(0, True)
 import keras
-from salt_tf import loop, losses, model as model_lib, pipeline
+from salt_tf import loop, losses, model as model_lib, pipeline, step as step_lib
 
 rng = np.random.default_rng(0)
 images = rng.random((24, 101, 101, 1), dtype=np.float32)
 masks = (rng.random((24, 101, 101, 1)) > 0.7).astype(np.float32)
-config = loop.LoopConfig(epochs=1, batch_size=8, eval_batch_size=8, seed=0,
-                         augmentation=pipeline.Augmentation(hflip=False))
 
-def trainer(strategy, run_dir):
+def train_step(strategy):
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = model_lib.build_model(model_lib.ModelConfig(base_width=4, depth=2, blocks_per_level=1, se_ratio=2))
         optimizer = keras.optimizers.SGD(0.01)
-    return loop.Trainer(model=model, optimizer=optimizer, loss_fn=losses.CombinedLoss("bce:1,dice:1"),
-                        train_arrays=(images[8:], masks[8:]), val_arrays=(images[:8], masks[:8]), config=config,
-                        run_dir=run_dir, strategy=strategy)
+    return step_lib.TrainStep(model, optimizer, losses.CombinedLoss("bce:1,dice:1"), batch_size=8,
+                              strategy=strategy)
 
-mirrored = trainer(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), sys.argv[1] + "/m")
-single = trainer(tf.distribute.get_strategy(), sys.argv[1] + "/s")
+mirrored = train_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+single = train_step(tf.distribute.get_strategy())
 batch = (tf.constant(images[8:16]), tf.constant(masks[8:16]))
 stem = single.model.encoder.stem
 half_means = [np.mean(stem(batch[0][h:h + 4]).numpy(), axis=(0, 1, 2)) for h in (0, 4)]  # before the step
@@ -343,7 +340,7 @@ distributed = mirrored.strategy.experimental_distribute_values_from_function(
     lambda context: tuple(t[4 * context.replica_id_in_sync_group:][:4] for t in batch))
 outputs, gradients = mirrored.train_step(*distributed)
 # The reference: one device, each half of the batch alone (its own batch-norm statistics), losses / 8, summed.
-step = tf.function(lambda x, y: single._replica_gradients(single.loss_stages[0], x, y))
+step = tf.function(single.replica_gradients)
 halves = [step(batch[0][h:h + 4], batch[1][h:h + 4]) for h in (0, 4)]
 reference = [a + b for a, b in zip(halves[0][1], halves[1][1])]
 norm = float(tf.linalg.global_norm(reference))

@@ -192,40 +192,39 @@ def test_png_loader_never_crashes(tmp_path, data):
 def test_non_finite_step_is_skipped_and_counted(tmp_path, demo_dir):
     import keras
 
-    from salt_tf import loop, losses, model as model_lib, pipeline
+    from salt_tf import loop, losses, model as model_lib, pipeline, step as step_lib
 
     data = kaggle.load_labelled(demo_dir)
     images, masks = pipeline.to_arrays(data, use_depth=False)
-    trainer = loop.Trainer(
-        model=model_lib.build_model(model_lib.ModelConfig(base_width=4, depth=2, blocks_per_level=1)),
-        optimizer=keras.optimizers.Adam(1e-3), loss_fn=losses.CombinedLoss("bce:1"),
-        train_arrays=(images[32:], masks[32:]), val_arrays=(images[:32], masks[:32]),
-        config=loop.LoopConfig(epochs=1, batch_size=8, eval_batch_size=16, seed=0,
-                               augmentation=pipeline.Augmentation(), max_bad_steps=3),
-        run_dir=str(tmp_path / "run"))
+    step = step_lib.TrainStep(model_lib.build_model(model_lib.ModelConfig(base_width=4, depth=2, blocks_per_level=1)),
+                              keras.optimizers.Adam(1e-3), losses.CombinedLoss("bce:1"), batch_size=8)
+    trainer = loop.run_dir_trainer(
+        step, loop.LoopConfig(epochs=1, batch_size=8, eval_batch_size=16, seed=0,
+                              augmentation=pipeline.Augmentation(), max_bad_steps=3),
+        (images[32:], masks[32:]), (images[:32], masks[:32]), str(tmp_path / "run"))
     good = tf.constant(images[32:40]), tf.constant(masks[32:40])
     poisoned = images[32:40].copy()
     poisoned[2, 50, 50, 0] = np.nan
-    before = determinism.weights_fingerprint(trainer.model.trainable_variables)
-    moving_before = determinism.weights_fingerprint(trainer.model.non_trainable_variables)
-    outputs, _ = trainer.train_step(tf.constant(poisoned), good[1])
+    before = determinism.weights_fingerprint(step.model.trainable_variables)
+    moving_before = determinism.weights_fingerprint(step.model.non_trainable_variables)
+    outputs, _ = step.train_step(tf.constant(poisoned), good[1])
     # The NaN reaches the gradient; whether it also reaches the loss depends on the kernels (oneDNN's fused
     # batch norm turns a NaN batch statistic into a finite output), so the guard checks both.
     assert not bool(outputs["finite"])
     assert not (np.isfinite(float(outputs["loss"])) and np.isfinite(float(outputs["gradient_norm"])))
-    assert determinism.weights_fingerprint(trainer.model.trainable_variables) == before
+    assert determinism.weights_fingerprint(step.model.trainable_variables) == before
     # Batch-norm moving statistics are updated by the forward pass itself; a skipped step must undo that,
     # or evaluation would run on NaN statistics.
-    assert determinism.weights_fingerprint(trainer.model.non_trainable_variables) == moving_before
-    assert int(trainer.optimizer.iterations) == 0
-    outputs, _ = trainer.train_step(*good)
-    assert bool(outputs["finite"]) and int(trainer.optimizer.iterations) == 1
+    assert determinism.weights_fingerprint(step.model.non_trainable_variables) == moving_before
+    assert int(step.optimizer.iterations) == 0
+    outputs, _ = step.train_step(*good)
+    assert bool(outputs["finite"]) and int(step.optimizer.iterations) == 1
 
     # In the loop: every batch poisoned -> skipped and counted, then the run stops after max_bad_steps.
     trainer.train_images = tf.constant(np.full_like(images[32:], np.nan))
     with pytest.raises(loop.TrainingStopped, match="3 consecutive steps") as stopped:
         trainer.train_epoch(0)
-    assert stopped.value.exit_code == 3 and int(trainer.skipped_steps) == 3
+    assert stopped.value.exit_code == 3 and int(trainer.state.skipped_steps) == 3
     assert trainer.checkpoints.last.latest_checkpoint is None  # nothing half-trained was saved
     # The message says what is kept, truthfully: no checkpoint is claimed when none exists, and rerunning the
     # same command (which repeats the same steps) is not the advice.
@@ -238,7 +237,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, demo_dir):
         trainer.train_epoch(0)
     assert "No epoch had finished" in str(stopped.value) and "intact" not in str(stopped.value)
     # After a finished epoch, the checkpoint named is the newest one, and the way on is a new run from it.
-    trainer.epoch.assign(1)
+    trainer.state.epoch.assign(1)
     latest = os.path.basename(trainer.checkpoints.save(trainer.global_step()))
     with pytest.raises(loop.TrainingStopped) as stopped:
         trainer.train_epoch(1)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from salt_tf import losses, model as model_lib, pipeline, summaries
+from salt_tf import losses, metrics, model as model_lib, pipeline, summaries
 from salt_tf.data import kaggle, splits
 from train_helpers import TINY, run_tiny
 
@@ -157,7 +157,7 @@ def test_coverage_groups_and_display_choice():
     truth[2, :3] = True                 # medium (30%)
     truth[3, :8] = True                 # large (80%)
     scores = np.array([1.0, 0.0, 0.5, 0.25, 1.0, 1.0])
-    got = summaries.coverage_group_scores(truth, scores)
+    got = metrics.coverage_group_scores(truth, scores)
     assert got == {"empty": 1.0, "small": 0.0, "medium": 0.5, "large": 0.25}
     chosen = summaries.pick_display_indices(truth, 3)
     assert len(set(chosen)) == 3 and 3 in chosen  # spread over coverage, including the largest

@@ -66,21 +66,21 @@ def test_loop_exports_the_mean_of_the_last_epochs(tmp_path, demo_dir):
     """A 3-epoch run with --swa_epochs=2 keeps its last two epoch checkpoints (keep_checkpoints=2): the swa/
     export's trainable weights are the mean of the model weights stored in those two checkpoints, and its
     recorded val_metric is that of the averaged model."""
-    from salt_tf import loop, losses, pipeline
+    from salt_tf import loop, losses, pipeline, step as step_lib
 
     data = kaggle.load_labelled(demo_dir)
     images, masks = pipeline.to_arrays(data, use_depth=False)
     keras.utils.set_random_seed(0)
     config = model_lib.ModelConfig(base_width=4, depth=2, blocks_per_level=1)
     run_dir = str(tmp_path / "run")
-    trainer = loop.Trainer(
-        model=model_lib.build_model(config), optimizer=keras.optimizers.Adam(1e-3),
-        loss_fn=losses.CombinedLoss("bce:1"), train_arrays=(images[32:96], masks[32:96]),
-        val_arrays=(images[:32], masks[:32]),
-        config=loop.LoopConfig(epochs=3, batch_size=16, eval_batch_size=32, seed=0,
-                               augmentation=pipeline.Augmentation(), swa_epochs=2, keep_checkpoints=2,
-                               summary_every_steps=0),
-        run_dir=run_dir, export_config={"model": {"base_width": 4, "depth": 2, "blocks_per_level": 1}})
+    step = step_lib.TrainStep(model_lib.build_model(config), keras.optimizers.Adam(1e-3),
+                              losses.CombinedLoss("bce:1"), batch_size=16)
+    trainer = loop.run_dir_trainer(
+        step, loop.LoopConfig(epochs=3, batch_size=16, eval_batch_size=32, seed=0,
+                              augmentation=pipeline.Augmentation(), swa_epochs=2, keep_checkpoints=2,
+                              summary_every_steps=0),
+        (images[32:96], masks[32:96]), (images[:32], masks[:32]), run_dir,
+        export_config={"model": {"base_width": 4, "depth": 2, "blocks_per_level": 1}})
     summary = trainer.run()
     assert summary["swa_epochs_averaged"] == 2
     paths = list(tf.train.get_checkpoint_state(os.path.join(run_dir, "checkpoints")).all_model_checkpoint_paths)  # oldest first
@@ -102,5 +102,5 @@ def test_loop_exports_the_mean_of_the_last_epochs(tmp_path, demo_dir):
     assert config_json["swa_epochs_averaged"] == 2
     assert config_json["val_metric"] == summary["swa_val_metric"]
     # The run's own model keeps the last epoch's weights: the swa export is separate.
-    for variable, value in zip(trainer.model.trainable_variables, epochs[-1]):
+    for variable, value in zip(step.model.trainable_variables, epochs[-1]):
         np.testing.assert_array_equal(variable.numpy(), value.astype(np.float32))

@@ -2,9 +2,10 @@
 
     python tools/bench.py                                   # default model, synthetic batches
     python tools/bench.py --data_dir=../shared/data/tgs_salt --json=bench.json
+    python tools/bench.py --base_width=8 --se_type=scse     # any model flag of the train command
 
 Measures, each with warm-up excluded and the median of --repeats:
-  * custom train step images/s (the project's `loop.Trainer` step), --deterministic on and off
+  * custom train step images/s (the project's `step.TrainStep`), --deterministic on and off
   * the same model, data and loss through Keras `model.fit` (what a user would otherwise run), and the ratio,
     per step (8-step fit calls) and over one whole epoch of the augmented pipeline (the epoch loop vs fit)
   * summaries every 100 steps vs off (from the measured cost of a summary step)
@@ -20,7 +21,6 @@ processes of this command; everything else for a setting runs in that setting's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -30,28 +30,41 @@ import sys
 import tempfile
 import time
 
+from absl import app, flags
+
+from salt_tf import flags as salt_flags
+
+FLAGS = flags.FLAGS
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The data and model arguments every benchmark tool takes (perf_variants.py, profile_step.py too)."""
-    parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
-    parser.add_argument("--base_width", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--blocks_per_level", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=32)
+def define_common_flags() -> None:
+    """The flags every benchmark tool takes (perf_variants.py, profile_step.py too): the train command's model
+    flags (salt_tf.flags.define_model_flags, built by salt_tf.configs.model_config), the data and the batch."""
+    salt_flags.define_model_flags()
+    flags.adopt_module_key_flags(salt_flags)  # so --help lists the model flags
+    flags.DEFINE_string("data_dir", None, "Kaggle layout folder (default: a synthetic demo set).")
+    flags.DEFINE_integer("batch_size", 32, "Training batch size.", lower_bound=1)
+    flags.DEFINE_integer("steps", 8, "Timed steps per repeat.", lower_bound=1)
+    flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.", lower_bound=1)
+    flags.DEFINE_string("json", None, "Also write the results here.")
+    flags.DEFINE_string("child", None, "(internal) run one measuring child process.")
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_args(parser)
-    parser.add_argument("--eval_batch_size", type=int, default=64, help="validation and predict batch size")
-    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--deterministic", type=int, default=1, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+def child_command(script: str, *extra: str) -> list[str]:
+    """The command of a measuring child: this tool again, with the parent's command line and `extra` flags
+    (a later flag overrides an earlier one)."""
+    return [sys.executable, os.path.abspath(script), *sys.argv[1:], *extra]
+
+
+def tool_flag_values() -> dict:
+    """{name: value} of the flags this command line could set (the tool's and the model's), for its JSON."""
+    return {flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(sys.argv[0]) if flag.name != "child"}
+
+
+def define_flags() -> None:
+    define_common_flags()
+    flags.DEFINE_integer("eval_batch_size", 64, "Validation and predict batch size.", lower_bound=1)
+    flags.DEFINE_integer("deterministic", 1, "(internal) the child's --deterministic setting.")
 
 
 def median_rate(fn, images_per_call: int, calls: int, repeats: int) -> float:
@@ -85,37 +98,34 @@ def child(args) -> dict:
     import keras
     import tensorflow as tf
 
-    from salt_tf import losses, loop, model as model_lib, pipeline
+    from salt_tf import configs, losses, loop, model as model_lib, pipeline, step as step_lib, summaries
 
     images, masks = load_arrays(args.data_dir)
-    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
-                                   blocks_per_level=args.blocks_per_level)
+    config = configs.model_config()
     flops = model_lib.forward_flops_per_image(config)
     b = args.batch_size
     results = {"deterministic": bool(args.deterministic), "applied": applied}
 
-    # The project's step, through the real Trainer (so what is measured is what trains).
+    # The project's step (so what is measured is what trains), and the validation set of the loop.
     val = 400 if len(images) > 800 else len(images) // 5
-    trainer = loop.Trainer(
-        model=model_lib.build_model(config, precision=args.precision), optimizer=keras.optimizers.Adam(1e-3),
-        loss_fn=losses.CombinedLoss("bce:1,dice:1"), train_arrays=(images[val:], masks[val:]),
-        val_arrays=(images[:val], masks[:val]),
-        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=args.eval_batch_size, seed=0,
-                               augmentation=pipeline.Augmentation(True, 10)),
-        run_dir=tempfile.mkdtemp())
+    step = step_lib.TrainStep(model_lib.build_model(config, precision=args.precision),
+                              keras.optimizers.Adam(1e-3), losses.CombinedLoss("bce:1,dice:1"), batch_size=b)
+    validation = loop.Validation(images[:val], masks[:val], batch_size=args.eval_batch_size)
     x, y = tf.constant(images[val:val + b]), tf.constant(masks[val:val + b])
-    results["custom_images_per_second"] = median_rate(lambda: trainer.train_step(x, y)[0]["loss"].numpy(),
+    results["custom_images_per_second"] = median_rate(lambda: step.train_step(x, y)[0]["loss"].numpy(),
                                                       b, args.steps, args.repeats)
     results["train_gflops_per_second"] = results["custom_images_per_second"] * 3 * flops / 1e9
 
     if args.deterministic:
-        # Summary-step cost: snapshot + step + statistics + writes, against a plain step.
+        # Summary-step cost: snapshot + step + statistics + writes, against a plain step. The events go to a
+        # scratch folder: writing them is part of the cost.
+        events = summaries.Summaries(tempfile.mkdtemp())
+
         def summary_step():
-            before = trainer.snapshot()
-            outputs, gradients = trainer.train_step(x, y)
-            trainer.summaries.step_statistics(dict(outputs), trainer.variable_statistics(gradients, before),
-                                              trainer.model.trainable_variables,
-                                              trainer.model.non_trainable_variables, 0)
+            before = step.snapshot()
+            outputs, gradients = step.train_step(x, y)
+            events.step_statistics(dict(outputs), step.variable_statistics(gradients, before),
+                                   step.model.trainable_variables, step.model.non_trainable_variables, 0)
 
         summary_rate = median_rate(summary_step, b, max(2, args.steps // 2), args.repeats)
         extra = 1 / summary_rate - 1 / results["custom_images_per_second"]  # seconds per image, one step
@@ -139,6 +149,10 @@ def child(args) -> dict:
         # epoch loop (step + host round-trips + progress lines) and `fit` over the same tf.data batches.
         # Once each (an epoch is long); the 8-step `fit` figure above carries fit's per-call cost 8 steps.
         augmentation = pipeline.Augmentation(True, 10)
+        # The loop without a run directory: no checkpoints, no summaries, the same epoch as a run's.
+        trainer = loop.Trainer(step, loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=args.eval_batch_size,
+                                                     augmentation=augmentation),
+                               (images[val:], masks[val:]), validation)
         start = time.perf_counter()
         results["custom_epoch_images_per_second"] = trainer.train_epoch(0)["train_images_per_second"]
         results["custom_epoch_seconds"] = time.perf_counter() - start
@@ -160,7 +174,7 @@ def child(args) -> dict:
 
         # Full validation as the loop does it.
         def validate():
-            trainer.evaluate()
+            validation.evaluate(step)
 
         validate()
         times = []
@@ -174,7 +188,7 @@ def child(args) -> dict:
         forward_times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            trainer.predict_validation()
+            validation.predict(step)
             forward_times.append(time.perf_counter() - start)
         results["validation_forward_seconds"] = statistics.median(forward_times)
 
@@ -182,9 +196,9 @@ def child(args) -> dict:
         from salt_tf import predict
 
         tta_images = images[:val]
-        predict.predict_probabilities(trainer.model, tta_images[:64], batch_size=args.eval_batch_size, tta=("none", "hflip"))
+        predict.predict_probabilities(step.model, tta_images[:64], batch_size=args.eval_batch_size, tta=("none", "hflip"))
         results["predict_tta_images_per_second"] = median_rate(
-            lambda: predict.predict_probabilities(trainer.model, tta_images, batch_size=args.eval_batch_size, tta=("none", "hflip")),
+            lambda: predict.predict_probabilities(step.model, tta_images, batch_size=args.eval_batch_size, tta=("none", "hflip")),
             len(tta_images), 1, args.repeats)
         results["epoch_seconds_estimate"] = (len(images) - val) / results["custom_images_per_second"]
 
@@ -197,18 +211,16 @@ def child(args) -> dict:
     return results
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv if argv is not None else sys.argv[1:])
+def main(argv) -> dict:
+    del argv  # flags only
+    args = FLAGS
     if args.child:
         print("BENCH " + json.dumps(child(args)))
         return {}
-    passthrough = [f"--{k}={v}" for k, v in vars(args).items()
-                   if k not in ("child", "deterministic", "json") and v is not None]
     runs = {}
     for deterministic in (1, 0):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child=1",
-                              f"--deterministic={deterministic}", *passthrough],
+        out = subprocess.run(child_command(__file__, "--child=1", f"--deterministic={deterministic}"),
                              capture_output=True, text=True, env=env, check=False)
         line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
         if out.returncode or not line:
@@ -242,7 +254,7 @@ def main(argv=None) -> dict:
           f"{args.repeats} repeats (median)")
     for name, value in table:
         print(f"{name:<{width}}  {value:10.3f}")
-    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("child",)}, "on": on, "off": off,
+    summary = {"args": tool_flag_values(), "on": on, "off": off,
                "table": {name: value for name, value in table}}
     if args.json:
         with open(args.json, "w") as f:
@@ -250,5 +262,10 @@ def main(argv=None) -> dict:
     return summary
 
 
+def _command(argv) -> None:
+    main(argv)  # app.run exits with main's return value: the results dict is not an exit status
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(_command)

@@ -1,8 +1,11 @@
 """Prints a per-block summary of the salt U-Net and benchmarks a training step on this machine.
 
     python tools/model_summary.py --base_width=16 --depth=4 --blocks_per_level=2 \
-        [--se|--nose] [--se_ratio=4] [--input_channels=1] [--dropout=0.0] \
+        [--se|--nose] [--se_ratio=4] [--use_depth] [--hypercolumn] [--deep_supervision] ... \
         [--bench_steps=3 --bench_repeats=5 --batch_size=32 | --nobench]
+
+The model flags are the train command's own (salt_tf.flags.define_model_flags), built into a ModelConfig by
+salt_tf.configs.model_config, so a flagfile's model lines describe the same model here.
 
 Output: a table of the top-level blocks (encoder stem and levels, bottleneck, decoder
 levels, head) with their parameter counts and output shapes, the total parameter count,
@@ -22,17 +25,13 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from salt_tf import IMAGE_SIZE
+from salt_tf import IMAGE_SIZE, configs
+from salt_tf import flags as salt_flags
 from salt_tf.model import ModelConfig, build_model, count_params, forward_flops_per_image
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("base_width", 16, "Filters at level 0 (doubles each level).")
-flags.DEFINE_integer("depth", 4, "Number of 2x2 poolings (1..5).")
-flags.DEFINE_integer("blocks_per_level", 2, "Residual blocks per level and at the bottleneck.")
-flags.DEFINE_bool("se", True, "Squeeze-and-excitation gates in the residual blocks.")
-flags.DEFINE_integer("se_ratio", 4, "SE reduction ratio r.")
-flags.DEFINE_float("dropout", 0.0, "Spatial dropout rate (bottleneck and after skip concats).")
-flags.DEFINE_integer("input_channels", 1, "1 = image, 2 = image + depth plane.")
+salt_flags.define_model_flags()
+flags.adopt_module_key_flags(salt_flags)  # so --help lists the model flags
 flags.DEFINE_bool("bench", True, "Benchmark a forward+backward training step.")
 flags.DEFINE_integer("batch_size", 32, "Benchmark batch size.")
 flags.DEFINE_integer("bench_warmup", 2, "Untimed warm-up steps (includes tracing).")
@@ -99,17 +98,9 @@ def benchmark(config: ModelConfig, model) -> None:
 
 def main(argv):
     del argv
-    config = ModelConfig(
-        base_width=FLAGS.base_width,
-        depth=FLAGS.depth,
-        blocks_per_level=FLAGS.blocks_per_level,
-        se=FLAGS.se,
-        se_ratio=FLAGS.se_ratio,
-        dropout=FLAGS.dropout,
-        input_channels=FLAGS.input_channels,
-    )
+    config = configs.model_config()
     keras.utils.set_random_seed(FLAGS.seed)
-    model = build_model(config)
+    model = build_model(config, precision=FLAGS.precision)
     print_summary(config, model)
     if FLAGS.bench:
         benchmark(config, model)

@@ -1,9 +1,9 @@
 """Measures candidate speed-ups of the training step, each in its own child process.
 
     python tools/perf_variants.py --data_dir=../shared/data/tgs_salt
-    python tools/perf_variants.py --variants=baseline,fused_bn --repeats=5
+    python tools/perf_variants.py --variants=baseline,keras_bn --repeats=5
 
-Every variant times the project's real step (`loop.Trainer.train_step`, BCE + Dice, Adam, batch 32) on the
+Every variant times the project's real step (`step.TrainStep.train_step`, BCE + Dice, Adam, batch 32) on the
 same batch, warm-up excluded, median of --repeats, and the table gives its images/s relative to `baseline`
 measured in the same command. Variants that are not the shipped default are built here by patching (an
 experiment, not a second code path in salt_tf/). The outcomes are recorded in docs/performance.md.
@@ -23,31 +23,29 @@ experiment, not a second code path in salt_tf/). The outcomes are recorded in do
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-import bench  # the sibling tool: shared arguments and data loading
+from absl import app, flags
+
+import bench  # the sibling tool: shared flags and data loading
+
+FLAGS = flags.FLAGS
 
 VARIANTS = ("baseline", "no_se", "no_bn", "keras_bn", "fit", "fit_keras_bn", "steps_per_loop", "bf16",
             "onednn_off", "xla", "nchw_conv")
 STEPS_PER_LOOP = 4
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bench.add_model_args(parser)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+def define_flags() -> None:
+    bench.define_common_flags()
+    flags.adopt_module_key_flags(bench)  # so --help lists the shared flags
+    flags.DEFINE_list("variants", list(VARIANTS), f"Variants to measure, from {', '.join(VARIANTS)}.")
 
 
 def timed(fn, calls: int, repeats: int) -> float:
@@ -97,7 +95,7 @@ def child(args) -> dict:
     import keras
     import tensorflow as tf
 
-    from salt_tf import losses, loop, model as model_lib, pipeline
+    from salt_tf import configs, losses, model as model_lib, step as step_lib
 
     if variant == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -108,21 +106,15 @@ def child(args) -> dict:
             momentum=model_lib.BN_MOMENTUM, epsilon=model_lib.BN_EPSILON, name=name)
 
     images, masks = bench.load_arrays(args.data_dir, synthetic_images=200)
-    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
-                                   blocks_per_level=args.blocks_per_level, se=variant != "no_se")
+    config = configs.model_config()
+    if variant == "no_se":
+        config = dataclasses.replace(config, se=False)
     b = args.batch_size
-    combined = losses.CombinedLoss("bce:1,dice:1")
-    loss_fn = combined  # the model's outputs are float32 under every precision
-    trainer = loop.Trainer(
-        model=model_lib.build_model(config), optimizer=keras.optimizers.Adam(1e-3), loss_fn=loss_fn,
-        train_arrays=(images[:b * STEPS_PER_LOOP], masks[:b * STEPS_PER_LOOP]),
-        val_arrays=(images[:b], masks[:b]),
-        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=64, seed=0,
-                               augmentation=pipeline.Augmentation(True, 10)),
-        run_dir=tempfile.mkdtemp())
+    combined = losses.CombinedLoss("bce:1,dice:1")  # the model's outputs are float32 under every precision
+    step = step_lib.TrainStep(model_lib.build_model(config), keras.optimizers.Adam(1e-3), combined, batch_size=b)
     x, y = tf.constant(images[:b]), tf.constant(masks[:b])
     if variant in ("fit", "fit_keras_bn"):
-        fit_model = trainer.model
+        fit_model = step.model
         fit_model.compile(optimizer=keras.optimizers.Adam(1e-3),
                           loss=lambda labels, logits: tf.reduce_mean(combined(labels, logits)[0]))
         dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
@@ -130,17 +122,20 @@ def child(args) -> dict:
         seconds = timed(lambda: fit_model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0), 1,
                         args.repeats) / args.steps
     elif variant == "xla":
-        step = tf.function(lambda: trainer._train_step(combined, x, y)[0]["loss"], jit_compile=True)
-        seconds = timed(lambda: step().numpy(), args.steps, args.repeats)
+        train = step.step_function()
+        xla_step = tf.function(lambda: train(x, y)[0]["loss"], jit_compile=True)
+        seconds = timed(lambda: xla_step().numpy(), args.steps, args.repeats)
     elif variant == "steps_per_loop":
         xs = tf.reshape(tf.constant(images[:b * STEPS_PER_LOOP]), [STEPS_PER_LOOP, b, 101, 101, -1])
         ys = tf.reshape(tf.constant(masks[:b * STEPS_PER_LOOP]), [STEPS_PER_LOOP, b, 101, 101, 1])
+
+        train = step.step_function()
 
         @tf.function
         def steps():
             total = tf.constant(0.0)
             for i in tf.range(STEPS_PER_LOOP):
-                outputs, _ = trainer._train_step(combined, xs[i], ys[i])
+                outputs, _ = train(xs[i], ys[i])
                 total += outputs["loss"]
             return total
 
@@ -148,33 +143,31 @@ def child(args) -> dict:
         seconds /= STEPS_PER_LOOP
     else:
         # Exactly what the epoch loop does per step: the step, then the outputs to the host.
-        def step():
-            outputs, _ = trainer.train_step(x, y)
+        def one_step():
+            outputs, _ = step.train_step(x, y)
             return bool(outputs["finite"]) and [float(v) for v in outputs.values()]
 
-        seconds = timed(step, args.steps, args.repeats)
+        seconds = timed(one_step, args.steps, args.repeats)
     return {"images_per_second": b / seconds}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv if argv is not None else sys.argv[1:])
+def main(argv) -> dict:
+    del argv  # flags only
+    args = FLAGS
     if args.child:
         print("VARIANT " + json.dumps(child(args)))
         return {}
-    variants = [v for v in args.variants.split(",") if v]
+    variants = [v for v in args.variants if v]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
-        sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-    passthrough = [f"--{k}={v}" for k, v in vars(args).items()
-                   if k in ("data_dir", "base_width", "depth", "blocks_per_level", "batch_size", "steps", "repeats")
-                   and v is not None]
+        sys.exit(f"error: --variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     results = {}
     for variant in variants:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
         if variant == "onednn_off":
             env["TF_ENABLE_ONEDNN_OPTS"] = "0"
         child_variant = "baseline" if variant == "onednn_off" else variant
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={child_variant}", *passthrough],
+        out = subprocess.run(bench.child_command(__file__, f"--child={child_variant}"),
                              capture_output=True, text=True, env=env, check=False)
         line = [l for l in out.stdout.splitlines() if l.startswith("VARIANT ")]
         if out.returncode or not line:
@@ -194,9 +187,14 @@ def main(argv=None) -> dict:
         print(f"{variant:<16} {rate:8.2f}  {ratio}{extra}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": bench.tool_flag_values(), "results": results}, f, indent=2)
     return results
 
 
+def _command(argv) -> None:
+    main(argv)  # app.run exits with main's return value: the results dict is not an exit status
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(_command)

@@ -3,34 +3,35 @@
     python tools/profile_step.py --data_dir=../shared/data/tgs_salt
     python tools/profile_step.py --precision=mixed_bfloat16 --top=15
 
-Profiles --steps calls of the project's step (`loop.Trainer.train_step`, BCE + Dice, Adam) after a warm-up
+Profiles --steps calls of the project's step (`step.TrainStep.train_step`, BCE + Dice, Adam) after a warm-up
 and prints op types (``_Mkl*`` are oneDNN kernels) by their summed duration over all threads, with shares of
 the total op time. For a timeline, use --profile_steps of the train command and TensorBoard's profile tab.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import os
-import sys
 import tempfile
 
-import bench  # the sibling tool: shared arguments and data loading
+from absl import app, flags
+
+import bench  # the sibling tool: shared flags and data loading
+
+FLAGS = flags.FLAGS
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bench.add_model_args(parser)
-    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--top", type=int, default=25)
-    return parser.parse_args(argv)
+def define_flags() -> None:
+    bench.define_common_flags()
+    flags.adopt_module_key_flags(bench)  # so --help lists the shared flags
+    flags.DEFINE_integer("top", 25, "Op types listed.", lower_bound=1)
+    FLAGS.set_default("steps", 4)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv if argv is not None else sys.argv[1:])
+def main(argv) -> dict:
+    del argv  # flags only
+    args = FLAGS
     from salt_tf import determinism
 
     determinism.configure(0, True)
@@ -38,26 +39,19 @@ def main(argv=None) -> dict:
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    from salt_tf import losses, loop, model as model_lib, pipeline
+    from salt_tf import configs, losses, model as model_lib, step as step_lib
 
     images, masks = bench.load_arrays(args.data_dir, synthetic_images=2 * args.batch_size)
     b = args.batch_size
-    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
-                                   blocks_per_level=args.blocks_per_level)
-    trainer = loop.Trainer(
-        model=model_lib.build_model(config, precision=args.precision), optimizer=keras.optimizers.Adam(1e-3),
-        loss_fn=losses.CombinedLoss("bce:1,dice:1"), train_arrays=(images[:b], masks[:b]),
-        val_arrays=(images[:b], masks[:b]),
-        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=b, seed=0,
-                               augmentation=pipeline.Augmentation(True, 10)),
-        run_dir=tempfile.mkdtemp())
+    step = step_lib.TrainStep(model_lib.build_model(configs.model_config(), precision=args.precision),
+                              keras.optimizers.Adam(1e-3), losses.CombinedLoss("bce:1,dice:1"), batch_size=b)
     x, y = tf.constant(images[:b]), tf.constant(masks[:b])
     for _ in range(2):  # warm-up: tracing and oneDNN primitive caches
-        trainer.train_step(x, y)[0]["loss"].numpy()
-    log_dir = tempfile.mkdtemp()
+        step.train_step(x, y)[0]["loss"].numpy()
+    log_dir = tempfile.mkdtemp()  # the profiler's trace, read back below
     tf.profiler.experimental.start(log_dir)
     for _ in range(args.steps):
-        trainer.train_step(x, y)[0]["loss"].numpy()
+        step.train_step(x, y)[0]["loss"].numpy()
     tf.profiler.experimental.stop()
 
     space = xplane_pb2.XSpace()
@@ -86,5 +80,10 @@ def main(argv=None) -> dict:
     return {"step_seconds": step_seconds, "seconds": dict(seconds), "counts": dict(counts)}
 
 
+def _command(argv) -> None:
+    main(argv)  # app.run exits with main's return value: the results dict is not an exit status
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(_command)

@@ -24,23 +24,6 @@ def coverage_class(coverage: np.ndarray) -> np.ndarray:
     return np.where(coverage > 0, np.clip(np.ceil(coverage * 10), 1, 10), 0).astype(np.int64)
 
 
-# Coverage groups for the per-group scores (TensorBoard, predict --evaluate): what a user asks ("does it
-# miss small salt?").
-COVERAGE_GROUPS = {"empty": (0, 0), "small": (1, 1), "medium": (2, 5), "large": (6, 10)}
-
-
-def coverage_group_scores(truth: np.ndarray, image_scores: np.ndarray) -> dict[str, float]:
-    """Mean per-image competition score within each coverage group (groups absent from the set are left
-    out)."""
-    classes = coverage_class(truth.reshape(len(truth), -1).mean(axis=1))
-    scores = {}
-    for name, (low, high) in COVERAGE_GROUPS.items():
-        members = (classes >= low) & (classes <= high)
-        if members.any():
-            scores[name] = float(image_scores[members].mean())
-    return scores
-
-
 def _shuffled_by_class(ids: Sequence[str], classes: np.ndarray, seed: int) -> list[np.ndarray]:
     """Per coverage class, the row numbers in a seeded random order (sorted by id first, so the
     result does not depend on the order the ids were listed in)."""
