@@ -31,7 +31,7 @@ import tensorflow as tf
 from absl import logging
 
 from salt_tf import checkpoints as checkpoints_lib
-from salt_tf import determinism, distribute, metrics, pipeline, records, schedules, swa
+from salt_tf import determinism, distribute, metrics, pipeline, progress, records, schedules, swa
 from salt_tf.step import TrainStep
 from salt_tf.summaries import Summaries
 
@@ -418,9 +418,9 @@ class Trainer:
         steps = pipeline.steps_per_epoch(int(self.train_images.shape[0]), self.config.batch_size)
         # A resumed epoch continues at the batch it stopped at, with the same batches (they depend on
         # seed and epoch only) and the sums of the steps already done.
-        progress = self.checkpoints.partial_epoch.read() if self.checkpoints else checkpoints_lib.EpochProgress()
-        done, sums, finite_steps = progress.steps, progress.sums, progress.finite_steps
-        seconds_before = progress.seconds
+        resumed = self.checkpoints.partial_epoch.read() if self.checkpoints else checkpoints_lib.EpochProgress()
+        done, sums, finite_steps = resumed.steps, resumed.sums, resumed.finite_steps
+        seconds_before = resumed.seconds
         dataset = self.step.strategy.distribute_datasets_from_function(
             lambda input_context: pipeline.train_dataset(
                 self.train_images, self.train_masks, batch_size=self.config.batch_size, seed=self.config.seed,
@@ -428,6 +428,14 @@ class Trainer:
         global_step = self.global_step()
         every = self.config.summary_every_steps if self.summaries.enabled else 0
         consecutive_bad = 0
+        # Steps done, images/s and the time left in the epoch and the run: a live bar on a terminal, a log line
+        # every --progress_every steps otherwise (progress.py); wall-clock only, never touches the step.
+        display = progress.Progress(
+            steps, label=f"epoch {epoch + 1}", unit="step", every=self.config.progress_every,
+            items_per_unit=self.config.batch_size, remaining_after=(self.config.epochs - epoch - 1) * steps,
+        ) if self.config.progress_every else None
+        if display:
+            display.update(done)
         start = time.perf_counter()
         for step, (images, masks) in enumerate(dataset, start=done + 1):
             self._profile(global_step)
@@ -445,10 +453,8 @@ class Trainer:
                                 "row", epoch + 1, step, float(outputs["loss"]), consecutive_bad)
                 if consecutive_bad >= self.config.max_bad_steps:
                     raise self._non_finite_stop(consecutive_bad, epoch, step)
-            if self.config.progress_every and step % self.config.progress_every == 0 and step < steps:
-                seen = (step - done) * self.config.batch_size
-                logging.info("  epoch %d step %d/%d  loss %.4f  %.1f img/s", epoch + 1, step, steps,
-                             sums.get("loss", math.nan) / max(finite_steps, 1), seen / (time.perf_counter() - start))
+            if display:
+                display.update(step, {"loss": sums.get("loss", math.nan) / max(finite_steps, 1)})
             if step < steps and self._stop_requested():
                 self._stop_inside_epoch(epoch, step, steps, checkpoints_lib.EpochProgress(
                     steps=step, sums=sums, finite_steps=finite_steps,
