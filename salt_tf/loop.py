@@ -36,6 +36,7 @@ from absl import logging
 
 from salt_tf import checkpoints, determinism, distribute, metrics, pipeline, records, schedules, summaries, swa
 from salt_tf import model as model_lib
+from salt_tf import rundir
 from salt_tf.summaries import Summaries
 
 
@@ -456,9 +457,9 @@ class Trainer:
         """The mean of the averaged epochs' weights, with batch-norm statistics recomputed on the (unaugmented)
         training images, evaluated and exported to <run_dir>/swa; the model's own weights are left as they were.
         Done again by a rerun if a crash came between the last checkpoint and this export."""
-        directory = os.path.join(self.run_dir, checkpoints.SWA_DIR)
+        directory = os.path.join(self.run_dir, rundir.SWA_DIR)
         count = int(self.weight_average.count.numpy())
-        if os.path.isfile(os.path.join(directory, checkpoints.EXPORT_CONFIG)):
+        if rundir.is_export(directory):
             config = checkpoints.read_export_config(directory)
             return {"swa_epochs_averaged": count, "swa_val_metric": config.get("val_metric")}
         with self.weight_average.applied(self.model):

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
+from salt_tf import rundir
 # The coverage groups live with the split (which defines coverage classes); re-exported for the loop.
 from salt_tf.data.splits import COVERAGE_GROUPS, coverage_class, coverage_group_scores  # noqa: F401
 
@@ -30,7 +31,7 @@ def variable_tag(variable) -> str:
 
 class Summaries:
     def __init__(self, run_dir: str):
-        self.root = os.path.join(run_dir, "events")
+        self.root = os.path.join(run_dir, rundir.EVENTS_DIR)
         self.train = tf.summary.create_file_writer(os.path.join(self.root, "train"))
         self.val = tf.summary.create_file_writer(os.path.join(self.root, "val"))
 
