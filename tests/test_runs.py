@@ -309,6 +309,25 @@ def test_opencv_plot_draws_both_curves(tmp_path):
 # ------------------------------------------------------------------------------------------------ edges
 
 
+def test_reproduce_passes_data_dir_only_when_the_flagfile_names_another_folder(tmp_path, monkeypatch):
+    """runs reproduce reads the folder of rundir's one rule, and passes --data_dir exactly when flags.cfg's own
+    value, read from here, names another folder (or none)."""
+    monkeypatch.chdir(tmp_path)
+    started = str(tmp_path / "data")
+
+    def run(flag, recorded):
+        return runs.Run(path="r", name="r", flags={"data_dir": flag} if flag else {},
+                        record={"data": {"dir": recorded}} if recorded else {}, metrics=pd.DataFrame())
+
+    assert runs.data_dir_for(run("data", started)) == (started, False)         # relative, started here
+    assert runs.data_dir_for(run("data", "/else/data")) == ("/else/data", True)  # relative, started elsewhere
+    assert runs.data_dir_for(run("/abs/data", "/moved")) == ("/abs/data", False)
+    assert runs.data_dir_for(run("data", None)) == (started, False)            # no record: from here
+    assert runs.data_dir_for(run(None, "/else/data")) == ("/else/data", True)
+    with pytest.raises(runs.RunError, match=r"^r: no data folder recorded .*--data_dir="):
+        runs.data_dir_for(run(None, None))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["list", "{tmp}/missing"], "{tmp}/missing: no such directory"),
     (["diff", "{tmp}", "{tmp}"], "{tmp}: not a salt_tf run directory (no flags.cfg)"),
