@@ -10,9 +10,9 @@ side by side (flags, code, data, environment, weights, metric curves); `reproduc
 flags.cfg in a fresh process and says whether the weights came out bit-identical, and if not, why identity
 could not be expected. Exit status: 0 done / PASS, 1 reproduction FAIL, 2 unusable path or arguments.
 
-This module reads run records only (salt_tf.rundir, salt_tf.records and the data fingerprint); it never imports the
-training code, so listing a hundred runs costs no TensorFlow start-up, and it keeps working on runs made
-by older versions of the code.
+This module reads run records only (salt_tf.rundir, salt_tf.records and the data fingerprint); it never
+imports the training code, so listing a hundred runs costs no TensorFlow start-up, and it keeps working on
+runs made by older versions of the code.
 """
 
 from __future__ import annotations
