@@ -17,16 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import tensorflow as tf
 from absl import logging
 
-from salt_tf import model as model_lib, records
-
-EXPORT_DIR = "export"
-EXPORT_WEIGHTS = records.EXPORT_WEIGHTS
-EXPORT_CONFIG = "model.json"
+from salt_tf import model as model_lib, records, rundir
 
 
 class RunCheckpoints:
@@ -38,11 +33,11 @@ class RunCheckpoints:
         (PartialEpoch, below), so call it outside `strategy.scope()`."""
         self.partial_epoch = PartialEpoch()
         self.checkpoint = tf.train.Checkpoint(partial_epoch=self.partial_epoch.variable, **state)
-        directory = os.path.join(run_dir, "checkpoints")
-        self.restore_dir = os.path.join(restore_dir or run_dir, "checkpoints")
+        directory = os.path.join(run_dir, rundir.CHECKPOINTS_DIR)
+        self.restore_dir = os.path.join(restore_dir or run_dir, rundir.CHECKPOINTS_DIR)
         self.last = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep,
                                                checkpoint_name="step")
-        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, "best"),
+        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(directory, rundir.BEST_DIR),
                                                max_to_keep=1, checkpoint_name="best")
 
     def restore(self, path: str) -> None:
@@ -126,8 +121,7 @@ def newest_intact(checkpoint_dir: str) -> tuple[str | None, list[tuple[str, str]
 
 def has_history(run_dir: str) -> bool:
     """Whether finished epochs left results in the run directory (metrics.csv rows or an export)."""
-    return not records.read_metrics(run_dir).empty or os.path.isfile(
-        os.path.join(run_dir, EXPORT_DIR, EXPORT_CONFIG))
+    return not records.read_metrics(run_dir).empty or rundir.is_export(os.path.join(run_dir, rundir.EXPORT_DIR))
 
 
 def resume_point(run_dir: str, restart_from_scratch: bool = False) -> str | None:
@@ -136,7 +130,7 @@ def resume_point(run_dir: str, restart_from_scratch: bool = False) -> str | None
     rather than silently starting again from epoch 0 over its results, unless `restart_from_scratch`. (A
     fresh run checkpoints its starting state before writing any history, so a crash never leaves history
     without a checkpoint.)"""
-    path, damaged = newest_intact(os.path.join(run_dir, "checkpoints"))
+    path, damaged = newest_intact(os.path.join(run_dir, rundir.CHECKPOINTS_DIR))
     for bad, reason in damaged:
         logging.warning("checkpoint %s is damaged (%s); %s", bad, reason,
                         f"resuming from the previous one, {os.path.basename(path)}" if path else "skipped")
@@ -149,55 +143,30 @@ def resume_point(run_dir: str, restart_from_scratch: bool = False) -> str | None
     return path
 
 
-SNAPSHOTS_DIR = "snapshots"
-SWA_DIR = "swa"  # the weight average of the last --swa_epochs epochs (swa.py), an export like export/
-
-
 def export(run_dir: str, model: tf.Module, config: dict) -> str:
     """Writes the model's weights and config to <run_dir>/export (the best model)."""
-    return export_to(os.path.join(run_dir, EXPORT_DIR), model, config)
+    return export_to(os.path.join(run_dir, rundir.EXPORT_DIR), model, config)
 
 
 def export_snapshot(run_dir: str, index: int, model: tf.Module, config: dict) -> str:
     """Writes snapshot `index` of a snapshot ensemble to <run_dir>/snapshots/snapshot-<index>."""
-    return export_to(os.path.join(run_dir, SNAPSHOTS_DIR, f"snapshot-{index}"), model, config)
-
-
-def snapshot_dirs(run_dir: str) -> list[str]:
-    """A run's snapshot export folders, in snapshot order (empty if it made none)."""
-    root = os.path.join(run_dir, SNAPSHOTS_DIR)
-    if not os.path.isdir(root):
-        return []
-    names = [n for n in os.listdir(root) if n.startswith("snapshot-") and n[len("snapshot-"):].isdigit()
-             and os.path.isfile(os.path.join(root, n, EXPORT_CONFIG))]
-    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[len("snapshot-"):]))]
+    return export_to(rundir.snapshot_dir(run_dir, index), model, config)
 
 
 def export_to(final: str, model: tf.Module, config: dict) -> str:
     """Writes the model's weights and its config (JSON) to folder `final`, replacing any old content in
-    one rename, so a reader sees either the old export or the new one."""
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    staging = f"{final}.tmp{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    tf.train.Checkpoint(model=model).write(os.path.join(staging, EXPORT_WEIGHTS))
-    with open(os.path.join(staging, EXPORT_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    retired = f"{final}.old{os.getpid()}"
-    if os.path.isdir(final):
-        os.replace(final, retired)
-    os.replace(staging, final)
-    shutil.rmtree(retired, ignore_errors=True)
+    one rename (rundir.staged_dir), so a reader sees either the old export or the new one."""
+    with rundir.staged_dir(final) as staging:
+        tf.train.Checkpoint(model=model).write(os.path.join(staging, rundir.EXPORT_WEIGHTS))
+        rundir.write_json(os.path.join(staging, rundir.EXPORT_CONFIG), config, final_newline=False)
     return final
 
 
 def read_export_config(export_dir: str) -> dict:
-    path = os.path.join(export_dir, EXPORT_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{export_dir}: no exported model ({EXPORT_CONFIG} missing); "
+    if not rundir.is_export(export_dir):
+        raise FileNotFoundError(f"{export_dir}: no exported model ({rundir.EXPORT_CONFIG} missing); "
                                 "train first or point at a run's export/ folder")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return rundir.read_json(os.path.join(export_dir, rundir.EXPORT_CONFIG))
 
 
 class InitCheckpointError(ValueError):
@@ -211,18 +180,11 @@ _SHAPE_FREE_SETTINGS = ("dropout", "input_size", "pad_mode")  # change no variab
 def init_export_dir(path: str) -> str:
     """The export folder --init_checkpoint means: a run directory (its export/, the best model), an export/
     folder, or a snapshots/snapshot-K folder."""
-    for candidate in (path, os.path.join(path, EXPORT_DIR)):
-        if os.path.isfile(os.path.join(candidate, EXPORT_CONFIG)):
+    for candidate in (path, os.path.join(path, rundir.EXPORT_DIR)):
+        if rundir.is_export(candidate):
             return candidate
-    raise InitCheckpointError(f"--init_checkpoint={path} holds no exported model ({EXPORT_CONFIG}); give a "
+    raise InitCheckpointError(f"--init_checkpoint={path} holds no exported model ({rundir.EXPORT_CONFIG}); give a "
                               "finished run's directory, its export/ folder or a snapshots/snapshot-K folder")
-
-
-def source_run_dir(export_dir: str) -> str:
-    """The run directory an export/ or snapshots/snapshot-K folder belongs to."""
-    export_dir = os.path.abspath(export_dir)
-    parent = os.path.dirname(export_dir)
-    return os.path.dirname(parent) if os.path.basename(parent) == SNAPSHOTS_DIR else parent
 
 
 def check_init_compatible(export_dir: str, source_flag: str, model_config: dict) -> dict:
@@ -242,4 +204,5 @@ def check_init_compatible(export_dir: str, source_flag: str, model_config: dict)
 
 
 def restore_exported_weights(export_dir: str, model: tf.Module) -> None:
-    tf.train.Checkpoint(model=model).read(os.path.join(export_dir, EXPORT_WEIGHTS)).assert_existing_objects_matched()
+    weights = os.path.join(export_dir, rundir.EXPORT_WEIGHTS)
+    tf.train.Checkpoint(model=model).read(weights).assert_existing_objects_matched()

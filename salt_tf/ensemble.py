@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Sequence
 
 import numpy as np
 
-from salt_tf import metrics, postprocess
+from salt_tf import metrics, postprocess, rundir
 
 CLIP = 1e-5          # probabilities are clipped to [CLIP, 1 - CLIP] before the logit (|logit| <= 11.5)
 DEFAULT_L2 = 1e-3    # L2 on the weights, relative to the MEAN per-pixel log-loss
 DEFAULT_FOLDS = 5
 BOOTSTRAP_SAMPLES = 2000  # resamples of the images for the interval of an ensemble's gain
-ENSEMBLE_FILE = "ensemble.json"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20     # rows per chunk when accumulating gradient and Hessian
 
@@ -198,14 +196,8 @@ class Ensemble:
                    scores=dict(payload.get("scores", {})))
 
     def save(self, path: str) -> None:
-        """Writes the JSON atomically (temp file + rename)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Writes the JSON atomically (rundir.write_json)."""
+        rundir.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "Ensemble":

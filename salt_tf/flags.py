@@ -408,7 +408,7 @@ NOT_RECORDED = ("restart_from_scratch",)
 
 
 def _text(flag, value) -> str:
-    """A flag value as flags.cfg (records.parse_flagfile) spells it."""
+    """A flag value as flags.cfg (rundir.parse_flagfile) spells it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)

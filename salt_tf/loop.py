@@ -33,6 +33,7 @@ from absl import logging
 from salt_tf import checkpoints as checkpoints_lib
 from salt_tf import determinism, distribute, metrics, pipeline, progress, records, schedules, swa
 from salt_tf.step import TrainStep
+from salt_tf import rundir
 from salt_tf.summaries import Summaries
 
 
@@ -229,7 +230,7 @@ class ExportWeightAverage:
     """The end of a --swa_epochs run: the averaged model goes to <run_dir>/swa, an export like export/."""
 
     def __init__(self, run_dir: str, export_config: dict):
-        self.directory, self.export_config = os.path.join(run_dir, checkpoints_lib.SWA_DIR), export_config
+        self.directory, self.export_config = os.path.join(run_dir, rundir.SWA_DIR), export_config
 
     def exported(self) -> dict | None:
         """The export's config if an earlier session wrote it (a rerun after the last checkpoint), else None."""

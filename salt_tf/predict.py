@@ -12,10 +12,10 @@ batches with TTA, combines the models (the run's `ensemble.json` if `--evaluate`
 meta-model plus post-processing; else the mean and the export's threshold) and writes the submission CSV
 `id,rle_mask` atomically, and with `--masks_dir` one mask PNG per image.
 
-Evaluate mode predicts the run's validation images (split.csv, data folder from flags.cfg), prints one
-table of the competition metric (each model plain and with TTA, the mean, the stacked meta-model
-cross-validated over images, and both after post-processing; see `salt_tf.ensemble`) and writes
-`<run>/ensemble.json` for predict mode.
+Evaluate mode predicts the run's validation images (split.csv; the data folder --data_dir, else the run's
+own, rundir.data_dir), prints one table of the competition metric (each model plain and with TTA, the mean,
+the stacked meta-model cross-validated over images, and both after post-processing; see `salt_tf.ensemble`)
+and writes `<run>/ensemble.json` for predict mode.
 
 TTA (`predict_probabilities`): per batch ONE compiled function stacks the views (identity, horizontal flip,
 optionally vertical flip) along the batch axis, runs the model once in inference mode, un-flips each view's
@@ -42,14 +42,13 @@ from typing import Callable, Sequence
 import numpy as np
 from absl import flags
 
-from salt_tf import IMAGE_SIZE, ensemble, metrics, postprocess, records, tfstart
+from salt_tf import IMAGE_SIZE, ensemble, metrics, postprocess, rundir, tfstart
 from salt_tf.data import kaggle
 
 PREDICT_FLAGS = flags.FlagValues()
 
 VIEWS = ("none", "hflip", "vflip")   # identity, left-right mirror, up-down mirror (in this order)
 DEFAULT_TTA = ("none", "hflip")      # seismic images are not vertically symmetric: no vflip by default
-EXPORT_CONFIG = "model.json"         # = checkpoints.EXPORT_CONFIG (not imported: it pulls in TensorFlow)
 
 
 class PredictError(ValueError):
@@ -93,7 +92,7 @@ def define_flags(flag_values: flags.FlagValues = PREDICT_FLAGS) -> None:
     flags.DEFINE_boolean("evaluate", False, "Evaluate the run's models on labelled images, print the table and "
                          "write <model_dir>/ensemble.json, instead of predicting --images.", **fv)
     flags.DEFINE_string("data_dir", None, "--evaluate: labelled folder in the Kaggle layout (default: the "
-                        "run's --data_dir from flags.cfg).", **fv)
+                        "folder the run trained on, from its flags.cfg and record.json).", **fv)
     flags.DEFINE_enum("eval_ids", "val", ["val", "all"], "--evaluate: 'val' = the validation ids of the run's "
                       "split.csv (out-of-sample); 'all' = every labelled image of --data_dir (only for a "
                       "separate hold-out folder).", **fv)
@@ -238,7 +237,7 @@ class LoadedModel:
 
 
 def _read_config(export_dir: str) -> dict:
-    path = os.path.join(export_dir, EXPORT_CONFIG)
+    path = os.path.join(export_dir, rundir.EXPORT_CONFIG)
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -251,30 +250,17 @@ def _read_config(export_dir: str) -> dict:
     return config
 
 
-def is_export(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, EXPORT_CONFIG))
-
-
 def find_exports(path: str) -> list[LoadedModel]:
-    """The export folders `path` stands for, configs read but no weights (no TensorFlow needed): an export
-    folder itself, else a run directory's snapshots (in order) if any, else its export/."""
-    if not path or not os.path.exists(path):
-        raise PredictError(f"{path}: not found; pass a run directory or an export folder")
-    if not os.path.isdir(path):
-        raise PredictError(f"{path}: is a file; pass a run directory or an export folder")
-    if is_export(path):
+    """The models `path` stands for (rundir.export_dirs: an export folder itself, else a run directory's
+    snapshots in order if any, else its export/), configs read but no weights (no TensorFlow needed). A
+    model's name is its folder relative to the run directory ("export", "snapshots/snapshot-3"), or the
+    export folder's own name."""
+    try:
+        dirs = rundir.export_dirs(path)
+    except rundir.RunDirError as e:
+        raise PredictError(str(e)) from None
+    if rundir.is_export(path):  # an export folder itself
         return [LoadedModel(os.path.basename(os.path.normpath(path)), path, _read_config(path))]
-    root = os.path.join(path, "snapshots")
-    dirs = []
-    if os.path.isdir(root):
-        names = [n for n in os.listdir(root) if n.startswith("snapshot-") and n[9:].isdigit() and is_export(
-            os.path.join(root, n))]
-        dirs = [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[9:]))]
-    if not dirs and is_export(os.path.join(path, "export")):
-        dirs = [os.path.join(path, "export")]
-    if not dirs:
-        raise PredictError(f"{path}: no exported model (no {EXPORT_CONFIG}, export/{EXPORT_CONFIG} or "
-                           "snapshots/); train first, or point at a run directory or its export/ folder")
     return [LoadedModel(os.path.relpath(d, path), d, _read_config(d)) for d in dirs]
 
 
@@ -284,7 +270,7 @@ def restore(entry: LoadedModel) -> LoadedModel:
 
     from salt_tf import checkpoints, model as model_lib
 
-    config_path = os.path.join(entry.path, EXPORT_CONFIG)
+    config_path = os.path.join(entry.path, rundir.EXPORT_CONFIG)
     try:
         model = model_lib.build_model(model_lib.ModelConfig(**entry.config["model"]))
     except (TypeError, ValueError) as e:
@@ -372,8 +358,8 @@ def submission_text(ids: Sequence[str], masks: np.ndarray) -> str:
 
 
 def write_submission(path: str, ids: Sequence[str], masks: np.ndarray) -> None:
-    """Writes the submission CSV atomically (temp file + rename)."""
-    records.atomic_write_text(path, submission_text(ids, masks))
+    """Writes the submission CSV atomically (rundir.write_text)."""
+    rundir.write_text(path, submission_text(ids, masks))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -401,7 +387,7 @@ def load_ensemble(run_dir: str, entries: list[LoadedModel]) -> ensemble.Ensemble
     Raises:
         PredictError: unreadable, or fitted on other models (one line naming both lists).
     """
-    path = os.path.join(run_dir, ensemble.ENSEMBLE_FILE)
+    path = os.path.join(run_dir, rundir.ENSEMBLE_FILE)
     if not os.path.isfile(path):
         return None
     try:
@@ -448,8 +434,8 @@ def run_predict(fv: flags.FlagValues) -> int:
 
     if chosen is not None:
         choice = chosen.postprocessing
-        how = f"{chosen.combine} ensemble of {len(entries)} from {ensemble.ENSEMBLE_FILE}" if len(entries) > 1 \
-            else f"post-processing from {ensemble.ENSEMBLE_FILE}"
+        how = f"{chosen.combine} ensemble of {len(entries)} from {rundir.ENSEMBLE_FILE}" if len(entries) > 1 \
+            else f"post-processing from {rundir.ENSEMBLE_FILE}"
     else:
         threshold = entries[0].config.get("threshold") if len(entries) == 1 else None
         choice = postprocess.PostProcessing(threshold=float(threshold if threshold is not None else 0.5))
@@ -483,7 +469,7 @@ def run_predict(fv: flags.FlagValues) -> int:
         masks[start:stop] = postprocess.apply(combined, choice, mean_head(heads))
         if fv.masks_dir:
             for id_, mask in zip(ids[start:stop], masks[start:stop]):
-                kaggle.write_png(os.path.join(fv.masks_dir, f"{id_}.png"), mask.astype(np.uint8) * 255)
+                rundir.write_png(os.path.join(fv.masks_dir, f"{id_}.png"), mask.astype(np.uint8) * 255)
         elapsed = time.time() - started
         _say(f"  {stop}/{len(ids)} images  {stop / max(elapsed, 1e-9):.1f} images/s")
     if bad and fv.bad_as_empty:  # one row per image of the folder, in id order, as without bad files
@@ -510,40 +496,29 @@ def with_empty_masks(ids: Sequence[str], masks: np.ndarray, missing: Sequence[st
     return [every[i] for i in order], filled[order]
 
 
-def run_data_dir(run_dir: str) -> str:
-    """The labelled folder a run trained on: --data_dir of its flags.cfg (or record.json's absolute path)."""
-    data_dir = (records.read_flagfile(run_dir) or {}).get("data_dir")
-    if data_dir and os.path.isdir(data_dir):
-        return data_dir
-    record = os.path.join(run_dir, "record.json")
-    if os.path.isfile(record):
-        with open(record, encoding="utf-8") as f:
-            recorded = (json.load(f).get("data") or {}).get("dir")
-        if recorded and os.path.isdir(recorded):
-            return recorded
-    raise PredictError(f"{run_dir}: the run's data folder {data_dir or '(none in flags.cfg)'} is not found; "
-                       "pass --data_dir=<labelled folder>")
-
-
 def run_evaluate(fv: flags.FlagValues) -> int:
-    tfstart.import_tensorflow()  # before checkpoints and pipeline import it
-    from salt_tf import checkpoints, pipeline
+    tfstart.import_tensorflow()  # before pipeline imports it
+    from salt_tf import pipeline
     from salt_tf.data import splits
 
     # A run directory, or one export folder inside a run (its swa/, export/ or a snapshot): then the run's split
     # and data are used and ensemble.json goes into the export folder, where predict finds it.
     target = fv.model_dir
-    run_dir = checkpoints.source_run_dir(target) if is_export(target) else target
-    if not os.path.isfile(os.path.join(run_dir, "split.csv")):
+    run_dir = rundir.source_run_dir(target) if rundir.is_export(target) else target
+    split_path = os.path.join(run_dir, rundir.SPLIT_FILE)
+    if not os.path.isfile(split_path):
         raise PredictError(f"{target}: --evaluate needs a run directory (with split.csv and export/ or "
                            "snapshots/) or an export folder inside one")
     entries = find_exports(target)
     tta = parse_tta(fv.tta)
-    data_dir = fv.data_dir or run_data_dir(run_dir)
+    try:
+        data_dir = fv.data_dir or rundir.data_dir(run_dir)
+    except rundir.RunDirError as e:
+        raise PredictError(str(e)) from None
     if fv.eval_ids == "val":
-        split = splits.read_split(os.path.join(run_dir, "split.csv"))
+        split = splits.read_split(split_path)
         if "role" not in split.columns:
-            raise PredictError(f"{os.path.join(run_dir, 'split.csv')}: no role column (train/val)")
+            raise PredictError(f"{split_path}: no role column (train/val)")
         ids = list(split.loc[split["role"] == "val", "id"])
         which = "validation ids of split.csv"
     else:
@@ -600,7 +575,7 @@ def run_evaluate(fv: flags.FlagValues) -> int:
          f"(95% interval {versus['ci95'][0]:+.4f} .. {versus['ci95'][1]:+.4f}, paired bootstrap over the "
          f"{len(data.ids)} images)")
     if fv.write_ensemble:
-        path = os.path.join(target, ensemble.ENSEMBLE_FILE)
+        path = os.path.join(target, rundir.ENSEMBLE_FILE)
         chosen.save(path)
         _say(f"wrote {path}")
     return 0

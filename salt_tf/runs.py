@@ -10,9 +10,9 @@ side by side (flags, code, data, environment, weights, metric curves); `reproduc
 flags.cfg in a fresh process and says whether the weights came out bit-identical, and if not, why identity
 could not be expected. Exit status: 0 done / PASS, 1 reproduction FAIL, 2 unusable path or arguments.
 
-This module reads run records only (salt_tf.records and the data fingerprint); it never imports the
-training code, so listing a hundred runs costs no TensorFlow start-up, and it keeps working on runs made
-by older versions of the code.
+This module reads run records only (salt_tf.rundir, salt_tf.records and the data fingerprint); it never
+imports the training code, so listing a hundred runs costs no TensorFlow start-up, and it keeps working on
+runs made by older versions of the code.
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from salt_tf import records
+from salt_tf import records, rundir
 
 # Flags that say where a run lives, not what it is: two runs differing only here are the same experiment.
 IGNORED_FLAGS = ("model_dir",)
-# Sub-folders of a run directory that never hold runs; skipping them keeps `list` fast on long runs.
-_RUN_CONTENTS = ("checkpoints", "events", "export")
 
 SORT_KEYS = ("best_val_metric", "date", "name", "epochs", "wall")
 CURVE_KEYS = ("val_metric", "train_loss")
@@ -45,10 +43,6 @@ class RunError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
-# flags.cfg has one reader, shared with predict and train (kept under this name for tools/ and tests).
-parse_flagfile = records.parse_flagfile
 
 
 @dataclasses.dataclass
@@ -77,20 +71,20 @@ class Run:
 
 
 def load_run(path: str, name: str | None = None) -> Run:
-    flags_path = os.path.join(path, records.FLAGS_FILE)
+    flags_path = os.path.join(path, rundir.FLAGS_FILE)
     if not os.path.isdir(path):
         raise RunError(f"{path}: no such directory")
     if not os.path.isfile(flags_path):
-        raise RunError(f"{path}: not a salt_tf run directory (no {records.FLAGS_FILE})")
-    flags = records.read_flagfile(path)
-    record_path = os.path.join(path, records.RECORD_FILE)
+        raise RunError(f"{path}: not a salt_tf run directory (no {rundir.FLAGS_FILE})")
+    flags = rundir.read_flagfile(path)
+    record_path = os.path.join(path, rundir.RECORD_FILE)
     # A run that died before its data was loaded has flags.cfg only: still listable, with blanks.
-    record = records.read_json(record_path) if os.path.isfile(record_path) else {}
+    record = rundir.read_json(record_path) if os.path.isfile(record_path) else {}
     return Run(path=path, name=name or path, flags=flags, record=record, metrics=records.read_metrics(path))
 
 
 def is_run_dir(path: str) -> bool:
-    return all(os.path.isfile(os.path.join(path, f)) for f in (records.FLAGS_FILE, records.RECORD_FILE))
+    return all(os.path.isfile(os.path.join(path, f)) for f in (rundir.FLAGS_FILE, rundir.RECORD_FILE))
 
 
 def find_runs(root: str) -> list[str]:
@@ -102,7 +96,7 @@ def find_runs(root: str) -> list[str]:
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         if is_run_dir(folder):
             found.append(folder)
-            subfolders[:] = [d for d in subfolders if d not in _RUN_CONTENTS]
+            subfolders[:] = [d for d in subfolders if d not in rundir.RUN_FOLDERS]  # never runs: keeps it fast
     return found
 
 
@@ -311,7 +305,7 @@ def short(value: Any) -> str:
 def describe_weights(w: dict) -> str:
     common = w["epochs_compared"]
     if w.get("missing"):
-        return f"weights: not comparable, no {records.FINGERPRINTS_FILE} in {', '.join(w['missing'])}"
+        return f"weights: not comparable, no {rundir.FINGERPRINTS_FILE} in {', '.join(w['missing'])}"
     if not common:
         return "weights: no epoch in common to compare"
     if w["first_divergence"] is None:
@@ -454,8 +448,10 @@ def plot_curves_cv2(curves: list[dict], labels: tuple[str, str], path: str) -> N
                 cv2.polylines(image, [pixels.reshape(-1, 1, 2)], False, CV2_COLOURS[k], 2, cv2.LINE_AA)
             for x, y in pixels:  # markers (A drawn larger, so equal values show both): one epoch is a point
                 cv2.circle(image, (int(x), int(y)), 6 - 2 * k, CV2_COLOURS[k], -1, cv2.LINE_AA)
-    if not cv2.imwrite(path, image):
-        raise RunError(f"--plot={path}: could not write the PNG")
+    try:
+        rundir.write_png(path, image)
+    except (OSError, ValueError) as e:
+        raise RunError(f"--plot={path}: could not write the PNG ({getattr(e, 'strerror', None) or e})") from None
 
 
 def command_diff(args) -> int:
@@ -464,7 +460,7 @@ def command_diff(args) -> int:
     sys.stdout.write(render_diff(d, a, b))
     if args.plot:
         if not d["curves"]:
-            print(f"no plot: neither run has a finished epoch (no {records.METRICS_FILE})")
+            print(f"no plot: neither run has a finished epoch (no {rundir.METRICS_FILE})")
         else:
             renderer = plot_curves(d["curves"], (a.name, b.name), args.plot)
             print(f"plot: {args.plot} ({renderer})")
@@ -483,16 +479,22 @@ def reproduce_dir(path: str) -> str:
     return f"{base}-reproduce-{n}"
 
 
-def data_dir_for(run: Run) -> tuple[str | None, bool]:
+def data_dir_for(run: Run) -> tuple[str, bool]:
     """(data folder the reproduction must read, whether --data_dir has to be passed to get it).
 
-    A relative --data_dir in flags.cfg is relative to wherever the run was started; record.json holds the
-    absolute folder it meant, which is used when the relative one points elsewhere from here.
+    The folder follows rundir's one rule (rundir.data_dir; it need not exist: the demo set is regenerated).
+    flags.cfg's --data_dir, read from here, may name another folder (a relative one, the run started
+    elsewhere) or none: then the reproduction passes --data_dir.
+
+    Raises:
+        RunError: the run records no data folder.
     """
-    flag, recorded = run.flags.get("data_dir"), run.data.get("dir")
-    if not flag or os.path.isabs(flag) or not recorded or os.path.abspath(flag) == recorded:
-        return flag, False
-    return recorded, True
+    try:
+        folder = rundir.resolve_data_dir(run.flags, run.record, run.path)
+    except rundir.RunDirError as e:
+        raise RunError(str(e)) from None
+    flag = run.flags.get("data_dir")
+    return folder, not flag or os.path.normpath(os.path.abspath(flag)) != folder
 
 
 def current_data_fingerprint(data_dir: str) -> str:
@@ -524,16 +526,16 @@ def flags_vs_record(run: Run) -> list[str]:
 
     if not rows.empty and "learning_rate" in rows and (rows["epoch"] == 1).any():
         first_lr = float(rows.loc[rows["epoch"] == 1, "learning_rate"].iloc[0])
-        check("learning_rate", first_lr, f"{records.METRICS_FILE} (epoch 1 trained at it)",
+        check("learning_rate", first_lr, f"{rundir.METRICS_FILE} (epoch 1 trained at it)",
               lambda v, r: math.isclose(float(v), r, rel_tol=1e-6))  # the LR variable is float32
     applied = run.record.get("determinism") or {}
-    check("seed", applied.get("seed"), f"{records.RECORD_FILE}", lambda v, r: int(v) == int(r))
-    check("deterministic", applied.get("deterministic"), f"{records.RECORD_FILE}",
+    check("seed", applied.get("seed"), f"{rundir.RECORD_FILE}", lambda v, r: int(v) == int(r))
+    check("deterministic", applied.get("deterministic"), f"{rundir.RECORD_FILE}",
           lambda v, r: (v == "true") == bool(r))
-    check("val_images", run.data.get("val_images"), f"{records.RECORD_FILE}", lambda v, r: int(v) == int(r))
+    check("val_images", run.data.get("val_images"), f"{rundir.RECORD_FILE}", lambda v, r: int(v) == int(r))
     data_dir = flags.get("data_dir")
     if data_dir and os.path.isabs(data_dir):
-        check("data_dir", run.data.get("dir"), f"{records.RECORD_FILE}",
+        check("data_dir", run.data.get("dir"), f"{rundir.RECORD_FILE}",
               lambda v, r: os.path.normpath(v) == os.path.normpath(r))
     return problems
 
@@ -551,7 +553,7 @@ def init_checkpoint_problem(recorded: dict | None) -> str | None:
     if not recorded:
         return None
     path = recorded.get("path")
-    now = records.files_sha256(path, records.EXPORT_WEIGHTS) if path else None
+    now = records.files_sha256(path, rundir.EXPORT_WEIGHTS) if path else None
     if now is None:
         return f"init checkpoint {path} is gone: the reproduction cannot start from the same weights"
     if now != recorded.get("weights_sha256"):
@@ -563,8 +565,6 @@ def init_checkpoint_problem(recorded: dict | None) -> str | None:
 def check_before(run: Run) -> dict:
     """What can be known before spending the compute: code, data and flags as they are now vs the record."""
     data_dir, override = data_dir_for(run)
-    if not data_dir:
-        raise RunError(f"{run.path}: its {records.FLAGS_FILE} has no --data_dir")
     recorded = run.data.get("fingerprint")
     problems = []
     try:
@@ -589,7 +589,7 @@ def check_before(run: Run) -> dict:
 
 def reproduce_command(run: Run, target: str, epochs: int, before: dict) -> list[str]:
     # absl applies flags in order, so these overrides win over the values inside the flagfile.
-    command = [sys.executable, "-m", "salt_tf.train", f"--flagfile={os.path.join(run.path, records.FLAGS_FILE)}",
+    command = [sys.executable, "-m", "salt_tf.train", f"--flagfile={os.path.join(run.path, rundir.FLAGS_FILE)}",
                f"--model_dir={target}", f"--epochs={epochs}"]
     if before["override_data_dir"]:
         command.append(f"--data_dir={before['data_dir']}")
@@ -603,7 +603,7 @@ def reproduce_command(run: Run, target: str, epochs: int, before: dict) -> list[
 def compare_reproduction(a: Run, b: Run, overridden: Iterable[str]) -> dict:
     """The original and its reproduction, after the fact."""
     def split_text(run):
-        path = os.path.join(run.path, records.SPLIT_FILE)
+        path = os.path.join(run.path, rundir.SPLIT_FILE)
         return open(path, encoding="utf-8").read() if os.path.isfile(path) else None
 
     skip = set(IGNORED_FLAGS) | set(overridden)
@@ -615,7 +615,7 @@ def compare_reproduction(a: Run, b: Run, overridden: Iterable[str]) -> dict:
         problems.append(f"data fingerprint differs: recorded {short(a.data.get('fingerprint'))}, reproduction "
                         f"read {short(b.data.get('fingerprint'))} ({b.data.get('dir')})")
     if split_text(a) != split_text(b):
-        problems.append(f"the validation split differs ({records.SPLIT_FILE})")
+        problems.append(f"the validation split differs ({rundir.SPLIT_FILE})")
     flags = _differences(a.flags, b.flags, sorted((set(a.flags) | set(b.flags)) - skip))
     if flags:
         problems.append("flags differ: " + ", ".join(f"{k}: {va} -> {vb}" for k, (va, vb) in flags.items()))
@@ -645,7 +645,7 @@ def reproduce(path: str, into: str | None = None, out=None) -> int:
     out = out or sys.stdout
     run = load_run(path)
     if not run.data or not run.code:
-        raise RunError(f"{path}: {records.RECORD_FILE} has no code or data section; nothing to compare against")
+        raise RunError(f"{path}: {rundir.RECORD_FILE} has no code or data section; nothing to compare against")
     epochs = progress(run)["epochs_completed"]
     if not epochs:
         raise RunError(f"{path}: no finished epoch to reproduce")

@@ -33,15 +33,13 @@ command on the finished run (or on any of its exports).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 from typing import Sequence
 
 from absl import flags
 
-from salt_tf import IMAGE_SIZE, ensemble, predict, tfstart
+from salt_tf import IMAGE_SIZE, ensemble, predict, rundir, tfstart
 
 SERVING_FLAGS = flags.FlagValues()
 SIGNATURE = "serving_default"
@@ -162,7 +160,6 @@ def export_savedmodel(model_dir: str, output: str, tta: str | None = None, thres
     if os.path.isfile(output) or (os.path.isdir(output) and os.listdir(output)):
         raise ServingError(f"--output={output}: exists and is not an empty folder; choose a new folder (for TF "
                            "Serving a new version number)")
-    parent = os.path.dirname(output)
     entries = predict.find_exports(model_dir)
     chosen = predict.load_ensemble(model_dir, entries) if use_ensemble else None
     views = predict.parse_tta(tta) if tta is not None else tuple(chosen.tta) if chosen else predict.DEFAULT_TTA
@@ -188,19 +185,10 @@ def export_savedmodel(model_dir: str, output: str, tta: str | None = None, thres
             "inputs": ["images", "depths"] if use_depth else ["images"],
             "postprocessing_not_in_graph": left_out, "source": os.path.abspath(model_dir)}
 
-    os.makedirs(parent, exist_ok=True)
-    staging = f"{output}.tmp{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with rundir.staged_dir(output) as staging:  # replaces the empty --output folder, if there is one, whole
         tf.saved_model.save(module, staging, signatures={SIGNATURE: module.serve.get_concrete_function()})
         os.makedirs(os.path.join(staging, os.path.dirname(METADATA)), exist_ok=True)
-        with open(os.path.join(staging, METADATA), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty (checked above)
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        rundir.write_json(os.path.join(staging, METADATA), info, final_newline=False)
     return info
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from salt_tf import metrics
+from salt_tf import rundir
 
 
 def variable_tag(variable) -> str:
@@ -49,7 +50,7 @@ class Summaries:
         """
         self.run_dir = run_dir
         self.images, self.worst_images, self.hparams_values = images, worst_images, hparams
-        self.root = os.path.join(run_dir, "events") if run_dir else None
+        self.root = os.path.join(run_dir, rundir.EVENTS_DIR) if run_dir else None
         if run_dir:
             self.train = tf.summary.create_file_writer(os.path.join(self.root, "train"))
             self.val = tf.summary.create_file_writer(os.path.join(self.root, "val"))

@@ -28,17 +28,18 @@ FLAGS = flags.FLAGS
 def prepare_run_dir(run_dir: str) -> None:
     """Creates the run directory and writes the effective flagfile: the values this run uses (a resume may have
     changed only what check_resume_flags allows)."""
-    from salt_tf import records
+    from salt_tf import rundir
 
     os.makedirs(run_dir, exist_ok=True)
-    records.atomic_write_text(os.path.join(run_dir, records.FLAGS_FILE), salt_flags.flagfile_text())
+    rundir.write_text(os.path.join(run_dir, rundir.FLAGS_FILE), salt_flags.flagfile_text())
 
 
 def holds_run(run_dir: str) -> bool:
     """Whether run_dir holds a run a rerun resumes: a checkpoint, or results of finished epochs."""
-    from salt_tf import checkpoints
+    from salt_tf import checkpoints, rundir
 
-    return os.path.isfile(os.path.join(run_dir, "checkpoints", "checkpoint")) or checkpoints.has_history(run_dir)
+    return os.path.isfile(os.path.join(run_dir, rundir.CHECKPOINTS_DIR, rundir.CHECKPOINT_STATE)) or \
+        checkpoints.has_history(run_dir)
 
 
 def model_shape_flags() -> set[str]:
@@ -54,15 +55,15 @@ def check_resume_flags(run_dir: str) -> dict | None:
     flags.cfg, up to the changes a resume may make (salt_tf.flags.RESUME_MAY_CHANGE, more --epochs). Returns
     those changes, {name: [recorded, given]}, or None when run_dir holds no run (a fresh start); raises
     ResumeError with one line naming every other difference and the two ways forward."""
-    from salt_tf import checkpoints, records
+    from salt_tf import checkpoints, rundir
 
-    recorded = records.read_flagfile(run_dir) if holds_run(run_dir) else None
+    recorded = rundir.read_flagfile(run_dir) if holds_run(run_dir) else None
     if recorded is None:
         return None
     allowed, refused = salt_flags.resume_changes(recorded)
     if not refused:
         return allowed
-    flagfile = os.path.join(run_dir, records.FLAGS_FILE)
+    flagfile = os.path.join(run_dir, rundir.FLAGS_FILE)
     model_changed = sorted(model_shape_flags() & {line.split(":")[0] for line in refused})
     if model_changed:
         other = (f"to train the other model ({', '.join('--' + n for n in model_changed)}), give a new "
@@ -77,24 +78,24 @@ def check_resume_flags(run_dir: str) -> dict | None:
 
 def check_resume_data(run_dir: str, data_fingerprint: str) -> None:
     """A resumed run must train on the images it started with (wherever --data_dir now points)."""
-    from salt_tf import records
+    from salt_tf import rundir
     from salt_tf.data import kaggle
 
-    path = os.path.join(run_dir, records.RECORD_FILE)
-    recorded = (records.read_json(path).get("data") or {}).get("fingerprint") if os.path.isfile(path) else None
+    path = os.path.join(run_dir, rundir.RECORD_FILE)
+    recorded = (rundir.read_json(path).get("data") or {}).get("fingerprint") if os.path.isfile(path) else None
     if recorded and recorded != data_fingerprint:
         raise kaggle.DataError(f"--data_dir={FLAGS.data_dir} holds other images or masks than the run in "
-                               f"{run_dir} trained on (its data fingerprint in {records.RECORD_FILE} differs); "
+                               f"{run_dir} trained on (its data fingerprint in {rundir.RECORD_FILE} differs); "
                                "point --data_dir at that data to resume, or give a new --model_dir")
 
 
 def record_flag_changes(out_dir: str, changes: dict, resume: str | None) -> None:
     """Appends a resume's legal flag changes to record.json's "flag_changes" (flags.cfg now holds the new
     values)."""
-    from salt_tf import records
+    from salt_tf import records, rundir
 
-    path = os.path.join(out_dir, records.RECORD_FILE)
-    earlier = (records.read_json(path) if os.path.isfile(path) else {}).get("flag_changes") or []
+    path = os.path.join(out_dir, rundir.RECORD_FILE)
+    earlier = (rundir.read_json(path) if os.path.isfile(path) else {}).get("flag_changes") or []
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
              "checkpoint": os.path.basename(resume) if resume else None, "changed": changes}
     records.update_record(out_dir, flag_changes=earlier + [entry])
@@ -120,9 +121,9 @@ def split_data(data, run_dir: str):
     from the run directory on resume, so a run always validates on the images it started with. Writes
     nothing, so a bad --val_images or --batch_size stops the run before its directory exists."""
     from salt_tf.data import kaggle, splits
-    from salt_tf import records
+    from salt_tf import rundir
 
-    split_path = os.path.join(run_dir, records.SPLIT_FILE)
+    split_path = os.path.join(run_dir, rundir.SPLIT_FILE)
     new_split = None
     if os.path.isfile(split_path):
         split = splits.read_split(split_path)
@@ -174,6 +175,7 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
     """The run; `lock` receives out_dir's records.RunDirLock, held until the caller closes it."""
     from salt_tf import checkpoints, configs, determinism, distribute, losses, loop, model as model_lib, pipeline
     from salt_tf import records, schedules, step as step_lib
+    from salt_tf import rundir
     from salt_tf.data import kaggle, splits
 
     # One writer per directory. An existing directory (a resume) is locked before its split and checkpoints
@@ -204,15 +206,14 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
     prepare_run_dir(out_dir)
     if flag_changes:
         record_flag_changes(out_dir, flag_changes, resume)
-        logging.info("resuming with changed flags (recorded in %s): %s", records.RECORD_FILE, "; ".join(
+        logging.info("resuming with changed flags (recorded in %s): %s", rundir.RECORD_FILE, "; ".join(
             f"{name}: {was} -> {now}" for name, (was, now) in flag_changes.items()))
     if skipped:
         import pandas as pd
 
-        records.atomic_write_text(os.path.join(out_dir, "skipped.csv"),
-                                  pd.DataFrame(skipped, columns=["id", "reason"]).to_csv(index=False))
+        rundir.write_csv(os.path.join(out_dir, rundir.SKIPPED_FILE), pd.DataFrame(skipped, columns=["id", "reason"]))
     if new_split is not None:
-        splits.write_split(new_split, os.path.join(out_dir, records.SPLIT_FILE))
+        splits.write_split(new_split, os.path.join(out_dir, rundir.SPLIT_FILE))
     if init_source:
         init_source["val_images_trained_on_by_source"] = seen = images_trained_on(init_weights, val_data.ids)
         if seen:
@@ -262,7 +263,7 @@ def initial_weights(resume: str | None, model_config: dict) -> tuple[str | None,
     """With --init_checkpoint on a run that has no checkpoint to resume (`resume` None): the export folder to
     start from and what the record says of it; checked before anything is written, so a wrong path or model
     stops the run cleanly. A resumed run continues from its own checkpoint and needs neither."""
-    from salt_tf import checkpoints, records
+    from salt_tf import checkpoints, records, rundir
 
     if not FLAGS.init_checkpoint or resume:
         return None, None
@@ -270,15 +271,15 @@ def initial_weights(resume: str | None, model_config: dict) -> tuple[str | None,
     source = checkpoints.check_init_compatible(export_dir, FLAGS.init_checkpoint, model_config)
     return export_dir, {"path": os.path.abspath(export_dir), "epoch": source.get("epoch"),
                         "val_metric": source.get("val_metric"),
-                        "weights_sha256": records.files_sha256(export_dir, checkpoints.EXPORT_WEIGHTS)}
+                        "weights_sha256": records.files_sha256(export_dir, rundir.EXPORT_WEIGHTS)}
 
 
 def images_trained_on(export_dir: str, ids) -> int | None:
     """How many of `ids` the run that wrote `export_dir` trained on (None: its split.csv is not there)."""
-    from salt_tf import checkpoints, records
+    from salt_tf import rundir
     from salt_tf.data import splits
 
-    path = os.path.join(checkpoints.source_run_dir(export_dir), records.SPLIT_FILE)
+    path = os.path.join(rundir.source_run_dir(export_dir), rundir.SPLIT_FILE)
     if not os.path.isfile(path):
         return None
     split = splits.read_split(path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from salt_tf import determinism, records
+from salt_tf import determinism, records, rundir
 from train_helpers import REPO_ROOT, assert_bit_identical, wait_ok
 from train_helpers import train_process as start_training
 
@@ -65,7 +65,7 @@ def test_other_seed_gives_other_weights(runs):
 
 
 def test_run_record_says_what_was_applied(runs):
-    record = records.read_json(os.path.join(runs["a"], "record.json"))
+    record = rundir.read_json(os.path.join(runs["a"], "record.json"))
     applied = record["determinism"]
     assert applied["deterministic"] is True and applied["op_determinism"] is True
     assert applied["inter_op_threads"] == 1
@@ -87,7 +87,7 @@ def test_two_processes_on_gpu_are_bit_identical(tmp_path, demo_dir):
     processes = [train_process(demo_dir, a), train_process(demo_dir, b)]
     for process in processes:
         wait_ok(process)
-    assert records.read_json(os.path.join(a, "record.json"))["environment"]["gpus"]
+    assert rundir.read_json(os.path.join(a, "record.json"))["environment"]["gpus"]
     assert_bit_identical(a, b)
 
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from salt_tf import distribute, metrics, pipeline, records, train
+from salt_tf import distribute, metrics, pipeline, records, rundir, train
 from salt_tf import flags as salt_flags
 from train_helpers import REPO_ROOT, assert_bit_identical, read_until, tiny_argv, wait_ok
 
@@ -124,7 +124,7 @@ def test_mirrored_equals_one_device_with_the_same_global_batch(mirrored):
     assert sorted(single) == sorted(two) == list(range(2 * STEPS_PER_EPOCH))
     np.testing.assert_allclose([two[s] for s in sorted(two)], [single[s] for s in sorted(single)], rtol=1e-4)
     assert_close_to_reference(mirrored["single"], mirrored["mirrored"])
-    record = records.read_json(os.path.join(mirrored["mirrored"], "record.json"))["distribution"]
+    record = rundir.read_json(os.path.join(mirrored["mirrored"], "record.json"))["distribution"]
     assert (record["replicas"], record["per_replica_batch"], record["global_batch"]) == (2, 4, 8)
 
 

@@ -305,7 +305,6 @@ def test_evaluate_a_real_snapshot_run(demo_dir, tmp_path, capsys):
     run_tiny(demo_dir, run, epochs=2, lr_schedule="cosine", snapshot_cycles=2)
     names = [e.name for e in predict.find_exports(run)]
     assert len(names) == 2 and all(n.startswith("snapshots" + os.sep + "snapshot-") for n in names)
-    assert names == [os.path.relpath(d, run) for d in checkpoints.snapshot_dirs(run)]
     status, out, err = _main([f"--model_dir={run}", "--evaluate", "--folds=3", "--tta=none"], capsys)
     assert status == 0, err
     assert f"{names[0]} (plain)" in out and f"{names[1]} (plain)" in out and "(tta" not in out

@@ -16,7 +16,7 @@ from absl import flags
 from absl.testing import flagsaver
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from salt_tf import checkpoints, determinism, records, train
+from salt_tf import checkpoints, determinism, records, rundir, train
 from salt_tf import flags as salt_flags
 from salt_tf.data import kaggle
 from train_helpers import (REPO_ROOT, assert_bit_identical, read_until, run_tiny, tiny_argv, train_process,
@@ -135,7 +135,7 @@ def test_nostrict_skips_bad_examples_and_lists_them(tmp_path, demo_dir):
     run_tiny(root, model_dir, epochs=1, strict=False)
     skipped = pd.read_csv(os.path.join(model_dir, "skipped.csv"), dtype=str)
     assert sorted(skipped["id"]) == sorted([ids[3], ids[7]])
-    assert records.read_json(os.path.join(model_dir, "record.json"))["data"]["skipped_examples"] == 2
+    assert rundir.read_json(os.path.join(model_dir, "record.json"))["data"]["skipped_examples"] == 2
     split = pd.read_csv(os.path.join(model_dir, "split.csv"), dtype=str)
     assert len(split) == 158 and not set(split["id"]) & {ids[3], ids[7]}
 
@@ -144,7 +144,7 @@ def test_failing_write_is_one_line(tmp_path, demo_dir, capsys, monkeypatch):
     def disk_full(path, text):
         raise OSError(28, "No space left on device", path)
 
-    monkeypatch.setattr(records, "atomic_write_text", disk_full)
+    monkeypatch.setattr(rundir, "write_text", disk_full)
     status = run_main(tiny_argv(demo_dir, str(tmp_path / "run")))
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert status == 1 and len(lines) == 1
@@ -276,7 +276,7 @@ def test_sigkill_at_a_random_step_loses_at_most_the_epoch(tmp_path, demo_dir, re
     process.wait(timeout=60)
     # Everything in the run directory is whole: it reads back, and the run resumes from it.
     assert len(records.read_metrics(model_dir)) == 1
-    records.read_json(os.path.join(model_dir, "record.json"))
+    rundir.read_json(os.path.join(model_dir, "record.json"))
     output = wait_ok(train_process(demo_dir, model_dir))
     assert "resumed from" in output
     assert_bit_identical(reference_run, model_dir)
@@ -347,7 +347,7 @@ def test_one_writer_per_run_directory(tmp_path, demo_dir, capsys, monkeypatch):
         assert run_main(tiny_argv(demo_dir, model_dir, epochs=1)) == 2
         lines = error_lines(capsys)
         assert len(lines) == 1 and f"in use by another training process (pid {holder.pid})" in lines[0], lines
-        assert os.listdir(model_dir) == [records.LOCK_FILE], "the second process wrote into the directory"
+        assert os.listdir(model_dir) == [rundir.LOCK_FILE], "the second process wrote into the directory"
     finally:
         holder.kill()
         holder.wait()
@@ -390,9 +390,9 @@ def assert_same_results(reference, model_dir):
     best = [os.path.basename(tf.train.latest_checkpoint(os.path.join(d, "checkpoints", "best")))
             for d in (reference, model_dir)]
     assert best[0] == best[1]
-    export = [os.path.join(d, checkpoints.EXPORT_DIR) for d in (reference, model_dir)]
-    assert records.files_sha256(export[1], checkpoints.EXPORT_WEIGHTS) == \
-        records.files_sha256(export[0], checkpoints.EXPORT_WEIGHTS)
+    export = [os.path.join(d, rundir.EXPORT_DIR) for d in (reference, model_dir)]
+    assert records.files_sha256(export[1], rundir.EXPORT_WEIGHTS) == \
+        records.files_sha256(export[0], rundir.EXPORT_WEIGHTS)
     assert checkpoints.read_export_config(export[1]) == checkpoints.read_export_config(export[0])
     left = [os.path.join(root, n) for root, folders, files in os.walk(model_dir) for n in folders + files
             if ".tmp" in n or ".old" in n or n.endswith("_temp")]
@@ -459,14 +459,14 @@ def test_history_without_a_readable_checkpoint_stops_unless_restarted(tmp_path, 
     checkpoint_dir = os.path.join(model_dir, "checkpoints")
     for path in tf.train.get_checkpoint_state(checkpoint_dir).all_model_checkpoint_paths:
         truncate_checkpoint(path)
-    export_sha = records.files_sha256(os.path.join(model_dir, "export"), checkpoints.EXPORT_WEIGHTS)
-    metrics = open(os.path.join(model_dir, records.METRICS_FILE)).read()
+    export_sha = records.files_sha256(os.path.join(model_dir, "export"), rundir.EXPORT_WEIGHTS)
+    metrics = open(os.path.join(model_dir, rundir.METRICS_FILE)).read()
     assert run_main(tiny_argv(demo_dir, model_dir)) == 2
     lines = error_lines(capsys)
     assert len(lines) == 1 and "checkpoints are damaged (step-32, step-16)" in lines[0] and \
         "--restart_from_scratch" in lines[0], lines
-    assert open(os.path.join(model_dir, records.METRICS_FILE)).read() == metrics
-    assert records.files_sha256(os.path.join(model_dir, "export"), checkpoints.EXPORT_WEIGHTS) == export_sha
+    assert open(os.path.join(model_dir, rundir.METRICS_FILE)).read() == metrics
+    assert records.files_sha256(os.path.join(model_dir, "export"), rundir.EXPORT_WEIGHTS) == export_sha
     # Checkpoints deleted altogether: the same stop.
     no_checkpoints = str(tmp_path / "no_checkpoints")
     shutil.copytree(model_dir, no_checkpoints)
@@ -479,8 +479,8 @@ def test_history_without_a_readable_checkpoint_stops_unless_restarted(tmp_path, 
     assert_same_results(tiny_reference, model_dir)
     # An instruction for that start, recorded as such, never a setting in flags.cfg: rerunning from flags.cfg
     # must not restart a damaged run on its own.
-    assert "restart_from_scratch" not in records.read_flagfile(model_dir)
-    changes = records.read_json(os.path.join(model_dir, records.RECORD_FILE))["flag_changes"]
+    assert "restart_from_scratch" not in rundir.read_flagfile(model_dir)
+    changes = rundir.read_json(os.path.join(model_dir, rundir.RECORD_FILE))["flag_changes"]
     assert changes[-1]["changed"]["restart_from_scratch"] == [None, "true"]
 
 
@@ -489,9 +489,9 @@ def test_history_without_a_readable_checkpoint_stops_unless_restarted(tmp_path, 
 
 def edit_flagfile(model_dir, **values):
     """Sets (or, with None, removes) flags in a run's flags.cfg, as a run of another code version wrote it."""
-    path = os.path.join(model_dir, records.FLAGS_FILE)
+    path = os.path.join(model_dir, rundir.FLAGS_FILE)
     lines = [l for l in open(path).read().splitlines()
-             if records.parse_flagfile(l).keys().isdisjoint(values)]
+             if rundir.parse_flagfile(l).keys().isdisjoint(values)]
     lines += [f"--{name}={value}" for name, value in values.items() if value is not None]
     open(path, "w").write("\n".join(lines) + "\n")
 
@@ -501,7 +501,7 @@ def directory_contents(model_dir):
     contents = {}
     for root, _, files in os.walk(model_dir):
         for name in files:
-            if name != records.LOCK_FILE:
+            if name != rundir.LOCK_FILE:
                 path = os.path.join(root, name)
                 contents[os.path.relpath(path, model_dir)] = open(path, "rb").read()
     return contents
@@ -534,7 +534,7 @@ def test_resume_with_other_flags_stops_with_one_line_and_writes_nothing(case, tm
     assert run_main(tiny_argv(demo_dir, model_dir, **given)) == 2
     lines = error_lines(capsys)
     assert len(lines) == 1, lines
-    for text in expected + [f"--flagfile={os.path.join(model_dir, records.FLAGS_FILE)}"]:
+    for text in expected + [f"--flagfile={os.path.join(model_dir, rundir.FLAGS_FILE)}"]:
         assert text in lines[0], (text, lines[0])
     # flags.cfg keeps the values the run was trained with; nothing else changed either.
     assert directory_contents(model_dir) == before
@@ -548,18 +548,18 @@ def test_legal_flag_changes_resume_bit_identically_and_are_recorded(tmp_path, de
     # More epochs, and logging and bookkeeping flags that change no number.
     run_tiny(demo_dir, model_dir, epochs=2, progress_every=5, summary_every_steps=7, keep_checkpoints=3)
     assert_same_results(tiny_reference, model_dir)
-    written = records.read_flagfile(model_dir)  # what the run now does, so `runs reproduce` gets the same
+    written = rundir.read_flagfile(model_dir)  # what the run now does, so `runs reproduce` gets the same
     assert (written["epochs"], written["progress_every"], written["contrast"]) == ("2", "5", "0.0")
-    changes = records.read_json(os.path.join(model_dir, records.RECORD_FILE))["flag_changes"]
+    changes = rundir.read_json(os.path.join(model_dir, rundir.RECORD_FILE))["flag_changes"]
     assert len(changes) == 1 and changes[0]["checkpoint"] == "step-16", changes
     assert changes[0]["changed"] == {"epochs": ["1", "2"], "progress_every": ["0", "5"],
                                      "summary_every_steps": ["100", "7"], "keep_checkpoints": ["2", "3"]}
     # Resuming from flags.cfg is the same run: nothing more is recorded.
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()
-        FLAGS(["train", f"--flagfile={os.path.join(model_dir, records.FLAGS_FILE)}"])
+        FLAGS(["train", f"--flagfile={os.path.join(model_dir, rundir.FLAGS_FILE)}"])
         assert train.run()["epochs_completed"] == 2
-    assert len(records.read_json(os.path.join(model_dir, records.RECORD_FILE))["flag_changes"]) == 1
+    assert len(rundir.read_json(os.path.join(model_dir, rundir.RECORD_FILE))["flag_changes"]) == 1
 
 
 def test_resume_follows_moved_data_but_not_other_data(tmp_path, demo_dir, tiny_reference, capsys):
@@ -567,10 +567,10 @@ def test_resume_follows_moved_data_but_not_other_data(tmp_path, demo_dir, tiny_r
     shutil.copytree(tiny_reference, model_dir)
     moved = str(tmp_path / "moved")
     shutil.copytree(demo_dir, moved)
-    metrics = open(os.path.join(model_dir, records.METRICS_FILE)).read()
+    metrics = open(os.path.join(model_dir, rundir.METRICS_FILE)).read()
     run_tiny(moved, model_dir)  # the same images elsewhere: resumes (a finished run: nothing to train)
-    assert records.read_flagfile(model_dir)["data_dir"] == moved
-    assert open(os.path.join(model_dir, records.METRICS_FILE)).read() == metrics
+    assert rundir.read_flagfile(model_dir)["data_dir"] == moved
+    assert open(os.path.join(model_dir, rundir.METRICS_FILE)).read() == metrics
     image = image_path(moved, first_id(moved))
     cv2.imwrite(image, 255 - cv2.imread(image, cv2.IMREAD_GRAYSCALE))
     before = directory_contents(model_dir)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from salt_tf import records, runs
+from salt_tf import records, rundir, runs
 from salt_tf.data import kaggle
 from train_helpers import TINY, reference_weights_sha256, tiny_argv
 
@@ -46,7 +46,7 @@ def finish(process):
 
 def change_one_training_image(data_dir, run_dir):
     """Inverts a patch of the first training image of the run's split; returns its id."""
-    split = pd.read_csv(os.path.join(run_dir, records.SPLIT_FILE), dtype={"id": str})
+    split = pd.read_csv(os.path.join(run_dir, rundir.SPLIT_FILE), dtype={"id": str})
     image_id = split.loc[split["role"] == "train", "id"].iloc[0]
     path = os.path.join(data_dir, "train", "images", f"{image_id}.png")
     before = open(path, "rb").read()
@@ -78,10 +78,10 @@ def lab(tmp_path_factory, demo_dir):
     assert status == 0, output[-3000:]
 
     shutil.copytree(a, edited)
-    flags_path = os.path.join(edited, records.FLAGS_FILE)
+    flags_path = os.path.join(edited, rundir.FLAGS_FILE)
     lines = open(flags_path).read().splitlines()
     assert f"--learning_rate={LR}" in lines
-    records.atomic_write_text(flags_path, "\n".join(
+    rundir.write_text(flags_path, "\n".join(
         f"--learning_rate={EDITED_LR}" if line == f"--learning_rate={LR}" else line for line in lines) + "\n")
 
     # Both read the untouched data, so they may run side by side.
@@ -117,8 +117,8 @@ def test_reproduce_of_an_untouched_run_is_bit_identical(lab):
     fa, fb = records.read_fingerprints(lab.run("a")), records.read_fingerprints(copy)
     assert sorted(fa) == sorted(fb) == [1] and fa == fb
     # The copy ran from the same flags: only where it lives differs.
-    flags_a = runs.parse_flagfile(open(os.path.join(lab.run("a"), records.FLAGS_FILE)).read())
-    flags_b = runs.parse_flagfile(open(os.path.join(copy, records.FLAGS_FILE)).read())
+    flags_a = rundir.parse_flagfile(open(os.path.join(lab.run("a"), rundir.FLAGS_FILE)).read())
+    flags_b = rundir.parse_flagfile(open(os.path.join(copy, rundir.FLAGS_FILE)).read())
     assert {k for k in flags_a if flags_a[k] != flags_b.get(k)} == {"model_dir"}
 
 
@@ -137,14 +137,14 @@ def test_reproduce_reports_an_edited_flag(lab):
 def test_reproduce_reports_changed_data(lab):
     status, output = lab.results["changed_data"]
     assert status == 1, output[-3000:]
-    recorded = records.read_json(os.path.join(lab.run("a"), records.RECORD_FILE))["data"]["fingerprint"]
+    recorded = rundir.read_json(os.path.join(lab.run("a"), rundir.RECORD_FILE))["data"]["fingerprint"]
     now = kaggle.fingerprint(lab.data, kaggle.train_ids(lab.data))
     assert now != recorded
     assert f"before: data fingerprint differs: recorded {recorded[:12]}, now {now[:12]}" in output
     assert "FAIL: cannot expect identity: data fingerprint differs" in output
     # It still trained and compared: a changed training image changes the first epoch's weights.
     assert "weights diverge at epoch 1" in output
-    copy = records.read_json(os.path.join(lab.run("a-reproduce-2"), records.RECORD_FILE))
+    copy = rundir.read_json(os.path.join(lab.run("a-reproduce-2"), rundir.RECORD_FILE))
     assert copy["data"]["fingerprint"] == now
 
 
@@ -198,7 +198,7 @@ def test_list_shows_only_the_differing_flag(lab, capsys):
     assert {row[0] for row in rows} == ALL
     for row in rows:
         assert row[-1] == (EDITED_LR if row[0] in EDITED else LR)
-        summary = records.read_json(os.path.join(lab.run(row[0]), records.RECORD_FILE))["summary"]
+        summary = rundir.read_json(os.path.join(lab.run(row[0]), rundir.RECORD_FILE))["summary"]
         assert row[3] == f"{summary['best_val_metric']:.4f}" and row[5] == str(summary["epochs_completed"])
     loaded = [runs.load_run(lab.run(name)) for name in sorted(ALL)]
     assert runs.differing_flags(loaded) == ["learning_rate"]
@@ -221,7 +221,7 @@ def test_list_csv_reads_with_pandas(lab, capsys):
     assert list(frame.columns) == FIXED_COLUMNS + ["train_seconds_total", "learning_rate"]
     assert set(frame["name"]) == ALL and len(frame) == len(ALL)
     for row in frame.to_dict("records"):
-        record = records.read_json(os.path.join(lab.run(row["name"]), records.RECORD_FILE))
+        record = rundir.read_json(os.path.join(lab.run(row["name"]), rundir.RECORD_FILE))
         assert row["best_val_metric"] == pytest.approx(record["summary"]["best_val_metric"], rel=1e-12)
         assert row["train_seconds_total"] == pytest.approx(record["summary"]["train_seconds_total"], rel=1e-12)
         assert row["started"] == record["started"]
@@ -236,10 +236,10 @@ def test_incomplete_runs_are_listed_not_crashed_on(lab, tmp_path, capsys):
     shutil.copytree(lab.run("a"), root / "training")
     shutil.copytree(lab.run("a"), root / "crashed")
     for name in ("training", "crashed"):
-        record = records.read_json(str(root / name / records.RECORD_FILE))
+        record = rundir.read_json(str(root / name / rundir.RECORD_FILE))
         del record["summary"]
-        records.write_json(str(root / name / records.RECORD_FILE), record)
-    os.remove(root / "crashed" / records.METRICS_FILE)
+        rundir.write_json(str(root / name / rundir.RECORD_FILE), record)
+    os.remove(root / "crashed" / rundir.METRICS_FILE)
     (root / "not_a_run" / "deeper").mkdir(parents=True)
 
     status, out, _ = cli(capsys, "list", root, "--csv", "--sort=name")
@@ -247,7 +247,7 @@ def test_incomplete_runs_are_listed_not_crashed_on(lab, tmp_path, capsys):
     frame = pd.read_csv(io.StringIO(out)).set_index("name")
     assert list(frame.index) == ["crashed", "finished", "training"]
     assert frame.loc["crashed", ["best_val_metric", "best_epoch", "train_seconds_total"]].isna().all()
-    summary = records.read_json(os.path.join(lab.run("a"), records.RECORD_FILE))["summary"]
+    summary = rundir.read_json(os.path.join(lab.run("a"), rundir.RECORD_FILE))["summary"]
     assert frame.loc["training", "best_val_metric"] == pytest.approx(summary["best_val_metric"])
     assert frame.loc["training", "epochs_completed"] == summary["epochs_completed"]
     status, out, _ = cli(capsys, "list", root)
@@ -284,7 +284,7 @@ def test_diff_reports_the_flag_the_curves_and_the_divergence(lab, tmp_path, caps
 
 def test_diff_shows_a_changed_data_fingerprint(lab, capsys):
     a, b = lab.run("a"), lab.run("a-reproduce-2")
-    fa, fb = (records.read_json(os.path.join(r, records.RECORD_FILE))["data"]["fingerprint"] for r in (a, b))
+    fa, fb = (rundir.read_json(os.path.join(r, rundir.RECORD_FILE))["data"]["fingerprint"] for r in (a, b))
     assert fa != fb
     d = runs.diff_runs(runs.load_run(a), runs.load_run(b))
     assert d["data"] == {"fingerprint": (fa, fb)} and d["flags"] == {}
@@ -309,10 +309,23 @@ def test_opencv_plot_draws_both_curves(tmp_path):
 # ------------------------------------------------------------------------------------------------ edges
 
 
-def test_parse_flagfile():
-    text = "# comment\n\n--learning_rate=0.01\n--hflip\n--nouse_depth\n--loss=bce:1,dice:1\n--seed=1\n--seed=2\n"
-    assert runs.parse_flagfile(text) == {"learning_rate": "0.01", "hflip": "true", "use_depth": "false",
-                                         "loss": "bce:1,dice:1", "seed": "2"}
+def test_reproduce_passes_data_dir_only_when_the_flagfile_names_another_folder(tmp_path, monkeypatch):
+    """runs reproduce reads the folder of rundir's one rule, and passes --data_dir exactly when flags.cfg's own
+    value, read from here, names another folder (or none)."""
+    monkeypatch.chdir(tmp_path)
+    started = str(tmp_path / "data")
+
+    def run(flag, recorded):
+        return runs.Run(path="r", name="r", flags={"data_dir": flag} if flag else {},
+                        record={"data": {"dir": recorded}} if recorded else {}, metrics=pd.DataFrame())
+
+    assert runs.data_dir_for(run("data", started)) == (started, False)         # relative, started here
+    assert runs.data_dir_for(run("data", "/else/data")) == ("/else/data", True)  # relative, started elsewhere
+    assert runs.data_dir_for(run("/abs/data", "/moved")) == ("/abs/data", False)
+    assert runs.data_dir_for(run("data", None)) == (started, False)            # no record: from here
+    assert runs.data_dir_for(run(None, "/else/data")) == ("/else/data", True)
+    with pytest.raises(runs.RunError, match=r"^r: no data folder recorded .*--data_dir="):
+        runs.data_dir_for(run(None, None))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from salt_tf import checkpoints, records, schedules
+from salt_tf import checkpoints, records, rundir, schedules
 from train_helpers import run_tiny
 
 
@@ -55,7 +55,7 @@ def test_cosine_snapshots_and_loss_stages_in_a_run(tmp_path, demo_dir):
     model_dir = str(tmp_path / "run")
     run_tiny(demo_dir, model_dir, epochs=4, lr_schedule="cosine", snapshot_cycles=2, learning_rate=0.01,
              loss_schedule="bce:1;bce:1,dice:1")
-    snapshots = checkpoints.snapshot_dirs(model_dir)
+    snapshots = rundir.export_dirs(model_dir)
     assert [os.path.basename(s) for s in snapshots] == ["snapshot-0", "snapshot-1"]
     assert [json.load(open(os.path.join(s, "model.json")))["epoch"] for s in snapshots] == [2, 4]
     rows = records.read_metrics(model_dir)
@@ -77,8 +77,8 @@ def test_plateau_restart_snapshot_is_the_cycle_best(tmp_path, demo_dir):
     model_dir = str(tmp_path / "run")
     run_tiny(demo_dir, model_dir, epochs=4, lr_schedule="plateau_restart", plateau_patience=1)
     rows = records.read_metrics(model_dir)
-    for snapshot in checkpoints.snapshot_dirs(model_dir):
+    for snapshot in rundir.export_dirs(model_dir):
         config = json.load(open(os.path.join(snapshot, "model.json")))
         cycle_rows = rows[rows["cycle"] == config["cycle"]]
         assert config["epoch"] == int(cycle_rows.loc[cycle_rows["val_metric"].idxmax(), "epoch"])
-    assert len(checkpoints.snapshot_dirs(model_dir)) == rows["cycle"].max() + 1
+    assert len(rundir.export_dirs(model_dir)) == rows["cycle"].max() + 1

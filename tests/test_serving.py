@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from salt_tf import checkpoints, ensemble, model as model_lib, postprocess, predict, serving, tfstart
+from salt_tf import checkpoints, ensemble, model as model_lib, postprocess, predict, rundir, serving, tfstart
 from train_helpers import REPO_ROOT
 
 S = 101
@@ -82,7 +82,7 @@ def _write_export(folder, seed, threshold=0.5, use_depth=False, epoch=1, **confi
 
 def _set_threshold(export_dir, threshold):
     """Sets the validation threshold of an export's model.json (chosen after seeing the model's outputs)."""
-    path = os.path.join(export_dir, checkpoints.EXPORT_CONFIG)
+    path = os.path.join(export_dir, rundir.EXPORT_CONFIG)
     config = json.loads(open(path).read())
     config["threshold"] = float(threshold)
     with open(path, "w") as f:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from salt_tf import checkpoints, swa
+from salt_tf import checkpoints, rundir, swa
 from salt_tf import model as model_lib
 from salt_tf.data import kaggle
 
@@ -85,7 +85,7 @@ def test_loop_exports_the_mean_of_the_last_epochs(tmp_path, demo_dir):
     assert summary["swa_epochs_averaged"] == 2
     paths = list(tf.train.get_checkpoint_state(os.path.join(run_dir, "checkpoints")).all_model_checkpoint_paths)  # oldest first
     assert len(paths) == 2
-    swa_dir = os.path.join(run_dir, checkpoints.SWA_DIR)
+    swa_dir = os.path.join(run_dir, rundir.SWA_DIR)
 
     def trainable_weights_of(path):  # a fresh model restored from a checkpoint file
         fresh = model_lib.build_model(config)
@@ -93,7 +93,7 @@ def test_loop_exports_the_mean_of_the_last_epochs(tmp_path, demo_dir):
         return [v.numpy().astype(np.float64) for v in fresh.trainable_variables]
 
     epochs = [trainable_weights_of(p) for p in paths]
-    exported = trainable_weights_of(os.path.join(swa_dir, checkpoints.EXPORT_WEIGHTS))
+    exported = trainable_weights_of(os.path.join(swa_dir, rundir.EXPORT_WEIGHTS))
     assert len(exported) > 10
     for got, *per_epoch in zip(exported, *epochs):
         np.testing.assert_allclose(got, np.mean(per_epoch, axis=0), rtol=1e-6, atol=1e-7)

@@ -12,7 +12,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from salt_tf import flags as salt_flags
-from salt_tf import checkpoints, records, train
+from salt_tf import checkpoints, records, rundir, train
 import train_helpers
 from train_helpers import checkpoint_state, events_files, run_tiny
 
@@ -40,7 +40,7 @@ def test_two_epochs_write_the_run_directory_and_improve(tmp_path, demo_dir):
     assert (split["role"] == "val").sum() == 32
     rows = records.read_metrics(model_dir)
     assert list(rows["epoch"]) == [1, 2]
-    record = records.read_json(os.path.join(model_dir, "record.json"))
+    record = rundir.read_json(os.path.join(model_dir, "record.json"))
     assert record["summary"]["best_val_metric"] == rows["val_metric"].max()
     assert len(record["data"]["fingerprint"]) == 64
 
@@ -70,7 +70,7 @@ def test_mixed_bfloat16_run_trains_and_records_its_precision(tmp_path, demo_dir)
     assert np.isfinite(rows["train_loss"]).all() and rows["train_loss"].iloc[-1] < rows["train_loss"].iloc[0]
     assert summary["best_val_metric"] > val_metric_events(model_dir)[0] + 0.1  # clearly above untrained
     assert "--precision=mixed_bfloat16" in open(os.path.join(model_dir, "flags.cfg")).read()
-    config = records.read_json(os.path.join(model_dir, "export", "model.json"))
+    config = rundir.read_json(os.path.join(model_dir, "export", "model.json"))
     assert config["precision"] == "mixed_bfloat16"
     assert tf.keras.mixed_precision.global_policy().name == "float32"
 
@@ -103,10 +103,10 @@ def test_resume_restores_complete_state(tmp_path, demo_dir):
 def test_rerun_of_a_finished_run_trains_nothing(tmp_path, demo_dir):
     model_dir = str(tmp_path / "run")
     run_tiny(demo_dir, model_dir, epochs=1)
-    before = open(os.path.join(model_dir, records.METRICS_FILE)).read()
+    before = open(os.path.join(model_dir, rundir.METRICS_FILE)).read()
     summary = run_tiny(demo_dir, model_dir, epochs=1)
     assert summary["epochs_completed"] == 1
-    assert open(os.path.join(model_dir, records.METRICS_FILE)).read() == before
+    assert open(os.path.join(model_dir, rundir.METRICS_FILE)).read() == before
 
 
 @pytest.mark.parametrize("argv, names", [
@@ -175,7 +175,7 @@ def test_init_checkpoint_starts_from_the_source_runs_exported_weights(tmp_path, 
     assert np.float32(at_start["loss"]) == np.float32(row["val_loss"])
     assert np.float32(at_start["metric"]) == np.float32(row["val_metric"])
     assert np.float32(_val_scalars_at_step_zero(fresh)["loss"]) != np.float32(row["val_loss"])
-    recorded = records.read_json(os.path.join(started, records.RECORD_FILE))["init_checkpoint"]
+    recorded = rundir.read_json(os.path.join(started, rundir.RECORD_FILE))["init_checkpoint"]
     assert recorded["path"] == os.path.join(source, "export") and recorded["epoch"] == 1
     assert recorded["val_images_trained_on_by_source"] == 0  # same --split_seed: no leak
     assert recorded["weights_sha256"] == train_helpers.reference_weights_sha256(os.path.join(source, "export"))
@@ -185,7 +185,7 @@ def test_init_checkpoint_starts_from_the_source_runs_exported_weights(tmp_path, 
     roles = [pd.read_csv(os.path.join(d, "split.csv"), dtype={"id": str}) for d in (source, other)]
     leaked = set(roles[0].id[roles[0].role == "train"]) & set(roles[1].id[roles[1].role == "val"])
     assert leaked
-    recorded = records.read_json(os.path.join(other, records.RECORD_FILE))["init_checkpoint"]
+    recorded = rundir.read_json(os.path.join(other, rundir.RECORD_FILE))["init_checkpoint"]
     assert recorded["val_images_trained_on_by_source"] == len(leaked)
     # A resume needs no source (it may be gone); a rerun that names another one, or other training flags, is
     # refused before anything changes (issue 19: flags.cfg must tell what the run did).

@@ -21,8 +21,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 
 def final_export(run_dir: str) -> str:
     from salt_tf import predict
@@ -86,10 +84,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("runs", nargs="+", help="run directories; the first is the reference row")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv[1:])
-    from salt_tf import predict
+    from salt_tf import rundir
     from salt_tf.data import kaggle, splits
 
-    split_paths = [os.path.join(run, "split.csv") for run in args.runs]
+    split_paths = [os.path.join(run, rundir.SPLIT_FILE) for run in args.runs]
     for path in split_paths:
         if not os.path.isfile(path):
             print(f"error: {path}: not found; pass finished run directories", file=sys.stderr)
@@ -102,7 +100,7 @@ def main(argv: list[str]) -> int:
             print(f"error: {path}: another validation split than {split_paths[0]}; rows must share the images",
                   file=sys.stderr)
             return 2
-    data = kaggle.load_labelled(predict.run_data_dir(args.runs[0]), val_ids)
+    data = kaggle.load_labelled(rundir.data_dir(args.runs[0]), val_ids)
     rows, reference = [], None
     for run in args.runs:
         name = os.path.basename(os.path.normpath(run))
@@ -110,8 +108,8 @@ def main(argv: list[str]) -> int:
         result = row(name, final_export(run), data, reference, fastest_epoch_seconds(run))
         reference = result["cv_scores"] if reference is None else reference
         rows.append(result)
-        swa_dir = os.path.join(run, "swa")
-        if predict.is_export(swa_dir):
+        swa_dir = os.path.join(run, rundir.SWA_DIR)
+        if rundir.is_export(swa_dir):
             rows.append(row(f"{name} (swa)", swa_dir, data, reference, None))
         print("\n".join(format_rows(rows[first_new:], markdown=False).splitlines()[1:]), flush=True)
     print(format_rows(rows, args.markdown))

@@ -17,12 +17,12 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: python tools/compare_runs.py RUN_DIR_A RUN_DIR_B", file=sys.stderr)
         return 2
-    from salt_tf import records, runs
+    from salt_tf import rundir, runs
 
     run_a, run_b = argv[1:]
     weights = runs.weights_comparison(run_a, run_b)
     for missing in weights["missing"]:
-        print(f"error: {missing}: no {records.FINGERPRINTS_FILE}; is it a salt_tf run directory with a "
+        print(f"error: {missing}: no {rundir.FINGERPRINTS_FILE}; is it a salt_tf run directory with a "
               "finished epoch?", file=sys.stderr)
         return 2
     common, epoch = weights["epochs_compared"], weights["first_divergence"]
@@ -37,9 +37,9 @@ def main(argv: list[str]) -> int:
           f"{weights['total_variables']} variables differ")
     for path in weights["variables"]:
         print(f"  {path}")
-    flags_a, flags_b = (os.path.join(r, records.FLAGS_FILE) for r in (run_a, run_b))
+    flags_a, flags_b = (os.path.join(r, rundir.FLAGS_FILE) for r in (run_a, run_b))
     if os.path.isfile(flags_a) and os.path.isfile(flags_b):
-        a, b = (runs.parse_flagfile(open(f).read()) for f in (flags_a, flags_b))
+        a, b = (rundir.read_flagfile(r) for r in (run_a, run_b))
         differing = [f"--{name}: {a.get(name)} -> {b.get(name)}" for name in sorted(set(a) | set(b))
                      if name not in runs.IGNORED_FLAGS and a.get(name) != b.get(name)]
         if differing:

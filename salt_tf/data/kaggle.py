@@ -140,17 +140,6 @@ def read_png(path: str, *, kind: str) -> np.ndarray:
     return array
 
 
-def write_png(path: str, array: np.ndarray) -> None:
-    """Writes a PNG atomically (temp file + rename), so an interrupted write never leaves half a file."""
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise DataError(f"{path}: could not encode PNG")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(encoded.tobytes())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The labelled set.
 

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from salt_tf import rundir
 from salt_tf.data.kaggle import DataError
 
 NUM_COVERAGE_CLASSES = 11
@@ -77,10 +78,8 @@ def kfold(ids: Sequence[str], coverage: np.ndarray, folds: int, seed: int) -> pd
 
 
 def write_split(frame: pd.DataFrame, path: str) -> None:
-    """Writes a split CSV atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """Writes a split CSV atomically (rundir.write_csv)."""
+    rundir.write_csv(path, frame)
 
 
 def read_split(path: str) -> pd.DataFrame:

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from salt_tf import IMAGE_SIZE
+from salt_tf import IMAGE_SIZE, rundir
 from salt_tf.data import kaggle
 
 
@@ -97,24 +97,18 @@ def generate(out_dir: str, num_images: int = 800, seed: int = 0, num_test: int =
         rgb = np.repeat(image[:, :, None], 3, axis=2)
         depths.append((id_, int(rng.integers(50, 960))))
         if k >= num_images:
-            kaggle.write_png(os.path.join(out_dir, "test", "images", f"{id_}.png"), rgb)
+            rundir.write_png(os.path.join(out_dir, "test", "images", f"{id_}.png"), rgb)
             continue
         # As in the Kaggle download: 16-bit masks where salt exists, 8-bit where empty.
         stored = (mask.astype(np.uint16) * 65535) if mask.any() else mask * 255
-        kaggle.write_png(os.path.join(out_dir, "train", "images", f"{id_}.png"), rgb)
-        kaggle.write_png(os.path.join(out_dir, "train", "masks", f"{id_}.png"), stored)
+        rundir.write_png(os.path.join(out_dir, "train", "images", f"{id_}.png"), rgb)
+        rundir.write_png(os.path.join(out_dir, "train", "masks", f"{id_}.png"), stored)
         rows.append((id_, kaggle.rle_encode(mask)))
         ids.append(id_)
-    _write_csv(pd.DataFrame(depths, columns=["id", "z"]), os.path.join(out_dir, "depths.csv"))
+    rundir.write_csv(os.path.join(out_dir, "depths.csv"), pd.DataFrame(depths, columns=["id", "z"]))
     # train.csv is written last: its presence marks a complete data set (see ensure_demo_data).
-    _write_csv(pd.DataFrame(rows, columns=["id", "rle_mask"]), os.path.join(out_dir, "train.csv"))
+    rundir.write_csv(os.path.join(out_dir, "train.csv"), pd.DataFrame(rows, columns=["id", "rle_mask"]))
     return ids
-
-
-def _write_csv(frame: pd.DataFrame, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def ensure_demo_data(out_dir: str, num_images: int, seed: int) -> None:
