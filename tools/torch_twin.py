@@ -65,9 +65,6 @@ import tempfile
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 IMAGE_SIZE = 101  # salt_tf.IMAGE_SIZE; not imported, so this module never loads TensorFlow
 BN_EPSILON = 1e-3  # salt_tf.model.BN_EPSILON
@@ -83,6 +80,105 @@ SYSTEM_LABELS = {
     "compile": "PyTorch twin, torch.compile (NCHW)",
     "compile_cl": "PyTorch twin, torch.compile (channels-last)",
 }
+def median_rate(fn, images_per_call: int, calls: int, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
+    """(median images/s, every repeat's images/s): `warmup` untimed calls, then `repeats` x `calls` timed calls."""
+    for _ in range(warmup):
+        fn()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rates.append(images_per_call * calls / (time.perf_counter() - start))
+    return statistics.median(rates), rates
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
+    parser.add_argument("--base_width", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--blocks_per_level", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (each system)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch intra-op threads")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    parser.add_argument("--matmul_size", type=int, default=4096, help="side of the float32 matmul ceiling")
+    parser.add_argument("--isa", type=int, default=1, help="1: probe the oneDNN ISA of TF and PyTorch (2 children)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch_file", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def tf_child(args) -> dict:
+    """The project's deterministic default step, timed as tools/bench.py times "custom step, deterministic on",
+    and TensorFlow's float32 matmul ceiling measured as bench.py does. Writes the batch to --batch_file."""
+    from salt_tf import determinism
+
+    applied = determinism.configure(0, True)
+    import keras
+    import tensorflow as tf
+
+    from salt_tf import losses, loop, model as model_lib, pipeline
+    from salt_tf.data import kaggle, synthetic
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = os.path.join(tempfile.mkdtemp(), "demo")
+        synthetic.generate(data_dir, num_images=max(200, 2 * args.batch_size), seed=0)
+    images, masks = pipeline.to_arrays(kaggle.load_labelled(data_dir), use_depth=False)
+    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
+                                   blocks_per_level=args.blocks_per_level)
+    b = args.batch_size
+    val = 400 if len(images) > 800 else len(images) // 5
+    trainer = loop.Trainer(
+        model=model_lib.build_model(config), optimizer=keras.optimizers.Adam(1e-3),
+        loss_fn=losses.CombinedLoss("bce:1,dice:1"), train_arrays=(images[val:], masks[val:]),
+        val_arrays=(images[:val], masks[:val]),
+        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=64, seed=0,
+                               augmentation=pipeline.Augmentation(True, 10)),
+        run_dir=tempfile.mkdtemp())
+    batch_images, batch_masks = images[val:val + b], masks[val:val + b]
+    if args.batch_file:
+        np.savez(args.batch_file, images=batch_images, masks=batch_masks)
+    x, y = tf.constant(batch_images), tf.constant(batch_masks)
+    rate, rates = median_rate(lambda: trainer.train_step(x, y)[0]["loss"].numpy(), b, args.steps, args.repeats,
+                              warmup=args.warmup)
+    flops = model_lib.forward_flops_per_image(config)
+    n = args.matmul_size
+    a = tf.random.normal([n, n])
+    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
+    ceiling, _ = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats, warmup=1)
+    return {"images_per_second": rate, "rates": rates, "applied": applied,
+            "parameters": model_lib.count_params(trainer.model),
+            "forward_gflop_per_image": flops / 1e9, "train_gflops_per_second": rate * 3 * flops / 1e9,
+            "matmul_gflops_per_second": ceiling * 2 * n ** 3 / 1e9, "tensorflow": tf.__version__,
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()}
+
+
+def isa_tf_child() -> dict:
+    """One small TensorFlow convolution; with ONEDNN_VERBOSE=1 (set by the parent) oneDNN prints its ISA line."""
+    import tensorflow as tf
+
+    tf.nn.conv2d(tf.ones([8, 32, 32, 16]), tf.ones([3, 3, 16, 16]), 1, "SAME").numpy()
+    return {}
+
+
+# The command's TensorFlow children stop here, before PyTorch is imported: in one process with TensorFlow loaded,
+# creating a torch optimizer crashed (segmentation fault; torch 2.14.1, TF 2.21), so the two never share a process.
+if __name__ == "__main__" and any(arg in ("--child=tf", "--child=isa_tf") for arg in sys.argv[1:]):
+    _args = parse_args(sys.argv[1:])
+    print("TWIN " + json.dumps(tf_child(_args) if _args.child == "tf" else isa_tf_child()), flush=True)
+    sys.exit(0)
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 # Keras' truncated normal: the std of a unit normal truncated at +-2 sigma.
 _TRUNCATED_STD = 0.87962566103423978
 
@@ -402,19 +498,6 @@ def make_step(model: UNet, compile: bool = False):
     return step
 
 
-def median_rate(fn, images_per_call: int, calls: int, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
-    """(median images/s, every repeat's images/s): `warmup` untimed calls, then `repeats` x `calls` timed calls."""
-    for _ in range(warmup):
-        fn()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rates.append(images_per_call * calls / (time.perf_counter() - start))
-    return statistics.median(rates), rates
-
-
 def set_threads(threads: int) -> dict:
     """torch intra-op threads = `threads`, inter-op threads = 1 (call before any torch op); returns what is set."""
     torch.set_num_threads(threads)
@@ -486,26 +569,6 @@ def torch_matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
 
 # ------------------------------------------------------------------------------------------------ the command
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
-    parser.add_argument("--base_width", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--blocks_per_level", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (each system)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch intra-op threads")
-    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
-    parser.add_argument("--matmul_size", type=int, default=4096, help="side of the float32 matmul ceiling")
-    parser.add_argument("--isa", type=int, default=1, help="1: probe the oneDNN ISA of TF and PyTorch (2 children)")
-    parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--batch_file", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
 def cpu_info(path: str = "/proc/cpuinfo") -> dict:
     """Model name, logical CPUs and the vector extensions that matter for oneDNN, from /proc/cpuinfo."""
     try:
@@ -527,53 +590,6 @@ def _load_batch(args, channels: int = 1):
     return random_batch(args.batch_size, channels)
 
 
-def tf_child(args) -> dict:
-    """The project's deterministic default step, timed as tools/bench.py times "custom step, deterministic on",
-    and TensorFlow's float32 matmul ceiling measured as bench.py does. Writes the batch to --batch_file."""
-    from salt_tf import determinism
-
-    applied = determinism.configure(0, True)
-    import keras
-    import tensorflow as tf
-
-    from salt_tf import losses, loop, model as model_lib, pipeline
-    from salt_tf.data import kaggle, synthetic
-
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = os.path.join(tempfile.mkdtemp(), "demo")
-        synthetic.generate(data_dir, num_images=max(200, 2 * args.batch_size), seed=0)
-    images, masks = pipeline.to_arrays(kaggle.load_labelled(data_dir), use_depth=False)
-    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
-                                   blocks_per_level=args.blocks_per_level)
-    b = args.batch_size
-    val = 400 if len(images) > 800 else len(images) // 5
-    trainer = loop.Trainer(
-        model=model_lib.build_model(config), optimizer=keras.optimizers.Adam(1e-3),
-        loss_fn=losses.CombinedLoss("bce:1,dice:1"), train_arrays=(images[val:], masks[val:]),
-        val_arrays=(images[:val], masks[:val]),
-        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=64, seed=0,
-                               augmentation=pipeline.Augmentation(True, 10)),
-        run_dir=tempfile.mkdtemp())
-    batch_images, batch_masks = images[val:val + b], masks[val:val + b]
-    if args.batch_file:
-        np.savez(args.batch_file, images=batch_images, masks=batch_masks)
-    x, y = tf.constant(batch_images), tf.constant(batch_masks)
-    rate, rates = median_rate(lambda: trainer.train_step(x, y)[0]["loss"].numpy(), b, args.steps, args.repeats,
-                              warmup=args.warmup)
-    flops = model_lib.forward_flops_per_image(config)
-    n = args.matmul_size
-    a = tf.random.normal([n, n])
-    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
-    ceiling, _ = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats, warmup=1)
-    return {"images_per_second": rate, "rates": rates, "applied": applied,
-            "parameters": model_lib.count_params(trainer.model),
-            "forward_gflop_per_image": flops / 1e9, "train_gflops_per_second": rate * 3 * flops / 1e9,
-            "matmul_gflops_per_second": ceiling * 2 * n ** 3 / 1e9, "tensorflow": tf.__version__,
-            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()}
-
-
 def twin_child(args) -> dict:
     system = args.child
     config = TwinConfig(base_width=args.base_width, depth=args.depth, blocks_per_level=args.blocks_per_level)
@@ -587,16 +603,16 @@ def twin_child(args) -> dict:
     return result
 
 
-def isa_child(framework: str) -> dict:
-    """One small convolution with ONEDNN_VERBOSE=1 set by the parent; oneDNN prints its ISA line on stdout."""
-    if framework == "tf":
-        import tensorflow as tf
-
-        tf.nn.conv2d(tf.ones([1, 8, 8, 16]), tf.ones([3, 3, 16, 16]), 1, "SAME").numpy()
-        return {}
+def isa_torch_child() -> dict:
+    """One PyTorch convolution under oneDNN's verbose mode (and ONEDNN_VERBOSE=1 from the parent)."""
     set_threads(1)
-    with torch.no_grad():
-        F.conv2d(torch.ones(1, 16, 8, 8), torch.ones(16, 16, 3, 3), padding=1).sum().item()
+    x, w = torch.ones(8, 16, 32, 32), torch.ones(16, 16, 3, 3)
+    with torch.no_grad(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        F.conv2d(x, w, padding=1).sum().item()
+        try:  # oneDNN's convolution directly, in case the dispatcher chose another kernel above
+            torch.mkldnn_convolution(x, w, None, [1, 1], [1, 1], [1, 1], 1).sum().item()
+        except RuntimeError:
+            pass
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
@@ -620,17 +636,18 @@ def _isa_from_verbose(stdout: str) -> str:
         match = re.search(r"(?:onednn|dnnl)_verbose.*isa:(.*)$", line)
         if match:
             return match.group(1).strip()
-    return "unknown"
+    lines = [line for line in stdout.splitlines() if "verbose" in line]
+    return f"unknown ({lines[0][:120]})" if lines else "unknown (no oneDNN verbose output)"
 
 
 def main(argv=None) -> dict:
     """Runs the command (see the module docstring); returns the summary that --json writes."""
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.child:
-        if args.child.startswith("isa_"):
-            result = isa_child(args.child[len("isa_"):])
-        elif args.child == "tf":
-            result = tf_child(args)
+        if args.child == "isa_torch":
+            result = isa_torch_child()
+        elif args.child in ("tf", "isa_tf"):  # normally run before PyTorch is imported (see above)
+            result = tf_child(args) if args.child == "tf" else isa_tf_child()
         else:
             result = twin_child(args)
         print("TWIN " + json.dumps(result), flush=True)
