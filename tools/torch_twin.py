@@ -620,7 +620,10 @@ def _run_child(args, child: str, extra_env: dict | None = None) -> tuple[dict, s
     passthrough = [f"--{k}={v}" for k, v in vars(args).items()
                    if k in ("data_dir", "base_width", "depth", "blocks_per_level", "batch_size", "steps", "repeats",
                             "warmup", "threads", "matmul_size", "batch_file") and v is not None]
+    # The children import the salt_tf next to this tool (the script's own folder, tools/, is what Python puts first).
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(extra_env or {}))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={child}", *passthrough],
                          capture_output=True, text=True, env=env, check=False)
     line = [l for l in out.stdout.splitlines() if l.startswith("TWIN ")]
