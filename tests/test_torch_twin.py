@@ -22,8 +22,8 @@ try:
 finally:
     sys.path.pop(0)
 
-# Small configs covering: both upsampling cases ('same' 6->12, 25->50; 'valid' 50->101, 12->25, 3->... not reached),
-# several blocks, projections, an SE hidden width clamped to 1 (2 // 4 = 0 -> 1), no SE, depth 5.
+# Small configs covering both upsampling cases ('valid' 50->101 and 12->25, 'same' 25->50, 6->12 and 3->6), one and
+# two blocks, projections, an SE hidden width clamped to 1 (2 // 4 = 0 -> 1), another SE ratio, no SE, depth 5.
 CONFIGS = [
     model_lib.ModelConfig(base_width=4, depth=2, blocks_per_level=1),
     model_lib.ModelConfig(base_width=2, depth=5, blocks_per_level=2, se_ratio=4),
