@@ -33,7 +33,7 @@ update (lr 1e-3, Keras' epsilon 1e-7), and the loss and norm copied to the host.
 The command runs, one after another and each in its own child process (thread pools are fixed per process):
 
   tf          the project's deterministic default step: ``determinism.configure(0, True)`` (one inter-op thread,
-              op determinism), ``loop.Trainer.train_step`` on a fixed batch, its loss to the host: the code path
+              op determinism), ``step.TrainStep.train_step`` on a fixed batch, its loss to the host: the code path
               of tools/bench.py's "custom step, deterministic on", re-implemented here (not imported)
   eager       the twin in PyTorch eager mode (NCHW)
   eager_cl    the twin in eager mode, channels-last memory format (not in the default set)
@@ -74,7 +74,7 @@ LEARNING_RATE = 1e-3
 SYSTEMS = ("tf", "eager", "eager_cl", "compile", "compile_cl")
 DEFAULT_SYSTEMS = ("tf", "eager", "compile", "compile_cl")
 SYSTEM_LABELS = {
-    "tf": "salt_tf step, deterministic (loop.Trainer.train_step)",
+    "tf": "salt_tf step, deterministic (TrainStep.train_step)",
     "eager": "PyTorch twin, eager (NCHW)",
     "eager_cl": "PyTorch twin, eager (channels-last)",
     "compile": "PyTorch twin, torch.compile (NCHW)",
@@ -122,7 +122,7 @@ def tf_child(args) -> dict:
     import keras
     import tensorflow as tf
 
-    from salt_tf import losses, loop, model as model_lib, pipeline
+    from salt_tf import losses, model as model_lib, pipeline, step as step_lib
     from salt_tf.data import kaggle, synthetic
 
     data_dir = args.data_dir
@@ -134,18 +134,13 @@ def tf_child(args) -> dict:
                                    blocks_per_level=args.blocks_per_level)
     b = args.batch_size
     val = 400 if len(images) > 800 else len(images) // 5
-    trainer = loop.Trainer(
-        model=model_lib.build_model(config), optimizer=keras.optimizers.Adam(1e-3),
-        loss_fn=losses.CombinedLoss("bce:1,dice:1"), train_arrays=(images[val:], masks[val:]),
-        val_arrays=(images[:val], masks[:val]),
-        config=loop.LoopConfig(epochs=1, batch_size=b, eval_batch_size=64, seed=0,
-                               augmentation=pipeline.Augmentation(True, 10)),
-        run_dir=tempfile.mkdtemp())
+    step = step_lib.TrainStep(model_lib.build_model(config), keras.optimizers.Adam(1e-3),
+                              losses.CombinedLoss("bce:1,dice:1"), batch_size=b)
     batch_images, batch_masks = images[val:val + b], masks[val:val + b]
     if args.batch_file:
         np.savez(args.batch_file, images=batch_images, masks=batch_masks)
     x, y = tf.constant(batch_images), tf.constant(batch_masks)
-    rate, rates = median_rate(lambda: trainer.train_step(x, y)[0]["loss"].numpy(), b, args.steps, args.repeats,
+    rate, rates = median_rate(lambda: step.train_step(x, y)[0]["loss"].numpy(), b, args.steps, args.repeats,
                               warmup=args.warmup)
     flops = model_lib.forward_flops_per_image(config)
     n = args.matmul_size
@@ -153,7 +148,7 @@ def tf_child(args) -> dict:
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
     ceiling, _ = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats, warmup=1)
     return {"images_per_second": rate, "rates": rates, "applied": applied,
-            "parameters": model_lib.count_params(trainer.model),
+            "parameters": model_lib.count_params(step.model),
             "forward_gflop_per_image": flops / 1e9, "train_gflops_per_second": rate * 3 * flops / 1e9,
             "matmul_gflops_per_second": ceiling * 2 * n ** 3 / 1e9, "tensorflow": tf.__version__,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
