@@ -234,7 +234,7 @@ class ExportWeightAverage:
 
     def exported(self) -> dict | None:
         """The export's config if an earlier session wrote it (a rerun after the last checkpoint), else None."""
-        if os.path.isfile(os.path.join(self.directory, checkpoints_lib.EXPORT_CONFIG)):
+        if rundir.is_export(self.directory):
             return checkpoints_lib.read_export_config(self.directory)
         return None
 
