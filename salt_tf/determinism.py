@@ -63,9 +63,9 @@ def use_pairwise_gradient_aggregation() -> None:
 
     TensorFlow aggregates them with one AddN, whose CPU kernel accumulates into whichever input buffer it may
     reuse and moves that input to the front of the sum (README, "Reproducibility"): with 3+ inputs the
-    summation order, and so the bits, can change with the run-time state; they across processes (measured on real data: --deep_supervision --hypercolumn --se_type=scse
-    --input_size=128 at width 8 gave different gradients after the first step, its graph having 3- and 4-input
-    AddNs; with this hook, identical). A sum of two is the same in either order, so a chain of two-input sums
+    summation order, and so the bits, can change with the run-time state across processes (measured on real
+    data: --deep_supervision --hypercolumn --se_type=scse --input_size=128 at width 8 gave different gradients
+    at the first step, its graph having 3- and 4-input AddNs; with this hook, identical). A sum of two is the same in either order, so a chain of two-input sums
     is reproducible. One and two gradients are aggregated exactly as before; the default configuration's
     weights after two real-data steps are unchanged by the hook (same SHA-256).
     """
