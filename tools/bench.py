@@ -33,6 +33,7 @@ import time
 from absl import app, flags
 
 from salt_tf import flags as salt_flags
+from timing import median_rate  # tools/timing.py (this script's folder is on sys.path)
 
 FLAGS = flags.FLAGS
 
@@ -65,17 +66,6 @@ def define_flags() -> None:
     define_common_flags()
     flags.DEFINE_integer("eval_batch_size", 64, "Validation and predict batch size.", lower_bound=1)
     flags.DEFINE_integer("deterministic", 1, "(internal) the child's --deterministic setting.")
-
-
-def median_rate(fn, images_per_call: int, calls: int, repeats: int) -> float:
-    fn()  # warm-up (tracing)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rates.append(images_per_call * calls / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def load_arrays(data_dir, synthetic_images: int = 800):

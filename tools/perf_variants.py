@@ -29,11 +29,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 from absl import app, flags
 
 import bench  # the sibling tool: shared flags and data loading
+import timing  # tools/timing.py
 
 FLAGS = flags.FLAGS
 
@@ -50,14 +50,7 @@ def define_flags() -> None:
 
 def timed(fn, calls: int, repeats: int) -> float:
     """Median seconds per call, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+    return statistics.median(1.0 / rate for rate in timing.rates(fn, 1, calls, repeats))
 
 
 def nchw_conv(args) -> dict:

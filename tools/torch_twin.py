@@ -66,6 +66,8 @@ import time
 
 import numpy as np
 
+import timing  # tools/timing.py (this script's folder is on sys.path)
+
 IMAGE_SIZE = 101  # salt_tf.IMAGE_SIZE; not imported, so this module never loads TensorFlow
 BN_EPSILON = 1e-3  # salt_tf.model.BN_EPSILON
 BN_MOMENTUM_TORCH = 0.1  # 1 - salt_tf.model.BN_MOMENTUM (PyTorch weighs the new batch statistic)
@@ -80,19 +82,6 @@ SYSTEM_LABELS = {
     "compile": "PyTorch twin, torch.compile (NCHW)",
     "compile_cl": "PyTorch twin, torch.compile (channels-last)",
 }
-def median_rate(fn, images_per_call: int, calls: int, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
-    """(median images/s, every repeat's images/s): `warmup` untimed calls, then `repeats` x `calls` timed calls."""
-    for _ in range(warmup):
-        fn()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rates.append(images_per_call * calls / (time.perf_counter() - start))
-    return statistics.median(rates), rates
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
@@ -140,13 +129,14 @@ def tf_child(args) -> dict:
     if args.batch_file:
         np.savez(args.batch_file, images=batch_images, masks=batch_masks)
     x, y = tf.constant(batch_images), tf.constant(batch_masks)
-    rate, rates = median_rate(lambda: step.train_step(x, y)[0]["loss"].numpy(), b, args.steps, args.repeats,
-                              warmup=args.warmup)
+    rates = timing.rates(lambda: step.train_step(x, y)[0]["loss"].numpy(), b, args.steps, args.repeats,
+                         warmup=args.warmup)
+    rate = statistics.median(rates)
     flops = model_lib.forward_flops_per_image(config)
     n = args.matmul_size
     a = tf.random.normal([n, n])
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
-    ceiling, _ = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats, warmup=1)
+    ceiling = timing.median_rate(lambda: matmul().numpy(), 1, 5, args.repeats, warmup=1)
     return {"images_per_second": rate, "rates": rates, "applied": applied,
             "parameters": model_lib.count_params(step.model),
             "forward_gflop_per_image": flops / 1e9, "train_gflops_per_second": rate * 3 * flops / 1e9,
@@ -536,7 +526,8 @@ def time_twin(config=None, batch_size: int = 32, steps: int = 8, repeats: int = 
     for _ in range(warmup):
         out = step(x, y)
     warmup_seconds = time.perf_counter() - start
-    rate, rates = median_rate(lambda: step(x, y), batch_size, steps, repeats, warmup=0)
+    rates = timing.rates(lambda: step(x, y), batch_size, steps, repeats, warmup=0)
+    rate = statistics.median(rates)
     out = step(x, y)
     return {"images_per_second": rate, "rates": rates, "warmup_seconds": warmup_seconds, "threads": thread_info,
             "final_loss": out[0], "torch": torch.__version__,
@@ -558,7 +549,7 @@ def random_batch(batch_size: int, channels: int = 1, seed: int = 0) -> tuple[np.
 def torch_matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
     """PyTorch's float32 size x size matmul, GFLOP/s: 5 calls per repeat, median, as bench.py measures TF's."""
     a = torch.randn(size, size)
-    rate, _ = median_rate(lambda: torch.matmul(a, a).sum().item(), 1, 5, repeats, warmup=1)
+    rate = timing.median_rate(lambda: torch.matmul(a, a).sum().item(), 1, 5, repeats, warmup=1)
     return rate * 2 * size ** 3 / 1e9
 
 
