@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import time
 
@@ -323,6 +324,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
     del argv  # parse_flags has refused any argument that is not a flag
+    try:
+        _main()
+    except KeyboardInterrupt:
+        # A second SIGINT/SIGTERM (the first one finishes the step and writes a checkpoint), or one during
+        # start-up (TensorFlow's import, data loading): stop at once. Every file of the run directory is
+        # written atomically, so what is there is whole; the same command resumes from the last checkpoint.
+        _fail(f"interrupted: stopped at once, without writing a checkpoint; the same command resumes "
+              f"{FLAGS.model_dir} from its last checkpoint (or starts it, if it has none)", 128 + signal.SIGINT,
+              prefix="stopped")
+
+
+def _main() -> None:
+    """The train command after flag parsing: the run, and each failure a user can cause as one line."""
     import tensorflow as tf
 
     from salt_tf.checkpoints import InitCheckpointError, ResumeError

@@ -16,7 +16,7 @@ from absl import flags
 from absl.testing import flagsaver
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from salt_tf import checkpoints, determinism, records, rundir, train
+from salt_tf import checkpoints, determinism, loop, records, rundir, train
 from salt_tf import flags as salt_flags
 from salt_tf.data import kaggle
 from train_helpers import (REPO_ROOT, assert_bit_identical, read_until, run_tiny, tiny_argv, train_process,
@@ -265,6 +265,45 @@ def test_sigterm_writes_a_checkpoint_and_resume_is_bit_identical(tmp_path, demo_
     assert latest is not None and not latest.endswith("step-16")  # mid-epoch, not an epoch's end
     wait_ok(train_process(demo_dir, model_dir))
     assert_bit_identical(reference_run, model_dir)
+
+
+def test_a_second_interrupt_stops_at_once_with_one_line(tmp_path, demo_dir, capsys, monkeypatch):
+    """Ctrl-C twice: the first signal asks for a checkpoint after the step, the second (raised by the
+    trainer's handler) stops at once, with one 'stopped' line and exit 130, not a traceback. In this
+    process: two SIGINTs sent back to back to a subprocess arrive as one (signals do not queue)."""
+    trainer = loop.Trainer.__new__(loop.Trainer)
+    trainer._stop_signal = None
+    trainer._on_signal(signal.SIGINT, None)
+    assert trainer._stop_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        trainer._on_signal(signal.SIGINT, None)
+
+    def interrupted_run():
+        raise KeyboardInterrupt  # what the second signal raises from inside the epoch loop
+
+    monkeypatch.setattr(train, "run", interrupted_run)
+    model_dir = str(tmp_path / "run")
+    try:
+        status = run_main(tiny_argv(demo_dir, model_dir))
+    except KeyboardInterrupt:  # caught here, or it would end the whole test session
+        pytest.fail("KeyboardInterrupt escaped train.main: the user gets a traceback")
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 128 + signal.SIGINT
+    stopped = [l for l in lines if l.startswith("stopped:")]
+    assert len(stopped) == 1 and "stopped at once" in stopped[0] and model_dir in stopped[0], lines
+    assert not any("Traceback" in l for l in lines), lines
+
+
+def test_an_interrupt_during_start_up_is_one_line(tmp_path, demo_dir):
+    """SIGINT while TensorFlow starts and the data loads (before the trainer's handlers exist)."""
+    model_dir = str(tmp_path / "run")
+    process = train_process(demo_dir, model_dir)
+    read_until(process, "devices:")  # logged right after TensorFlow is imported; the data and model follow
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert len([l for l in output.splitlines() if l.startswith("stopped:")]) == 1, output[-2000:]
 
 
 def test_sigkill_at_a_random_step_loses_at_most_the_epoch(tmp_path, demo_dir, reference_run):
