@@ -140,15 +140,20 @@ def parse(program: Program, command: Subcommand, argv: list[str]) -> tuple[flags
     """
     flag_values = flags.FlagValues()
     command.define_flags(flag_values)
-    arguments = flag_values([f"{program.command_line} {command.name}"] + argv[2:])[1:]
-    if len(arguments) > len(command.arguments):
-        raise flags.Error(f"unexpected arguments: {' '.join(arguments[len(command.arguments):])}; flags take the "
-                          "form --name=value")
-    if len(arguments) < len(command.arguments):
-        missing = " ".join(command.arguments[len(arguments):])
-        raise flags.Error(f"{program.command_line} {command.name} needs {missing} "
-                          f"(usage: {command.name} {command.usage})")
-    return flag_values, arguments
+    remaining = flag_values([f"{program.command_line} {command.name}"] + argv[2:])
+    who = f"{program.command_line} {command.name}"
+    return flag_values, _positional(remaining[1:], command.arguments, who, f"{command.name} {command.usage}")
+
+
+def _positional(arguments: list[str], names: Sequence[str], who: str = "", usage: str = "") -> list[str]:
+    """The arguments left after the flags, which must be one per name of `names`; else flags.Error (one line
+    naming `who` needs what, and its `usage`)."""
+    if len(arguments) > len(names):
+        raise flags.Error(f"unexpected arguments: {' '.join(arguments[len(names):])}; flags take the form "
+                          "--name=value")
+    if len(arguments) < len(names):
+        raise flags.Error(f"{who} needs {' '.join(names[len(arguments):])} (usage: {usage})")
+    return arguments
 
 
 def overview_help(program: Program) -> str:
@@ -189,9 +194,7 @@ def parse_single(argv: Sequence[str], flag_values: flags.FlagValues, doc: str) -
         print(flag_values.get_help(), flush=True)
         return False
     flag_values.unparse_flags()
-    remaining = flag_values(list(argv))
-    if len(remaining) > 1:
-        raise flags.Error(f"unexpected arguments: {' '.join(remaining[1:])}; flags take the form --name=value")
+    _positional(flag_values(list(argv))[1:], ())
     require_model_dir(flag_values)
     return True
 
