@@ -15,7 +15,7 @@ meta-model, the threshold and the post-processing are fitted on k-1 folds and sc
 next to the plain mean of the snapshots scored the same way. `evaluate` also returns the final choice
 (`Ensemble`), fitted on all the validation images, which `<run_dir>/ensemble.json` stores for predict.
 
-NumPy only (no TensorFlow): the model side is in `salt_tf.predict`.
+NumPy only (no TensorFlow): the model side is in `salt_tf.tta` and the command in `salt_tf.predict`.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ class Ensemble:
                 return cls.from_dict(json.load(f))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a readable ensemble file ({type(e).__name__}: {e}); "
-                             "rerun python -m salt_tf.predict --evaluate") from None
+                             "rerun python -m salt_tf.predict evaluate") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

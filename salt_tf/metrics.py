@@ -114,7 +114,7 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(u / (positives * negatives))
 
 
-# Coverage groups for the per-group scores (TensorBoard, predict --evaluate): what a user asks ("does it
+# Coverage groups for the per-group scores (TensorBoard, predict evaluate): what a user asks ("does it
 # miss small salt?"). Each group is a range of the split's coverage classes (data.splits.coverage_class).
 COVERAGE_GROUPS = {"empty": (0, 0), "small": (1, 1), "medium": (2, 5), "large": (6, 10)}
 

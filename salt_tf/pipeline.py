@@ -11,6 +11,7 @@ determinism). The whole labelled set is ~40 MB decoded, so it lives in memory as
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -39,17 +40,34 @@ class Augmentation:
                              f"and {self.contrast}")
 
 
-def to_arrays(data: LabelledSet, use_depth: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs [N,101,101,C] float32 (image / 255, plus a constant depth plane if asked) and masks
-    [N,101,101,1] float32 in {0,1}."""
-    images = data.images.astype(np.float32)[..., None] / 255.0
+def model_inputs(ids: Sequence[str], images: np.ndarray, depths: np.ndarray, use_depth: bool) -> np.ndarray:
+    """Model inputs of uint8 images, as training and prediction feed them.
+
+    Args:
+        ids: the images' ids (named by the error of a missing depth).
+        images: uint8 [N,101,101].
+        depths: float32 [N] in feet, NaN where unknown (kaggle.depth_array); read only with `use_depth`.
+        use_depth: add the constant depth plane depth / DEPTH_SCALE as a second channel.
+
+    Returns:
+        float32 [N,101,101,C]: image / 255 (C = 1), plus the depth plane (C = 2).
+
+    Raises:
+        DataError: `use_depth` and an image without a depth.
+    """
+    x = images.astype(np.float32)[..., None] / 255.0
     if use_depth:
-        if np.isnan(data.depths).any():
-            missing = data.ids[np.isnan(data.depths)][0]
+        if np.isnan(depths).any():
+            missing = np.asarray(ids, dtype=object)[np.isnan(depths)][0]
             raise DataError(f"--use_depth: depths.csv has no depth for id {missing!r}; add it or drop --use_depth")
-        plane = np.broadcast_to((data.depths / DEPTH_SCALE)[:, None, None, None], images.shape)
-        images = np.concatenate([images, plane.astype(np.float32)], axis=-1)
-    return images, data.masks.astype(np.float32)[..., None]
+        plane = np.broadcast_to((depths / DEPTH_SCALE)[:, None, None, None], x.shape)
+        x = np.concatenate([x, plane.astype(np.float32)], axis=-1)
+    return x
+
+
+def to_arrays(data: LabelledSet, use_depth: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs [N,101,101,C] float32 (model_inputs) and masks [N,101,101,1] float32 in {0,1}."""
+    return model_inputs(data.ids, data.images, data.depths, use_depth), data.masks.astype(np.float32)[..., None]
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:

@@ -1,30 +1,19 @@
-"""Prediction: test-time augmentation, exported models, ensembles, the Kaggle submission, and evaluation.
+"""The predict command: a run's models on a folder of images (submit) or on the run's validation images (evaluate).
 
-    python -m salt_tf.predict --model_dir=runs/a --images=/data/tgs/test/images --output=submission.csv
-    python -m salt_tf.predict --model_dir=runs/a --evaluate        # table + <run>/ensemble.json
-    python -m salt_tf.predict --model_dir=runs/a/swa --evaluate    # one export of the run: <run>/swa/ensemble.json
+    python -m salt_tf.predict submit --model_dir=runs/a --images=/data/tgs/test/images --output=submission.csv
+    python -m salt_tf.predict evaluate --model_dir=runs/a        # table + <run>/ensemble.json
+    python -m salt_tf.predict evaluate --model_dir=runs/a/swa    # one export of the run: <run>/swa/ensemble.json
 
-`--model_dir` is a run directory (its snapshots if it made any, else its export/) or one export folder.
-Predict mode reads every PNG of `--images` first (an unreadable file stops it with one line naming the
-file, before anything is written; `--skip_bad` predicts the others, lists the bad ones and gives them empty
-masks in the submission, or leaves their rows out with `--nobad_as_empty`), predicts them in
-batches with TTA, combines the models (the run's `ensemble.json` if `--evaluate` wrote one: mean or stacked
-meta-model plus post-processing; else the mean and the export's threshold) and writes the submission CSV
-`id,rle_mask` atomically, and with `--masks_dir` one mask PNG per image.
+`--model_dir` is a run directory (its snapshots if it made any, else its export/) or one export folder
+(salt_tf.exports). `python -m salt_tf.predict <command> --help` describes a command (SUBMIT_HELP,
+EVALUATE_HELP below) and lists its flags. This module is the command only: test-time augmentation and batched
+prediction are salt_tf.tta's, the image folder and depths readers salt_tf.data.kaggle's, the model inputs
+salt_tf.pipeline's, the table and the ensemble choice salt_tf.ensemble's. The command lines of before the
+subcommands (flags only; `--evaluate`) stop with one line naming the new form.
 
-Evaluate mode predicts the run's validation images (split.csv; the data folder --data_dir, else the run's
-own, rundir.data_dir), prints one table of the competition metric (each model plain and with TTA, the mean,
-the stacked meta-model cross-validated over images, and both after post-processing; see `salt_tf.ensemble`)
-and writes `<run>/ensemble.json` for predict mode.
-
-TTA (`predict_probabilities`): per batch ONE compiled function stacks the views (identity, horizontal flip,
-optionally vertical flip) along the batch axis, runs the model once in inference mode, un-flips each view's
-probabilities and averages them.
-
-Flags live in this module's own `FlagValues` (`PREDICT_FLAGS`), not in absl's global `FLAGS`: absl refuses
-to define a flag name twice in one FlagValues (DuplicateFlagError) and the train flags (salt_tf.flags)
-already own `--model_dir`, `--batch_size` and `--data_dir` there; with a separate registry both modules can
-be imported in one process and keep the natural names.
+Each subcommand's flags live in a FlagValues of its own (salt_tf.cli), not in absl's global FLAGS, where the
+train flags (salt_tf.flags) own `--model_dir`, `--batch_size` and `--data_dir`: both modules can be imported
+in one process and keep the natural names.
 """
 
 from __future__ import annotations
@@ -32,55 +21,62 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import os
+import re
+import shlex
 import sys
 import time
-import weakref
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from absl import flags
 
-from salt_tf import IMAGE_SIZE, ensemble, metrics, postprocess, rundir, tfstart
+from salt_tf import IMAGE_SIZE, cli, ensemble, exports, metrics, postprocess, progress, rundir, tfstart, tta
 from salt_tf.data import kaggle
 
-PREDICT_FLAGS = flags.FlagValues()
-
-VIEWS = ("none", "hflip", "vflip")   # identity, left-right mirror, up-down mirror (in this order)
-DEFAULT_TTA = ("none", "hflip")      # seismic images are not vertically symmetric: no vflip by default
+# submit predicts about this many images at a time (whole batches): the models' probabilities of one chunk are
+# in memory at once. Plain progress lines (not on a terminal) come as often, in submit and evaluate.
+CHUNK_IMAGES = 2048
 
 
 class PredictError(ValueError):
-    """A problem with the user's model folder or flags; the message is one line naming the path or flag."""
+    """A problem with the user's flags or run folder; the message is one line naming the path or flag."""
 
 
-def define_model_flags(flag_values: flags.FlagValues, what: str = "") -> None:
-    """The flags that choose the models and how they are combined, shared by predict and serving: --model_dir,
-    --tta, --threshold, --use_ensemble. `what` ends the --tta help (e.g. " in the graph")."""
+SUBMIT_HELP = """\
+Reads every PNG of --images first (an unreadable file stops it with one line naming the file, before anything
+is written; --skip_bad predicts the others, lists the bad ones and gives them empty masks in the submission,
+or leaves their rows out with --nobad_as_empty), predicts them in batches with TTA, combines the models (the
+ensemble.json `evaluate` wrote, if any: mean or stacked meta-model plus post-processing; else the mean and
+the export's threshold) and writes the submission CSV `id,rle_mask` atomically, and with --masks_dir one mask
+PNG per image. Progress: a live bar on a terminal, a line every ~2048 images otherwise."""
+
+EVALUATE_HELP = """\
+Predicts the run's validation images (split.csv; the data folder --data_dir, else the run's own,
+rundir.data_dir), prints one table of the competition metric (each model plain and with TTA, the mean, the
+stacked meta-model cross-validated over images, and both after post-processing; see salt_tf.ensemble) and
+writes <model_dir>/ensemble.json, which `submit` applies. Progress as in submit."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags.
+
+
+def _define_shared_flags(flag_values: flags.FlagValues, what: str, combine: bool) -> None:
+    """The flags of both subcommands: the models (cli.define_model_flags) and --batch_size."""
+    cli.define_model_flags(flag_values, what, combine)
+    flags.DEFINE_integer("batch_size", 64, "Images per model call (each call runs batch x views images).",
+                         lower_bound=1, flag_values=flag_values)
+
+
+def define_submit_flags(flag_values: flags.FlagValues) -> None:
+    """Registers the flags of `predict submit` in `flag_values`."""
     fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("model_dir", None, "A run directory (its snapshots if any, else its export/) or one "
-                        "export folder (model.json + weights).", **fv)
-    flags.DEFINE_string("tta", "hflip", f"Test-time augmentation{what}: 'none', or views averaged with the "
-                        "identity from hflip,vflip. Default: the TTA of the run's ensemble.json, else hflip.", **fv)
-    flags.DEFINE_float("threshold", None, "Probability threshold; overrides ensemble.json and the export's "
-                       "validation threshold.", lower_bound=0.0, upper_bound=0.999, **fv)
-    flags.DEFINE_boolean("use_ensemble", True, "Use <model_dir>/ensemble.json (written by --evaluate) when "
-                         "present: its combination, threshold and TTA.", **fv)
-
-
-def define_flags(flag_values: flags.FlagValues = PREDICT_FLAGS) -> None:
-    """Registers the predict flags in `flag_values` (idempotent)."""
-    if "tta" in flag_values:
-        return
-    fv = dict(flag_values=flag_values)
-    define_model_flags(flag_values)
+    _define_shared_flags(flag_values, "", combine=True)
     flags.DEFINE_string("images", None, "Folder of 101x101 PNG images to predict (e.g. <data>/test/images).",
                         **fv)
     flags.DEFINE_string("output", None, "Submission CSV to write (id,rle_mask).", **fv)
     flags.DEFINE_string("masks_dir", None, "Also write one mask PNG (0/255) per image into this folder.", **fv)
-    flags.DEFINE_integer("batch_size", 64, "Images per model call (each call runs batch x views images).",
-                         lower_bound=1, **fv)
     flags.DEFINE_boolean("skip_bad", False, "Predict the readable PNGs instead of stopping at an unreadable one "
                          "(each listed with a warning); see --bad_as_empty for the submission rows of the others.",
                          **fv)
@@ -89,262 +85,55 @@ def define_flags(flag_values: flags.FlagValues = PREDICT_FLAGS) -> None:
                          "--nobad_as_empty leaves their rows out.", **fv)
     flags.DEFINE_string("depths", None, "CSV id,z for models trained with --use_depth (default: "
                         "<images>/../../depths.csv, the Kaggle layout).", **fv)
-    flags.DEFINE_boolean("evaluate", False, "Evaluate the run's models on labelled images, print the table and "
-                         "write <model_dir>/ensemble.json, instead of predicting --images.", **fv)
-    flags.DEFINE_string("data_dir", None, "--evaluate: labelled folder in the Kaggle layout (default: the "
-                        "folder the run trained on, from its flags.cfg and record.json).", **fv)
-    flags.DEFINE_enum("eval_ids", "val", ["val", "all"], "--evaluate: 'val' = the validation ids of the run's "
-                      "split.csv (out-of-sample); 'all' = every labelled image of --data_dir (only for a "
-                      "separate hold-out folder).", **fv)
-    flags.DEFINE_integer("folds", ensemble.DEFAULT_FOLDS, "--evaluate: cross-validation folds over images.",
-                         lower_bound=2, **fv)
-    flags.DEFINE_float("stack_l2", ensemble.DEFAULT_L2, "--evaluate: L2 on the meta-model's weights.",
-                       lower_bound=0.0, **fv)
-    flags.DEFINE_boolean("write_ensemble", True, "--evaluate: write <model_dir>/ensemble.json.", **fv)
 
 
-def parse_tta(text: str) -> tuple[str, ...]:
-    """'hflip' -> ('none', 'hflip'); 'none' -> ('none',); 'hflip,vflip' -> all three views."""
-    names = [t.strip() for t in str(text).split(",") if t.strip()]
-    unknown = [n for n in names if n not in VIEWS]
-    if unknown or not names or ("none" in names and len(names) > 1):
-        raise PredictError(f"--tta={text}: expected 'none' or a comma list of hflip, vflip")
-    return tuple(v for v in VIEWS if v == "none" or v in names)
+def define_evaluate_flags(flag_values: flags.FlagValues) -> None:
+    """Registers the flags of `predict evaluate` in `flag_values`."""
+    fv = dict(flag_values=flag_values)
+    _define_shared_flags(flag_values, " to evaluate (the plain prediction, its identity view, is scored too)",
+                         combine=False)
+    flags.DEFINE_string("data_dir", None, "Labelled folder in the Kaggle layout (default: the folder the run "
+                        "trained on, from its flags.cfg and record.json).", **fv)
+    flags.DEFINE_enum("eval_ids", "val", ["val", "all"], "'val' = the validation ids of the run's split.csv "
+                      "(out-of-sample); 'all' = every labelled image of --data_dir (only for a separate hold-out "
+                      "folder).", **fv)
+    flags.DEFINE_integer("folds", ensemble.DEFAULT_FOLDS, "Cross-validation folds over images.", lower_bound=2,
+                         **fv)
+    flags.DEFINE_float("stack_l2", ensemble.DEFAULT_L2, "L2 on the meta-model's weights.", lower_bound=0.0, **fv)
+    flags.DEFINE_boolean("write_ensemble", True, "Write <model_dir>/ensemble.json (what submit applies).", **fv)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Test-time augmentation.
-
-_TTA_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Output and progress.
 
 
-def _flip(t, view: str):
-    """The view's flip of [B, H, W, ...]; each flip is its own inverse."""
-    import tensorflow as tf
-
-    if view == "hflip":
-        return tf.reverse(t, axis=[2])
-    if view == "vflip":
-        return tf.reverse(t, axis=[1])
-    return t
+def _say(message: str = "") -> None:
+    print(message, flush=True)
 
 
-def tta_function(model, views: Sequence[str], channels: int):
-    """The compiled TTA function of `model` for `views`: x [B,101,101,C] -> (mean probability [B,101,101],
-    first view's probability [B,101,101], mean image-head salt probability [B] — NaN without a head). One
-    trace per (model, views, channels), any batch size."""
-    import tensorflow as tf
-
-    from salt_tf import model as model_lib
-
-    views = tuple(views)
-    if not views or any(v not in VIEWS for v in views) or len(set(views)) != len(views):
-        raise ValueError(f"views must be distinct names from {VIEWS}, got {views}")
-    cache = _TTA_FUNCTIONS.setdefault(model, {})
-    key = (views, int(channels))
-    if key not in cache:
-        # The function refers to the model weakly: a strong reference from the cached value would keep the
-        # WeakKeyDictionary's key (the model) alive forever.
-        model_ref = weakref.ref(model)
-
-        @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, channels], tf.float32)])
-        def run(x):
-            batch = tf.shape(x)[0]
-            stacked = tf.concat([_flip(x, v) for v in views], axis=0)          # [V*B, H, W, C]
-            outputs = model_lib.outputs_of(model_ref(), stacked, training=False)
-            p = tf.sigmoid(tf.cast(outputs["mask"], tf.float32))[..., 0]      # [V*B, H, W]
-            p = tf.reshape(p, [len(views), batch, tf.shape(p)[1], tf.shape(p)[2]])
-            unflipped = [_flip(p[i], v) for i, v in enumerate(views)]
-            if "has_salt" in outputs:
-                has_salt = tf.reduce_mean(tf.reshape(tf.sigmoid(outputs["has_salt"]), [len(views), batch]), axis=0)
-            else:
-                has_salt = tf.fill([batch], float("nan"))
-            return tf.add_n(unflipped) / float(len(views)), unflipped[0], has_salt
-
-        cache[key] = run
-    return cache[key]
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _predict(model, images: np.ndarray, batch_size: int, tta: Sequence[str], want_first: bool,
-             progress: Callable[[int, int], None] | None = None):
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4 or images.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"images must be [N, {IMAGE_SIZE}, {IMAGE_SIZE}, C], got {images.shape}")
-    run = tta_function(model, tta, images.shape[-1])
-    n = len(images)
-    mean = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.float32)
-    first = np.empty_like(mean) if want_first else None
-    has_salt = np.empty(n, np.float32)
-    for start in range(0, n, batch_size):
-        m, f, h = run(images[start:start + batch_size])
-        mean[start:start + batch_size] = m.numpy()
-        has_salt[start:start + batch_size] = h.numpy()
-        if want_first:
-            first[start:start + batch_size] = f.numpy()
-        if progress:
-            progress(min(start + batch_size, n), n)
-    return mean, first, (None if np.isnan(has_salt).all() else has_salt)
+def _chunk(batch_size: int) -> int:
+    """CHUNK_IMAGES rounded down to whole batches (at least one), so chunks split no batch."""
+    return batch_size * max(1, CHUNK_IMAGES // batch_size)
 
 
-def predict_probabilities(model, images: np.ndarray, batch_size: int = 64,
-                          tta: Sequence[str] = DEFAULT_TTA, progress=None) -> np.ndarray:
-    """Salt probabilities float32 [N,101,101] of model inputs [N,101,101,C], averaged over the `tta` views
-    ("none", "hflip", "vflip"), each un-flipped before averaging."""
-    return _predict(model, images, batch_size, tta, False, progress)[0]
+def _progress(label: str, total: int, every: int) -> progress.Progress:
+    """Images done of `total`, from now: a live bar on a terminal, else a line on stdout every `every` images."""
+    display = progress.Progress(total, label=label, unit="image", every=every,
+                                log=lambda fmt, *args: _say(fmt % args))
+    display.update(0)
+    return display
 
 
-def predict_with_head(model, images: np.ndarray, batch_size: int = 64,
-                      tta: Sequence[str] = DEFAULT_TTA) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities [N,101,101] as predict_probabilities, the image head's salt probability [N] averaged over
-    the same views — None for a model without a head) from one pass."""
-    mean, _, has_salt = _predict(model, images, batch_size, tta, False)
-    return mean, has_salt
-
-
-def predict_plain_and_tta(model, images: np.ndarray, batch_size: int = 64,
-                          tta: Sequence[str] = DEFAULT_TTA) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(plain, TTA) probabilities from one pass: the plain prediction is the identity view of the TTA; and the
-    image head's TTA salt probability [N] (None without a head)."""
-    if tta[0] != "none":
-        raise ValueError("the first view must be 'none' to read the plain prediction off the TTA pass")
-    mean, first, has_salt = _predict(model, images, batch_size, tta, True)
-    return first, mean, has_salt
-
-
-def mean_head(heads: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    """The mean salt probability [N] of the models that have an image head (None if none has)."""
-    present = [h for h in heads if h is not None]
-    return np.mean(present, axis=0) if present else None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Exported models.
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    name: str          # "export", "snapshots/snapshot-3", or the folder's name
-    path: str          # the export folder
-    config: dict       # its model.json
-    model: object = None
-
-    @property
-    def use_depth(self) -> bool:
-        return bool(self.config.get("use_depth", False))
-
-    def info(self) -> dict:
-        return {"name": self.name, "epoch": self.config.get("epoch"), "val_metric": self.config.get("val_metric")}
-
-
-def _read_config(export_dir: str) -> dict:
-    path = os.path.join(export_dir, rundir.EXPORT_CONFIG)
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except OSError as e:
-        raise PredictError(f"{path}: cannot read ({e.strerror})") from None
-    except ValueError as e:
-        raise PredictError(f"{path}: not valid JSON ({e}); re-export the model") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise PredictError(f"{path}: no 'model' configuration; not a salt_tf export")
-    return config
-
-
-def find_exports(path: str) -> list[LoadedModel]:
-    """The models `path` stands for (rundir.export_dirs: an export folder itself, else a run directory's
-    snapshots in order if any, else its export/), configs read but no weights (no TensorFlow needed). A
-    model's name is its folder relative to the run directory ("export", "snapshots/snapshot-3"), or the
-    export folder's own name."""
-    try:
-        dirs = rundir.export_dirs(path)
-    except rundir.RunDirError as e:
-        raise PredictError(str(e)) from None
-    if rundir.is_export(path):  # an export folder itself
-        return [LoadedModel(os.path.basename(os.path.normpath(path)), path, _read_config(path))]
-    return [LoadedModel(os.path.relpath(d, path), d, _read_config(d)) for d in dirs]
-
-
-def restore(entry: LoadedModel) -> LoadedModel:
-    """Builds the model of an export's config and restores its weights into it."""
-    tf = tfstart.import_tensorflow()  # the first TensorFlow import of a command: no CUDA noise on a CPU
-
-    from salt_tf import checkpoints, model as model_lib
-
-    config_path = os.path.join(entry.path, rundir.EXPORT_CONFIG)
-    try:
-        model = model_lib.build_model(model_lib.ModelConfig(**entry.config["model"]))
-    except (TypeError, ValueError) as e:
-        raise PredictError(f"{config_path}: bad model configuration ({e})") from None
-    try:
-        checkpoints.restore_exported_weights(entry.path, model)
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-        detail = (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()[0]
-        raise PredictError(f"{entry.path}: cannot restore the exported weights ({detail}); the export is "
-                           "incomplete or belongs to another model configuration") from None
-    entry.model = model
-    return entry
-
-
-def load_models(path: str) -> list[LoadedModel]:
-    """The models `path` stands for (see find_exports), built and with their weights restored."""
-    return [restore(entry) for entry in find_exports(path)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Images in, submission out.
-
-
-def read_image_folder(directory: str, skip_bad: bool = False):
-    """(ids, images uint8 [N,101,101], bad [(path, reason)]) of every PNG in `directory`, sorted by id.
-
-    Every file is read before anything else happens: without skip_bad, an unreadable one raises DataError
-    naming it (and how many are bad); with skip_bad they are left out and returned in `bad`.
-    """
-    ids = kaggle.list_images(directory)
-    if not ids:
-        raise kaggle.DataError(f"{directory}: no PNG images")
-    names = {os.path.splitext(n)[0]: n for n in os.listdir(directory) if n.lower().endswith(".png")}
-    kept, images, bad = [], [], []
-    for id_ in ids:
-        path = os.path.join(directory, names[id_])
-        try:
-            images.append(kaggle.read_png(path, kind="image"))
-            kept.append(id_)
-        except kaggle.DataError as e:
-            bad.append((path, str(e)))
-    if bad and not skip_bad:
-        extra = f"; {len(bad)} of {len(ids)} files are unreadable" if len(bad) > 1 else ""
-        raise kaggle.DataError(f"{bad[0][1]}{extra} (--skip_bad predicts the others)")
-    if not kept:
-        raise kaggle.DataError(f"{directory}: none of the {len(ids)} PNG files is readable")
-    return kept, np.stack(images), bad
-
-
-def read_depths_csv(path: str) -> dict[str, float]:
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        return dict(zip(frame["id"].str.strip(), frame["z"].astype(float)))
-    except FileNotFoundError:
-        raise kaggle.DataError(f"{path}: file not found; pass --depths=<depths.csv> for a --use_depth model") \
-            from None
-    except (KeyError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise kaggle.DataError(f"{path}: not a depths CSV with columns id,z ({e})") from None
-
-
-def model_inputs(ids: Sequence[str], images: np.ndarray, use_depth: bool,
-                 depths: dict[str, float] | None = None) -> np.ndarray:
-    """Model inputs [N,101,101,C] of uint8 images, prepared exactly as in training (pipeline.to_arrays)."""
-    from salt_tf import pipeline
-
-    z = np.array([np.nan if depths is None else depths.get(i, np.nan) for i in ids], dtype=np.float32)
-    # to_arrays also converts masks; these placeholders are never used.
-    labelled = kaggle.LabelledSet(np.asarray(ids, dtype=object), images, np.zeros((len(ids), 1, 1), np.uint8), z)
-    try:
-        return pipeline.to_arrays(labelled, use_depth)[0]
-    except ValueError as e:
-        raise kaggle.DataError(str(e)) from None
+def _model_share(display: progress.Progress, start: int, count: int, model: int,
+                 models: int) -> tta.ProgressCallback:
+    """The progress callback of one model's pass over images [start, start + count) that each of `models` models
+    predicts: an image counts 1/models per model, so the display moves during every pass (not only the last)
+    and reaches start + count when the last model is done."""
+    return lambda done, _: display.update(start + (model * count + done) // models)
 
 
 def submission_text(ids: Sequence[str], masks: np.ndarray) -> str:
@@ -362,76 +151,86 @@ def write_submission(path: str, ids: Sequence[str], masks: np.ndarray) -> None:
     rundir.write_text(path, submission_text(ids, masks))
 
 
+def with_empty_masks(ids: Sequence[str], masks: np.ndarray, missing: Sequence[str]):
+    """ids and masks with an empty mask for each id of `missing`, all in id order."""
+    every = list(ids) + list(missing)
+    order = sorted(range(len(every)), key=lambda i: every[i])
+    filled = np.concatenate([masks, np.zeros((len(missing),) + masks.shape[1:], dtype=masks.dtype)])
+    return [every[i] for i in order], filled[order]
+
+
 # ---------------------------------------------------------------------------------------------------------
-# The two commands.
+# submit.
 
 
-def _say(message: str = "") -> None:
-    print(message, flush=True)
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def load_ensemble(run_dir: str, entries: list[LoadedModel]) -> ensemble.Ensemble | None:
-    """The ensemble.json of `run_dir` (None if it has none), checked against the models it was fitted on.
+def run_submit(fv: flags.FlagValues) -> int:
+    """`predict submit`: the submission CSV (and mask PNGs) of --model_dir's models on the images of --images.
 
     Args:
-        run_dir: a run directory or an export folder (as --model_dir).
-        entries: its models (find_exports), in order.
+        fv: the parsed flags of define_submit_flags.
 
     Returns:
-        The saved choice, or None.
-
-    Raises:
-        PredictError: unreadable, or fitted on other models (one line naming both lists).
+        0; every problem a user can fix raises (PredictError, exports.ExportError, kaggle.DataError,
+        flags.Error) before anything is written.
     """
-    path = os.path.join(run_dir, rundir.ENSEMBLE_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        chosen = ensemble.Ensemble.load(path)
-    except ValueError as e:
-        raise PredictError(str(e)) from None
-    fitted = [(m.get("name"), m.get("epoch")) for m in chosen.models]
-    now = [(e.name, e.config.get("epoch")) for e in entries]
-    if fitted != now:
-        raise PredictError(
-            f"{path}: fitted on models {', '.join(f'{n} (epoch {e})' for n, e in fitted)} but {run_dir} now has "
-            f"{', '.join(f'{n} (epoch {e})' for n, e in now)}; rerun with --evaluate, or pass --nouse_ensemble")
-    return chosen
+    cli.require_model_dir(fv)
+    _check_output(fv)
+    # Cheap checks first (no TensorFlow): the models' configs, then every image.
+    entries = exports.find_exports(fv.model_dir)
+    chosen, views = _ensemble_and_views(fv, entries)
+    ids, images, bad = kaggle.read_image_folder(fv.images, fv.skip_bad)
+    for path, reason in bad:
+        _warn(f"skipped {path}: {reason}")
+    depths = _depths(fv, entries, ids)
+    choice, how = _postprocessing(fv, entries, chosen)
+    for entry in entries:
+        exports.restore(entry)
+    _say(tfstart.device_summary())
+    _say(f"predict: {len(ids)} images of {fv.images}; {len(entries)} model(s) of {fv.model_dir} "
+         f"({', '.join(e.name for e in entries)}); {how}; tta {'+'.join(views)}; {choice.describe()}")
+    started = time.time()
+    masks = _predict_masks(fv, entries, chosen, choice, views, ids, images, depths)
+    _write_outputs(fv, ids, masks, bad, started)
+    return 0
 
 
-def run_predict(fv: flags.FlagValues) -> int:
+def _check_output(fv: flags.FlagValues) -> None:
+    """--images and --output are given, and --output can be a new file."""
     if not fv.images or not fv.output:
-        raise PredictError("--images and --output are required (or pass --evaluate)")
+        raise PredictError("--images and --output are required: the folder of PNG images to predict and the "
+                           "submission CSV to write")
     output_parent = os.path.dirname(os.path.abspath(fv.output))
     if not os.path.isdir(output_parent):
         raise PredictError(f"--output={fv.output}: folder {output_parent} does not exist")
     if os.path.isdir(fv.output):
         raise PredictError(f"--output={fv.output}: is a folder; give a file name such as submission.csv")
 
-    # Cheap checks first (no TensorFlow): the models' configs, then every image.
-    entries = find_exports(fv.model_dir)
+
+def _ensemble_and_views(fv: flags.FlagValues, entries: list[exports.LoadedModel]):
+    """(the ensemble.json to apply or None, the TTA views): --tta if given, else ensemble.json's, else hflip."""
     chosen = None
     if fv.use_ensemble:  # a run's ensemble.json, or an evaluated export folder's own (e.g. <run>/swa)
-        chosen = load_ensemble(fv.model_dir, entries)
-    tta = parse_tta(fv.tta)
+        chosen = exports.load_ensemble(fv.model_dir, entries)
+    views = tta.parse_tta(fv.tta)
     if chosen is not None:
         if not fv["tta"].present:
-            tta = tuple(chosen.tta)
-        elif tuple(chosen.tta) != tta:
+            views = tuple(chosen.tta)
+        elif tuple(chosen.tta) != views:
             _warn(f"--tta={fv.tta} differs from the TTA ensemble.json was fitted with ({'+'.join(chosen.tta)})")
-    ids, images, bad = read_image_folder(fv.images, fv.skip_bad)
-    for path, reason in bad:
-        _warn(f"skipped {path}: {reason}")
-    depths = None
-    if any(e.use_depth for e in entries):
-        depths_path = fv.depths or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(fv.images))),
-                                                "depths.csv")
-        depths = read_depths_csv(depths_path)
+    return chosen, views
 
+
+def _depths(fv: flags.FlagValues, entries: list[exports.LoadedModel], ids: Sequence[str]) -> np.ndarray:
+    """float32 [N] depths of the images (NaN where none); the depths CSV is read only if a model uses depth."""
+    depths = {}
+    if any(e.use_depth for e in entries):
+        path = fv.depths or kaggle.depths_file_of_images(fv.images)
+        depths = kaggle.read_depths(path, missing_hint="pass --depths=<depths.csv> for a --use_depth model")
+    return kaggle.depth_array(depths, ids)
+
+
+def _postprocessing(fv: flags.FlagValues, entries: list[exports.LoadedModel], chosen):
+    """(the post-processing to apply, how the models are combined, in words); --threshold overrides."""
     if chosen is not None:
         choice = chosen.postprocessing
         how = f"{chosen.combine} ensemble of {len(entries)} from {rundir.ENSEMBLE_FILE}" if len(entries) > 1 \
@@ -442,36 +241,41 @@ def run_predict(fv: flags.FlagValues) -> int:
         how = "mean of the models" if len(entries) > 1 else "single model"
     if fv.threshold is not None:
         choice = dataclasses.replace(choice, threshold=float(fv.threshold))
+    return choice, how
 
-    for entry in entries:
-        restore(entry)
-    _say(tfstart.device_summary())
-    _say(f"predict: {len(ids)} images of {fv.images}; {len(entries)} model(s) of {fv.model_dir} "
-         f"({', '.join(e.name for e in entries)}); {how}; tta {'+'.join(tta)}; {choice.describe()}")
+
+def _predict_masks(fv, entries, chosen, choice, views, ids, images, depths) -> np.ndarray:
+    """The masks bool [N,101,101] of all images, chunk by chunk (_chunk): every model's TTA probabilities,
+    combined (ensemble.json's way, else the mean) and post-processed; the chunk's mask PNGs with --masks_dir."""
+    from salt_tf import pipeline  # TensorFlow is started (exports.restore)
+
     if fv.masks_dir:
         os.makedirs(fv.masks_dir, exist_ok=True)
-
-    started = time.time()
-    chunk = fv.batch_size * max(1, 2048 // fv.batch_size)
+    chunk = _chunk(fv.batch_size)
+    display = _progress("predict", len(ids), every=chunk)
     masks = np.zeros((len(ids), IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
     for start in range(0, len(ids), chunk):
         stop = min(start + chunk, len(ids))
-        inputs = {}
-        probabilities, heads = [], []
-        for entry in entries:
+        inputs, probabilities, heads = {}, [], []
+        for m, entry in enumerate(entries):
             if entry.use_depth not in inputs:
-                inputs[entry.use_depth] = model_inputs(ids[start:stop], images[start:stop], entry.use_depth, depths)
-            p, h = predict_with_head(entry.model, inputs[entry.use_depth], fv.batch_size, tta)
+                inputs[entry.use_depth] = pipeline.model_inputs(ids[start:stop], images[start:stop],
+                                                                depths[start:stop], entry.use_depth)
+            p, h = tta.predict_with_head(entry.model, inputs[entry.use_depth], fv.batch_size, views,
+                                         progress=_model_share(display, start, stop - start, m, len(entries)))
             probabilities.append(p)
             heads.append(h)
         combined = chosen.combine_probabilities(probabilities) if chosen is not None \
             else np.mean(probabilities, axis=0)
-        masks[start:stop] = postprocess.apply(combined, choice, mean_head(heads))
+        masks[start:stop] = postprocess.apply(combined, choice, tta.mean_head(heads))
         if fv.masks_dir:
             for id_, mask in zip(ids[start:stop], masks[start:stop]):
                 rundir.write_png(os.path.join(fv.masks_dir, f"{id_}.png"), mask.astype(np.uint8) * 255)
-        elapsed = time.time() - started
-        _say(f"  {stop}/{len(ids)} images  {stop / max(elapsed, 1e-9):.1f} images/s")
+    return masks
+
+
+def _write_outputs(fv: flags.FlagValues, ids: list[str], masks: np.ndarray, bad: list, started: float) -> None:
+    """Writes the submission (bad files as empty masks with --bad_as_empty) and says what was written."""
     if bad and fv.bad_as_empty:  # one row per image of the folder, in id order, as without bad files
         ids, masks = with_empty_masks(ids, masks, [os.path.splitext(os.path.basename(p))[0] for p, _ in bad])
     write_submission(fv.output, ids, masks)
@@ -485,37 +289,65 @@ def run_predict(fv: flags.FlagValues) -> int:
               if fv.bad_as_empty else
               f"--skip_bad --nobad_as_empty: {len(bad)} unreadable file(s) left out of {fv.output}, which Kaggle "
               f"rejects (every test id needs a row): {names}")
-    return 0
 
 
-def with_empty_masks(ids: Sequence[str], masks: np.ndarray, missing: Sequence[str]):
-    """ids and masks with an empty mask for each id of `missing`, all in id order."""
-    every = list(ids) + list(missing)
-    order = sorted(range(len(every)), key=lambda i: every[i])
-    filled = np.concatenate([masks, np.zeros((len(missing),) + masks.shape[1:], dtype=masks.dtype)])
-    return [every[i] for i in order], filled[order]
+# ---------------------------------------------------------------------------------------------------------
+# evaluate.
 
 
 def run_evaluate(fv: flags.FlagValues) -> int:
-    tfstart.import_tensorflow()  # before pipeline imports it
-    from salt_tf import pipeline
-    from salt_tf.data import splits
+    """`predict evaluate`: the table of --model_dir's models on the run's validation images, and ensemble.json.
 
+    Args:
+        fv: the parsed flags of define_evaluate_flags.
+
+    Returns:
+        0; every problem a user can fix raises (PredictError, exports.ExportError, kaggle.DataError,
+        flags.Error) before anything is written.
+    """
+    cli.require_model_dir(fv)
+    tfstart.import_tensorflow()  # before pipeline imports it
     # A run directory, or one export folder inside a run (its swa/, export/ or a snapshot): then the run's split
-    # and data are used and ensemble.json goes into the export folder, where predict finds it.
+    # and data are used and ensemble.json goes into the export folder, where submit finds it.
     target = fv.model_dir
     run_dir = rundir.source_run_dir(target) if rundir.is_export(target) else target
-    split_path = os.path.join(run_dir, rundir.SPLIT_FILE)
-    if not os.path.isfile(split_path):
-        raise PredictError(f"{target}: --evaluate needs a run directory (with split.csv and export/ or "
+    entries = _evaluated_models(target, run_dir)
+    views = tta.parse_tta(fv.tta)
+    data, data_dir, which = _evaluation_data(fv, run_dir)
+    for entry in entries:
+        exports.restore(entry)
+    _say(tfstart.device_summary())
+    _say(f"evaluate: {len(entries)} model(s) of {run_dir} ({', '.join(e.name for e in entries)}) on "
+         f"{len(data.ids)} images ({which}) of {data_dir}; tta {'+'.join(views)}; {fv.folds}-fold CV over images")
+    started = time.time()
+    predictions = _predict_validation(fv, entries, data, views)
+    chosen = _report_evaluation(fv, entries, data, views, predictions, started, time.time() - started)
+    if fv.write_ensemble:
+        path = os.path.join(target, rundir.ENSEMBLE_FILE)
+        chosen.save(path)
+        _say(f"wrote {path}")
+    return 0
+
+
+def _evaluated_models(target: str, run_dir: str) -> list[exports.LoadedModel]:
+    """The models of --model_dir, which must be a run directory or an export folder inside one."""
+    if not os.path.isfile(os.path.join(run_dir, rundir.SPLIT_FILE)):
+        raise PredictError(f"{target}: evaluate needs a run directory (with split.csv and export/ or "
                            "snapshots/) or an export folder inside one")
-    entries = find_exports(target)
-    tta = parse_tta(fv.tta)
+    return exports.find_exports(target)
+
+
+def _evaluation_data(fv: flags.FlagValues, run_dir: str):
+    """(the labelled images to evaluate on, their folder, which ids in words): --eval_ids of --data_dir, else of
+    the folder the run trained on."""
+    from salt_tf.data import splits
+
     try:
         data_dir = fv.data_dir or rundir.data_dir(run_dir)
     except rundir.RunDirError as e:
         raise PredictError(str(e)) from None
     if fv.eval_ids == "val":
+        split_path = os.path.join(run_dir, rundir.SPLIT_FILE)
         split = splits.read_split(split_path)
         if "role" not in split.columns:
             raise PredictError(f"{split_path}: no role column (train/val)")
@@ -523,25 +355,35 @@ def run_evaluate(fv: flags.FlagValues) -> int:
         which = "validation ids of split.csv"
     else:
         ids, which = None, "all labelled images"
-    data = kaggle.load_labelled(data_dir, ids)
-    for entry in entries:
-        restore(entry)
-    _say(tfstart.device_summary())
-    _say(f"evaluate: {len(entries)} model(s) of {run_dir} ({', '.join(e.name for e in entries)}) on "
-         f"{len(data.ids)} images ({which}) of {data_dir}; tta {'+'.join(tta)}; {fv.folds}-fold CV over images")
-    started = time.time()
+    return kaggle.load_labelled(data_dir, ids), data_dir, which
+
+
+def _predict_validation(fv: flags.FlagValues, entries: list[exports.LoadedModel], data: kaggle.LabelledSet,
+                        views: Sequence[str]):
+    """([plain], [TTA], [image head or None]) predictions of the evaluation images, one per model, with one
+    progress display over all models."""
+    from salt_tf import pipeline
+
+    display = _progress("evaluate", len(data.ids), every=_chunk(fv.batch_size))
     plain, with_tta, heads, inputs = [], [], [], {}
-    for entry in entries:
+    for m, entry in enumerate(entries):
         if entry.use_depth not in inputs:
             inputs[entry.use_depth] = pipeline.to_arrays(data, entry.use_depth)[0]
-        p, t, h = predict_plain_and_tta(entry.model, inputs[entry.use_depth], fv.batch_size, tta)
+        p, t, h = tta.predict_plain_and_tta(entry.model, inputs[entry.use_depth], fv.batch_size, views,
+                                            progress=_model_share(display, 0, len(data.ids), m, len(entries)))
         plain.append(p)
         with_tta.append(t)
         heads.append(h)
-    predicted = time.time() - started
+    return plain, with_tta, heads
+
+
+def _report_evaluation(fv, entries, data, views, predictions, started: float, predicted: float) -> ensemble.Ensemble:
+    """Prints the evaluation table, the image head's scores, the choice and the breakdown; returns the choice.
+    `predictions`: (plain, with_tta, heads) of _predict_validation; `predicted`: seconds spent predicting."""
+    plain, with_tta, heads = predictions
     names = [e.name for e in entries]
-    has_salt = mean_head(heads)
-    rows, chosen = ensemble.evaluate(data.masks, np.stack(with_tta), names, np.stack(plain), tta=tta,
+    has_salt = tta.mean_head(heads)
+    rows, chosen = ensemble.evaluate(data.masks, np.stack(with_tta), names, np.stack(plain), tta=views,
                                      folds=fv.folds, l2=fv.stack_l2, model_info=[e.info() for e in entries],
                                      has_salt=has_salt)
     if has_salt is not None:
@@ -561,11 +403,18 @@ def run_evaluate(fv: flags.FlagValues) -> int:
     _say(f"chosen: {chosen.combine} of {len(entries)} + postprocessing ({chosen.postprocessing.describe()}), "
          f"cv {cv:.4f}{weights}  [{len(data.ids) / max(predicted, 1e-9):.1f} images/s predicted, "
          f"{time.time() - started:.1f} s in all]")
-    views = ensemble.views_label(tta)
-    label = "plain" if views == "none" else f"tta {views}"
+    _report_breakdown(names, data, views, with_tta, chosen)
+    return chosen
+
+
+def _report_breakdown(names: list[str], data: kaggle.LabelledSet, views: Sequence[str], with_tta: list,
+                      chosen: ensemble.Ensemble) -> None:
+    """Prints where the points are lost per model (and their mean), and the choice against the best single."""
+    shown = ensemble.views_label(views)
+    label = "plain" if shown == "none" else f"tta {shown}"
     named = [(f"{name} ({label})", ensemble.error_breakdown(data.masks, p > 0.5)) for name, p in zip(names, with_tta)]
-    if len(entries) > 1:
-        named.append((f"mean of {len(entries)} ({label})",
+    if len(names) > 1:
+        named.append((f"mean of {len(names)} ({label})",
                       ensemble.error_breakdown(data.masks, np.mean(with_tta, 0) > 0.5)))
     _say("where the points are lost, at threshold 0.5 (score per coverage group; images without salt that got "
          "some; images with salt that got none; the score with no salt on images without any):")
@@ -574,52 +423,52 @@ def run_evaluate(fv: flags.FlagValues) -> int:
     _say(f"vs the best single model by cv, {versus['model']} ({versus['cv']:.4f}): {versus['difference']:+.4f} "
          f"(95% interval {versus['ci95'][0]:+.4f} .. {versus['ci95'][1]:+.4f}, paired bootstrap over the "
          f"{len(data.ids)} images)")
-    if fv.write_ensemble:
-        path = os.path.join(target, rundir.ENSEMBLE_FILE)
-        chosen.save(path)
-        _say(f"wrote {path}")
-    return 0
 
 
-def parse_command_line(argv: Sequence[str], flag_values: flags.FlagValues, doc: str, error: type) -> bool:
-    """Parses a model command's argv (predict, serving) into `flag_values`.
+# ---------------------------------------------------------------------------------------------------------
+# The command line.
 
-    Returns:
-        False when it printed the help (the first two paragraphs of `doc`, then the flags): nothing more to do.
-    Raises:
-        flags.Error for a bad flag; `error` (one line) for a stray argument or a missing --model_dir.
-    """
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        _say("\n\n".join(doc.split("\n\n")[:2]) + "\n")
-        _say(flag_values.get_help())
-        return False
-    flag_values.unparse_flags()
-    remaining = flag_values(list(argv))
-    if len(remaining) > 1:
-        raise error(f"unexpected arguments: {' '.join(remaining[1:])}; flags take the form --name=value")
-    if not flag_values.model_dir:
-        raise error("--model_dir is required: a run directory or an export folder")
-    return True
+_EVALUATE_FLAG = re.compile(r"^--?(no)?evaluate(?:=(.*))?$")
 
 
-def main(argv: Sequence[str] | None = None, flag_values: flags.FlagValues = PREDICT_FLAGS) -> int:
+def old_form(argv: list[str]) -> str | None:
+    """The one line for a command line of before the subcommands (flags only; `--evaluate` for the evaluation):
+    the same command in the new form. None when argv is not such a command line."""
+    if not argv[1].startswith("-"):
+        return None
+    evaluate, rest = False, []
+    for arg in argv[1:]:
+        match = _EVALUATE_FLAG.match(arg)
+        if match:  # absl's boolean forms: --evaluate, --noevaluate, --evaluate=true|false|1|0|t|f
+            evaluate = not match.group(1) and (match.group(2) or "true").lower() in ("true", "t", "1")
+        else:
+            rest.append(arg)
+    command = " ".join(["python -m salt_tf.predict", "evaluate" if evaluate else "submit", shlex.join(rest)])
+    return (f"salt_tf.predict: the command is now `{command.strip()}` (a subcommand first: submit predicts a "
+            "folder, evaluate replaces --evaluate)")
+
+
+PROGRAM = cli.Program(
+    module="salt_tf.predict",
+    overview=__doc__.split("\n\n")[0],
+    commands=(
+        cli.Subcommand("submit", "predict a folder of images: the submission CSV (and mask PNGs)",
+                       "--model_dir=RUN --images=DIR --output=submission.csv [--flag=value ...]",
+                       define_submit_flags, run_submit, description=SUBMIT_HELP),
+        cli.Subcommand("evaluate", "score the run's models on its validation images: the table and ensemble.json",
+                       "--model_dir=RUN [--flag=value ...]", define_evaluate_flags, run_evaluate,
+                       description=EVALUATE_HELP),
+    ),
+    user_errors=(PredictError, exports.ExportError, kaggle.DataError),
+    writes=True,
+    old_form=old_form,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 2 bad flags/data/model, 1 a failing write)."""
-    argv = list(sys.argv if argv is None else argv)
-    define_flags(flag_values)
-    try:
-        if not parse_command_line(argv, flag_values, __doc__, PredictError):
-            return 0
-        if flag_values.evaluate:
-            return run_evaluate(flag_values)
-        return run_predict(flag_values)
-    except (flags.Error, PredictError, kaggle.DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except OSError as e:
-        print(f"error: cannot write {e.filename or ''}: {e.strerror or e}; check the folder's permissions and "
-              "free space", file=sys.stderr, flush=True)
-        return 1
+    return cli.main(PROGRAM, sys.argv if argv is None else argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())  # TensorFlow is first imported by restore(), through tfstart
+    sys.exit(main())  # TensorFlow is first imported by exports.restore(), through tfstart

@@ -39,7 +39,9 @@ class Progress:
         total: items in this loop (steps of the epoch, images to predict).
         label: what the loop is, e.g. "epoch 3/24" or "predict"; starts each plain line.
         unit: name of an item, plural in rates ("step" -> "steps/s").
-        every: plain mode: a line every `every` items (0: none); the terminal bar redraws at most 20 times/s.
+        every: plain mode: a line each time `done` reaches or passes a multiple of `every` (0: none), so
+            updates in steps of any size (batches, parts of batches) give the same lines; the terminal bar
+            redraws at most 20 times/s.
         items_per_unit: images per item, for an images/s figure (the batch size for steps; 1 for images).
         remaining_after: items still to come after this loop in the same run (later epochs), so the time left
             in the run can be estimated at this loop's rate; None when unknown or irrelevant.
@@ -64,6 +66,7 @@ class Progress:
             self._bar = Progbar(self.total, unit_name=unit, stateless_metrics=set())
         self._start_time = clock()
         self._start_done: int | None = None
+        self._last_done = 0
 
     def update(self, done: int, values: dict[str, float] | None = None) -> None:
         """Reports that `done` items of `total` are finished; `values` are shown as they are (e.g. mean loss).
@@ -72,7 +75,7 @@ class Progress:
         saved step) does not look faster than it is.
         """
         if self._start_done is None:  # the first call fixes the origin of the rate
-            self._start_done, self._start_time = done, self.clock()
+            self._start_done, self._start_time, self._last_done = done, self.clock(), done
             if self._bar is None:
                 return
         if self._bar is not None:
@@ -81,8 +84,9 @@ class Progress:
             if run_left is not None:
                 shown.append(("run_left_min", run_left / 60))
             self._bar.update(done, shown, finalize=done >= self.total)
-        elif self.every and done % self.every == 0 and done < self.total:
+        elif self.every and done < self.total and done // self.every > self._last_done // self.every:
             self.log("%s", self.line(done, values))
+        self._last_done = done
 
     def line(self, done: int, values: dict[str, float] | None = None) -> str:
         """The plain progress line for `done` items, e.g. `epoch 2/12 step 40/88  loss 0.61  31.2 img/s ...`."""

@@ -7,7 +7,7 @@
       metrics.csv        METRICS_FILE      one row per finished epoch
       fingerprints.json  FINGERPRINTS_FILE per epoch, the SHA-256 of every variable
       skipped.csv        SKIPPED_FILE      with --nostrict: examples left out and why
-      ensemble.json      ENSEMBLE_FILE     written by `predict --evaluate`
+      ensemble.json      ENSEMBLE_FILE     written by `predict evaluate`
       .lock              LOCK_FILE         flock-ed by the one training process writing the directory
       checkpoints/       CHECKPOINTS_DIR   step-N (TensorFlow's state file CHECKPOINT_STATE) and best/ (BEST_DIR)
       export/            EXPORT_DIR        an export: model.json (EXPORT_CONFIG) + weights.* (EXPORT_WEIGHTS)

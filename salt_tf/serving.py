@@ -17,8 +17,8 @@ and returns
 
 Inside the graph, as the predict command does it: the model input is image / 255 in float32 (plus the
 depth / 1000 plane for --use_depth models: pipeline.to_arrays); each model's probabilities are averaged over
-the TTA views, each un-flipped (predict.tta_function, the same compiled function predict uses); the models
-are combined as predict combines them: the run's ensemble.json (written by predict --evaluate) if there is
+the TTA views, each un-flipped (salt_tf.tta.tta_function, the same compiled function predict uses); the models
+are combined as predict combines them: the run's ensemble.json (written by `predict evaluate`) if there is
 one, mean or stacked meta-model (ensemble.Stacker: the logistic regression on the models' clipped logits,
 computed in float64 as there), else the mean. The threshold is ensemble.json's post-processing threshold,
 else a single export's validation threshold, else 0.5; --threshold overrides it. The other post-processing
@@ -39,7 +39,8 @@ from typing import Sequence
 
 from absl import flags
 
-from salt_tf import IMAGE_SIZE, ensemble, predict, rundir, tfstart
+from salt_tf import IMAGE_SIZE, cli, ensemble, exports, rundir, tfstart
+from salt_tf import tta as tta_lib  # `tta` is the parameter (the views) below
 
 SERVING_FLAGS = flags.FlagValues()
 SIGNATURE = "serving_default"
@@ -54,7 +55,7 @@ def define_flags(flag_values: flags.FlagValues = SERVING_FLAGS) -> None:
     """Registers the serving flags in `flag_values` (idempotent)."""
     if "output" in flag_values:
         return
-    predict.define_model_flags(flag_values, " in the graph")
+    cli.define_model_flags(flag_values, " in the graph")
     flags.DEFINE_string("output", None, "Folder to write the SavedModel into (must not exist or be empty); "
                         "for TF Serving a numbered version folder such as serving/salt/1.",
                         flag_values=flag_values)
@@ -71,12 +72,12 @@ def _stacked(stacker: ensemble.Stacker, probabilities):
     return tf.cast(tf.sigmoid(tf.reduce_sum(weights * z, axis=0) + stacker.bias), tf.float32)
 
 
-def build_module(entries: Sequence[predict.LoadedModel], tta: Sequence[str], threshold: float,
+def build_module(entries: Sequence[exports.LoadedModel], tta: Sequence[str], threshold: float,
                  chosen: ensemble.Ensemble | None = None):
     """The tf.Module to save: restored models, their TTA and combination, and the serving function.
 
     Args:
-        entries: the models (predict.find_exports + predict.restore), in ensemble.json's order.
+        entries: the models (exports.find_exports + exports.restore), in ensemble.json's order.
         tta: the views ("none", "hflip", "vflip") averaged per model, as in predict.
         threshold: masks are probabilities > threshold.
         chosen: the run's ensemble.json (None: the mean of the models).
@@ -95,7 +96,7 @@ def build_module(entries: Sequence[predict.LoadedModel], tta: Sequence[str], thr
     module.models = [e.model for e in entries]  # tracked: their variables are saved with the graph
     # Keras 3 variables wrap tf.Variables; list those too so the SavedModel holds every one of them.
     module.model_variables = [getattr(v, "value", v) for e in entries for v in e.model.weights]
-    runs = [predict.tta_function(e.model, tta, 2 if e.use_depth else 1) for e in entries]
+    runs = [tta_lib.tta_function(e.model, tta, 2 if e.use_depth else 1) for e in entries]
 
     def serve(images, depths=None):
         images = tf.convert_to_tensor(images)
@@ -152,7 +153,7 @@ def export_savedmodel(model_dir: str, output: str, tta: str | None = None, thres
         threshold, inputs, and the post-processing rules left out of the graph.
 
     Raises:
-        ServingError, predict.PredictError: one line naming the bad path or flag.
+        ServingError, exports.ExportError, flags.Error: one line naming the bad path or flag.
     """
     if not output:
         raise ServingError("--output is required: the folder to write the SavedModel into")
@@ -160,9 +161,9 @@ def export_savedmodel(model_dir: str, output: str, tta: str | None = None, thres
     if os.path.isfile(output) or (os.path.isdir(output) and os.listdir(output)):
         raise ServingError(f"--output={output}: exists and is not an empty folder; choose a new folder (for TF "
                            "Serving a new version number)")
-    entries = predict.find_exports(model_dir)
-    chosen = predict.load_ensemble(model_dir, entries) if use_ensemble else None
-    views = predict.parse_tta(tta) if tta is not None else tuple(chosen.tta) if chosen else predict.DEFAULT_TTA
+    entries = exports.find_exports(model_dir)
+    chosen = exports.load_ensemble(model_dir, entries) if use_ensemble else None
+    views = tta_lib.parse_tta(tta) if tta is not None else tuple(chosen.tta) if chosen else tta_lib.DEFAULT_TTA
     if chosen is not None:
         chosen_threshold = chosen.postprocessing.threshold
     else:
@@ -172,7 +173,7 @@ def export_savedmodel(model_dir: str, output: str, tta: str | None = None, thres
 
     tf = tfstart.import_tensorflow()
     for entry in entries:
-        predict.restore(entry)
+        exports.restore(entry)
     module = build_module(entries, views, threshold, chosen)
     use_depth = any(e.use_depth for e in entries)
     left_out = {}
@@ -196,19 +197,17 @@ def main(argv: Sequence[str] | None = None, flag_values: flags.FlagValues = SERV
     """The command line; returns the exit status (0 ok, 2 bad flags or model folder, 1 a failing write)."""
     argv = list(sys.argv if argv is None else argv)
     define_flags(flag_values)
-    try:
-        if not predict.parse_command_line(argv, flag_values, __doc__, ServingError):
-            return 0
-        tta = flag_values.tta if flag_values["tta"].present else None
-        info = export_savedmodel(flag_values.model_dir, flag_values.output, tta, flag_values.threshold,
-                                 flag_values.use_ensemble)
-    except (flags.Error, ServingError, predict.PredictError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except OSError as e:
-        print(f"error: cannot write {e.filename or flag_values.output}: {e.strerror or e}; check the folder's "
-              "permissions and free space", file=sys.stderr, flush=True)
-        return 1
+    return cli.run_reporting(lambda: _command(argv, flag_values), (ServingError, exports.ExportError),
+                             output=lambda: flag_values.output)
+
+
+def _command(argv: list[str], flag_values: flags.FlagValues) -> int:
+    """Parses argv, writes the SavedModel and says what it wrote (and which post-processing it left out)."""
+    if not cli.parse_single(argv, flag_values, __doc__):
+        return 0
+    tta = flag_values.tta if flag_values["tta"].present else None
+    info = export_savedmodel(flag_values.model_dir, flag_values.output, tta, flag_values.threshold,
+                             flag_values.use_ensemble)
     print(tfstart.device_summary(), flush=True)
     if info["postprocessing_not_in_graph"]:
         rules = ", ".join(f"{k}={v}" for k, v in info["postprocessing_not_in_graph"].items())

@@ -175,3 +175,42 @@ def test_duplicate_ids_and_missing_files(tmp_path, demo_dir):
         kaggle.load_labelled(root)
     with pytest.raises(kaggle.DataError, match="data folder not found"):
         kaggle.load_labelled(str(tmp_path / "nowhere"))
+
+
+def test_one_depths_reader_for_training_and_prediction(tmp_path):
+    """kaggle.read_depths reads the data folder's depths.csv (training) and predict's --depths alike: BOM, CRLF,
+    spaces around names and ids; every problem one line naming the file, a missing one with the caller's fix."""
+    path = tmp_path / "depths.csv"
+    path.write_bytes("\ufeffid , z\r\n a ,120\r\nb,955.5\r\n".encode())
+    depths = kaggle.read_depths(str(path))
+    assert depths == {"a": 120.0, "b": 955.5}
+    np.testing.assert_array_equal(kaggle.depth_array(depths, ["b", "c", "a"]),
+                                  np.array([955.5, np.nan, 120.0], np.float32))
+    assert kaggle.depth_array(depths, ["a"]).dtype == np.float32
+    missing = str(tmp_path / "none.csv")
+    with pytest.raises(kaggle.DataError, match=r"none\.csv: file not found; is --data_dir the folder"):
+        kaggle.read_depths(missing)
+    with pytest.raises(kaggle.DataError, match=r"none\.csv: file not found; pass --depths=<depths\.csv>$"):
+        kaggle.read_depths(missing, missing_hint="pass --depths=<depths.csv>")
+    for text, message in [("id,z\na,1\na,2\n", "duplicate id 'a'"), ("id,z\na,deep\n", "column z must hold numbers"),
+                          ("id,depth\na,1\n", "missing column 'z'"), ("", "not a readable CSV")]:
+        path.write_text(text)
+        with pytest.raises(kaggle.DataError, match=message):
+            kaggle.read_depths(str(path))
+    assert kaggle.depths_file_of_images(os.path.join("/data", "tgs", "test", "images")) == \
+        os.path.join("/data", "tgs", "depths.csv")
+
+
+def test_read_image_folder_reads_every_png_in_id_order(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 101, 101), dtype=np.uint8)
+    for name, image in zip(("b.png", "a.PNG", "c.png"), images):
+        assert cv2.imwrite(str(tmp_path / name), image)
+    (tmp_path / "notes.txt").write_text("not an image")
+    ids, read, bad = kaggle.read_image_folder(str(tmp_path))
+    assert ids == ["a", "b", "c"] and bad == []
+    np.testing.assert_array_equal(read, images[[1, 0, 2]])
+    (tmp_path / "d.png").write_bytes(b"")
+    with pytest.raises(kaggle.DataError, match=r"d\.png: file is empty.*\(--skip_bad predicts the others\)"):
+        kaggle.read_image_folder(str(tmp_path))
+    ids, _, bad = kaggle.read_image_folder(str(tmp_path), skip_bad=True)
+    assert ids == ["a", "b", "c"] and [os.path.basename(p) for p, _ in bad] == ["d.png"]

@@ -56,6 +56,19 @@ def test_plain_lines_for_images_without_a_run_estimate():
                      "predict image 750/1000  50.0 img/s  5s left"]
 
 
+def test_plain_lines_when_updates_jump_over_a_multiple():
+    """Predict reports parts of batches (an image counts 1/M per model of M): a line comes each time `done`
+    reaches or passes a multiple of `every`, once, whatever the step."""
+    clock, lines = FakeClock(), []
+    bar = progress.Progress(14, label="predict", unit="image", every=4, stream=io.StringIO(), clock=clock,
+                            log=lambda fmt, text: lines.append(fmt % text))
+    for done in (0, 3, 7, 7, 8, 9, 12, 14):
+        clock.now += 1.0
+        bar.update(done)
+    assert [line.split("  ")[0] for line in lines] == ["predict image 7/14", "predict image 8/14",
+                                                       "predict image 12/14"]
+
+
 def test_no_lines_when_off():
     lines = []
     bar = progress.Progress(10, label="x", every=0, stream=io.StringIO(), log=lambda *a: lines.append(a))

@@ -24,8 +24,8 @@ def listing(folder) -> list[str]:
 
 
 def test_importing_rundir_and_its_users_in_the_data_layer_loads_no_tensorflow():
-    code = ("import sys; import salt_tf.rundir, salt_tf.records, salt_tf.runs, salt_tf.data.splits, "
-            "salt_tf.data.synthetic, salt_tf.ensemble; "
+    code = ("import sys; import salt_tf.rundir, salt_tf.records, salt_tf.runs, salt_tf.run_table, "
+            "salt_tf.curve_plot, salt_tf.data.splits, salt_tf.data.synthetic, salt_tf.ensemble; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'cv2')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=120)

@@ -14,6 +14,7 @@ the original is a process too. The list and diff tests then read those run direc
 import dataclasses
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from salt_tf import records, rundir, runs
+from salt_tf import curve_plot, records, run_table, rundir, runs
 from salt_tf.data import kaggle
 from train_helpers import TINY, reference_weights_sha256, tiny_argv
 
@@ -93,7 +94,7 @@ def lab(tmp_path_factory, demo_dir):
 
 
 def cli(capsys, *argv):
-    status = runs.main([str(a) for a in argv])
+    status = runs.main(["runs"] + [str(a) for a in argv])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
@@ -167,11 +168,11 @@ def test_reproduce_checks_the_init_checkpoint_first(lab, tmp_path):
     records.update_record(str(started), init_checkpoint={"path": str(source), "weights_sha256": recorded})
 
     def init_problems():
-        return [p for p in runs.check_before(runs.load_run(str(started)))["problems"] if "init checkpoint" in p]
+        return [p for p in runs.check_before(run_table.load_run(str(started)))["problems"] if "init checkpoint" in p]
 
     assert init_problems() == []
-    command = runs.reproduce_command(runs.load_run(str(started)), "elsewhere", 1, runs.check_before(
-        runs.load_run(str(started))))
+    command = runs.reproduce_command(run_table.load_run(str(started)), "elsewhere", 1, runs.check_before(
+        run_table.load_run(str(started))))
     assert command[-1] == f"--init_checkpoint={source}"
     data_file = next(source.glob("weights.data*"))
     content = data_file.read_bytes()
@@ -200,9 +201,9 @@ def test_list_shows_only_the_differing_flag(lab, capsys):
         assert row[-1] == (EDITED_LR if row[0] in EDITED else LR)
         summary = rundir.read_json(os.path.join(lab.run(row[0]), rundir.RECORD_FILE))["summary"]
         assert row[3] == f"{summary['best_val_metric']:.4f}" and row[5] == str(summary["epochs_completed"])
-    loaded = [runs.load_run(lab.run(name)) for name in sorted(ALL)]
-    assert runs.differing_flags(loaded) == ["learning_rate"]
-    assert runs.differing_flags(loaded[:2]) == []  # a and its reproduction: nothing but model_dir
+    loaded = [run_table.load_run(lab.run(name)) for name in sorted(ALL)]
+    assert run_table.differing_flags(loaded) == ["learning_rate"]
+    assert run_table.differing_flags(loaded[:2]) == []  # a and its reproduction: nothing but model_dir
 
 
 def test_list_where_filters(lab, capsys):
@@ -259,12 +260,12 @@ def test_incomplete_runs_are_listed_not_crashed_on(lab, tmp_path, capsys):
 
 def test_diff_reports_the_flag_the_curves_and_the_divergence(lab, tmp_path, capsys):
     a, b = lab.run("a"), lab.run("a_edited-reproduce-1")
-    d = runs.diff_runs(runs.load_run(a), runs.load_run(b))
+    d = run_table.diff_runs(run_table.load_run(a), run_table.load_run(b))
     assert d["flags"] == {"learning_rate": (LR, EDITED_LR)}
     assert d["data"] == {} and d["weights"]["first_divergence"] == 1
     ma, mb = records.read_metrics(a), records.read_metrics(b)
     assert [r["epoch"] for r in d["curves"]] == list(ma["epoch"]) == list(mb["epoch"])
-    for key in runs.CURVE_KEYS:
+    for key in run_table.CURVE_KEYS:
         assert [r[f"{key}_a"] for r in d["curves"]] == list(ma[key])
         assert [r[f"{key}_b"] for r in d["curves"]] == list(mb[key])
 
@@ -278,7 +279,7 @@ def test_diff_reports_the_flag_the_curves_and_the_divergence(lab, tmp_path, caps
                                           for m in (ma, mb)]
     image = cv2.imread(str(plot))
     assert image is not None and image.shape[0] > 200 and image.shape[1] > 400
-    for colour in runs.CV2_COLOURS:  # both runs are drawn (in either renderer: same colours)
+    for colour in curve_plot.CV2_COLOURS:  # both runs are drawn (in either renderer: same colours)
         assert (image == np.array(colour, np.uint8)).all(axis=-1).sum() > 10, colour
 
 
@@ -286,7 +287,7 @@ def test_diff_shows_a_changed_data_fingerprint(lab, capsys):
     a, b = lab.run("a"), lab.run("a-reproduce-2")
     fa, fb = (rundir.read_json(os.path.join(r, rundir.RECORD_FILE))["data"]["fingerprint"] for r in (a, b))
     assert fa != fb
-    d = runs.diff_runs(runs.load_run(a), runs.load_run(b))
+    d = run_table.diff_runs(run_table.load_run(a), run_table.load_run(b))
     assert d["data"] == {"fingerprint": (fa, fb)} and d["flags"] == {}
     _, out, _ = cli(capsys, "diff", a, b)
     assert f"  fingerprint: {fa[:12]} -> {fb[:12]}" in out.splitlines()
@@ -296,14 +297,14 @@ def test_opencv_plot_draws_both_curves(tmp_path):
     curves = [{"epoch": e, "val_metric_a": 0.3 + 0.1 * e, "val_metric_b": 0.5, "train_loss_a": 1.0 / e,
                "train_loss_b": None if e == 3 else 0.9} for e in (1, 2, 3)]
     path = str(tmp_path / "plot.png")
-    runs.plot_curves_cv2(curves, ("runs/a", "runs/b"), path)
+    curve_plot.plot_curves_cv2(curves, ("runs/a", "runs/b"), path)
     image = cv2.imread(path)
-    for colour in runs.CV2_COLOURS:
+    for colour in curve_plot.CV2_COLOURS:
         assert (image == np.array(colour, np.uint8)).all(axis=-1).sum() > 100
     # The two panels sit side by side: A's colour appears in both halves.
     left, right = image[:, : image.shape[1] // 2], image[:, image.shape[1] // 2:]
     for half in (left, right):
-        assert (half == np.array(runs.CV2_COLOURS[0], np.uint8)).all(axis=-1).any()
+        assert (half == np.array(curve_plot.CV2_COLOURS[0], np.uint8)).all(axis=-1).any()
 
 
 # ------------------------------------------------------------------------------------------------ edges
@@ -316,7 +317,7 @@ def test_reproduce_passes_data_dir_only_when_the_flagfile_names_another_folder(t
     started = str(tmp_path / "data")
 
     def run(flag, recorded):
-        return runs.Run(path="r", name="r", flags={"data_dir": flag} if flag else {},
+        return run_table.Run(path="r", name="r", flags={"data_dir": flag} if flag else {},
                         record={"data": {"dir": recorded}} if recorded else {}, metrics=pd.DataFrame())
 
     assert runs.data_dir_for(run("data", started)) == (started, False)         # relative, started here
@@ -324,7 +325,7 @@ def test_reproduce_passes_data_dir_only_when_the_flagfile_names_another_folder(t
     assert runs.data_dir_for(run("/abs/data", "/moved")) == ("/abs/data", False)
     assert runs.data_dir_for(run("data", None)) == (started, False)            # no record: from here
     assert runs.data_dir_for(run(None, "/else/data")) == ("/else/data", True)
-    with pytest.raises(runs.RunError, match=r"^r: no data folder recorded .*--data_dir="):
+    with pytest.raises(run_table.RunError, match=r"^r: no data folder recorded .*--data_dir="):
         runs.data_dir_for(run(None, None))
 
 
@@ -337,3 +338,27 @@ def test_bad_paths_stop_with_one_line(tmp_path, capsys, argv, message):
     status, out, err = cli(capsys, *[a.format(tmp=tmp_path) for a in argv])
     assert status == 2 and out == ""
     assert err.strip() == "error: " + message.format(tmp=tmp_path)
+
+
+def test_subcommands_have_their_own_help_and_one_line_errors(tmp_path, capsys):
+    status, out, _ = cli(capsys, "--help")
+    assert status == 0
+    assert [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()] == \
+        ["list", "diff", "reproduce"]
+    for command, own in [("list", {"sort", "where", "csv"}), ("diff", {"plot"}), ("reproduce", {"into"})]:
+        status, out, _ = cli(capsys, command, "--help")
+        assert status == 0 and out.startswith(f"usage: python -m salt_tf.runs {command} ")
+        assert set(re.findall(r"^  --(?:\[no\])?(\w+):", out, flags=re.M)) == own | {"flagfile", "undefok"}
+    for argv, expected in [([], "a command is needed; the commands are list, diff, reproduce"),
+                           (["lst", tmp_path], "unknown command 'lst'"),
+                           (["--csv", "list", tmp_path], "the command comes before the flags (--csv)"),
+                           (["list"], "python -m salt_tf.runs list needs LOG_ROOT"),
+                           (["diff", tmp_path], "python -m salt_tf.runs diff needs RUN_B"),
+                           (["reproduce", tmp_path, "extra"], "unexpected arguments: extra"),
+                           (["list", tmp_path, "--sort=size"], "--sort"),
+                           (["list", tmp_path / "none"], "none: no such directory"),
+                           (["diff", tmp_path, tmp_path, "--plots=x.png"], "Unknown command line flag 'plots'")]:
+        status, out, err = cli(capsys, *argv)
+        assert status == 2 and out == "", argv
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, (argv, err)
+

@@ -13,7 +13,9 @@ import keras
 import numpy as np
 import pytest
 
-from salt_tf import checkpoints, ensemble, model as model_lib, postprocess, predict, rundir, serving, tfstart
+from salt_tf import (checkpoints, ensemble, exports, model as model_lib, pipeline, postprocess, rundir, serving,
+                     tfstart, tta)
+from salt_tf.data import kaggle
 from train_helpers import REPO_ROOT
 
 S = 101
@@ -150,8 +152,9 @@ def test_savedmodel_of_a_plain_model_and_a_depth_model_gives_predicts_probabilit
 
     # The predict command's path: its loader, its input preparation, its TTA.
     ids = [f"i{k}" for k in range(len(images))]
-    plain = predict.restore(predict.find_exports(str(plain_run))[0]).model
-    expected = predict.predict_probabilities(plain, predict.model_inputs(ids, images, False), batch_size=2)
+    plain = exports.restore(exports.find_exports(str(plain_run))[0]).model
+    no_depths = kaggle.depth_array({}, ids)
+    expected = tta.predict_probabilities(plain, pipeline.model_inputs(ids, images, no_depths, False), batch_size=2)
     for name in ("gray", "one", "rgb"):
         probabilities, masks, dtypes = got[name]
         assert dtypes == {"masks_dtype": "uint8", "p_dtype": "float32"}
@@ -163,10 +166,10 @@ def test_savedmodel_of_a_plain_model_and_a_depth_model_gives_predicts_probabilit
                                rtol=0, atol=1e-5)
     assert 0 < got["gray"][1].sum() < got["gray"][1].size
 
-    with_depth = predict.restore(predict.find_exports(str(depth_run))[0]).model
-    inputs = predict.model_inputs(ids, images, True, dict(zip(ids, depths)))
+    with_depth = exports.restore(exports.find_exports(str(depth_run))[0]).model
+    inputs = pipeline.model_inputs(ids, images, kaggle.depth_array(dict(zip(ids, depths)), ids), True)
     probabilities, masks, _ = got["depth"]
-    np.testing.assert_allclose(probabilities, predict.predict_probabilities(with_depth, inputs), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probabilities, tta.predict_probabilities(with_depth, inputs), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(masks, (probabilities > 0.52).astype(np.uint8))
     info = json.loads((tmp_path / "served" / "depth" / "1" / serving.METADATA).read_text())
     assert info["inputs"] == ["images", "depths"] and info["threshold"] == 0.52
@@ -179,7 +182,7 @@ def test_savedmodel_of_a_snapshot_ensemble_averages_the_snapshots_with_tta(tmp_p
     images = _images(4, seed=3)
     x = images[..., None].astype(np.float32) / 255.0
     per_model = [_tta_reference(m, x) for m in models]
-    entries = predict.find_exports(str(run))
+    entries = exports.find_exports(str(run))
     named = [{"name": e.name, "epoch": e.config.get("epoch")} for e in entries]
     stacker = ensemble.Stacker(weights=np.array([0.6, 1.3, -0.4]), bias=0.2, models=[e.name for e in entries])
     mean = np.mean(per_model, axis=0)

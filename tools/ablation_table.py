@@ -23,18 +23,18 @@ import sys
 
 
 def final_export(run_dir: str) -> str:
-    from salt_tf import predict
+    from salt_tf import exports
 
-    entries = predict.find_exports(run_dir)
+    entries = exports.find_exports(run_dir)
     return entries[-1].path  # the last snapshot (cosine: the end of the run) or export/
 
 
 def row(name: str, export_dir: str, data, reference_scores=None, seconds=None) -> dict:
-    from salt_tf import ensemble, metrics, model as model_lib, pipeline, predict
+    from salt_tf import ensemble, exports, metrics, model as model_lib, pipeline, tta
 
-    entry = predict.restore(predict.find_exports(export_dir)[0])
+    entry = exports.restore(exports.find_exports(export_dir)[0])
     inputs = pipeline.to_arrays(data, entry.use_depth)[0]
-    probabilities, has_salt = predict.predict_with_head(entry.model, inputs, batch_size=64)
+    probabilities, has_salt = tta.predict_with_head(entry.model, inputs, batch_size=64)
     truth = data.masks.astype(bool)
     rows, chosen = ensemble.evaluate(truth, probabilities[None], [name], folds=5, has_salt=has_salt)
     cv_scores = next(r.cv_scores for r in rows if r.name == "mean + postprocessing")

@@ -13,7 +13,7 @@ Measures, each with warm-up excluded and the median of --repeats:
   * input pipeline images/s with augmentation, no model
   * full validation: predict 400 images + competition metric + 49-threshold sweep, seconds (and the
     forward passes alone)
-  * predict images/s with flip TTA (identity + hflip in one graph, as `salt_tf.predict` runs it)
+  * predict images/s with flip TTA (identity + hflip in one graph, as `salt_tf.predict` runs it: salt_tf.tta)
   * peak resident memory of each measuring process
 Thread-pool settings are fixed when TensorFlow starts, so the determinism on/off pair runs in two child
 processes of this command; everything else for a setting runs in that setting's child.
@@ -183,12 +183,12 @@ def child(args) -> dict:
         results["validation_forward_seconds"] = statistics.median(forward_times)
 
         # Prediction with flip TTA (identity + hflip views in one graph), as `salt_tf.predict` runs it.
-        from salt_tf import predict
+        from salt_tf import tta
 
         tta_images = images[:val]
-        predict.predict_probabilities(step.model, tta_images[:64], batch_size=args.eval_batch_size, tta=("none", "hflip"))
+        tta.predict_probabilities(step.model, tta_images[:64], batch_size=args.eval_batch_size, tta=("none", "hflip"))
         results["predict_tta_images_per_second"] = median_rate(
-            lambda: predict.predict_probabilities(step.model, tta_images, batch_size=args.eval_batch_size, tta=("none", "hflip")),
+            lambda: tta.predict_probabilities(step.model, tta_images, batch_size=args.eval_batch_size, tta=("none", "hflip")),
             len(tta_images), 1, args.repeats)
         results["epoch_seconds_estimate"] = (len(images) - val) / results["custom_images_per_second"]
 

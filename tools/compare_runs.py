@@ -17,10 +17,10 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: python tools/compare_runs.py RUN_DIR_A RUN_DIR_B", file=sys.stderr)
         return 2
-    from salt_tf import rundir, runs
+    from salt_tf import run_table, rundir
 
     run_a, run_b = argv[1:]
-    weights = runs.weights_comparison(run_a, run_b)
+    weights = run_table.weights_comparison(run_a, run_b)
     for missing in weights["missing"]:
         print(f"error: {missing}: no {rundir.FINGERPRINTS_FILE}; is it a salt_tf run directory with a "
               "finished epoch?", file=sys.stderr)
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     if os.path.isfile(flags_a) and os.path.isfile(flags_b):
         a, b = (rundir.read_flagfile(r) for r in (run_a, run_b))
         differing = [f"--{name}: {a.get(name)} -> {b.get(name)}" for name in sorted(set(a) | set(b))
-                     if name not in runs.IGNORED_FLAGS and a.get(name) != b.get(name)]
+                     if name not in run_table.IGNORED_FLAGS and a.get(name) != b.get(name)]
         if differing:
             print("flags that differ: " + ", ".join(differing))
     return 1

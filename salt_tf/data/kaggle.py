@@ -167,9 +167,15 @@ class LabelledSet:
         return LabelledSet(self.ids[rows], self.images[rows], self.masks[rows], self.depths[rows])
 
 
-def _read_csv(path: str, columns: Iterable[str]) -> pd.DataFrame:
+DEPTHS_FILE = "depths.csv"
+_CHECK_DATA_DIR = "is --data_dir the folder of the Kaggle download?"
+
+
+def _read_csv(path: str, columns: Iterable[str], missing_hint: str = _CHECK_DATA_DIR) -> pd.DataFrame:
+    """A CSV of the layout as strings, checked: present (else `missing_hint` is the fix named), readable, with
+    `columns` (names stripped), ids stripped and unique."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found; is --data_dir the folder of the Kaggle download?")
+        raise DataError(f"{path}: file not found; {missing_hint}")
     try:
         # utf-8-sig drops a BOM; pandas handles CRLF line ends itself. Ids stay strings ("0050766ae2").
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
@@ -187,12 +193,35 @@ def _read_csv(path: str, columns: Iterable[str]) -> pd.DataFrame:
     return frame
 
 
-def read_depths(root: str) -> dict[str, float]:
-    frame = _read_csv(os.path.join(root, "depths.csv"), ("id", "z"))
+def read_depths(path: str, missing_hint: str = _CHECK_DATA_DIR) -> dict[str, float]:
+    """A depths CSV (`id,z`, as Kaggle's depths.csv) as {id: depth in feet}.
+
+    Args:
+        path: the CSV file (`<root>/depths.csv` of a data folder, or predict's --depths).
+        missing_hint: the fix a missing file's error names (default: check --data_dir).
+
+    Returns:
+        The depth of each id of the file.
+
+    Raises:
+        DataError: missing, unreadable, without the columns id and z, a duplicate id, or a z that is not a
+            number (one line naming the file).
+    """
+    frame = _read_csv(path, ("id", "z"), missing_hint)
     try:
         return dict(zip(frame["id"], frame["z"].astype(float)))
     except ValueError:
-        raise DataError(f"{os.path.join(root, 'depths.csv')}: column z must hold numbers") from None
+        raise DataError(f"{path}: column z must hold numbers") from None
+
+
+def depth_array(depths: dict[str, float], ids: Sequence[str]) -> np.ndarray:
+    """The depths of `ids` as float32 [N], NaN where `depths` has none."""
+    return np.array([depths.get(i, np.nan) for i in ids], dtype=np.float32)
+
+
+def depths_file_of_images(images_dir: str) -> str:
+    """The depths.csv of an image folder in the Kaggle layout: <root>/test/images -> <root>/depths.csv."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(images_dir))), DEPTHS_FILE)
 
 
 def read_train_csv(root: str) -> pd.DataFrame:
@@ -250,7 +279,7 @@ def load_labelled(root: str, ids: Sequence[str] | None = None, skipped: list | N
         raise DataError(f"{root}: data folder not found; pass --data_dir=<Kaggle download> or --dataset=demo")
     all_ids = train_ids(root, skipped)
     ids = all_ids if ids is None else list(ids)
-    depths = read_depths(root)
+    depths = read_depths(os.path.join(root, DEPTHS_FILE))
     rles = dict(zip(*[read_train_csv(root)[c] for c in ("id", "rle_mask")]))
     kept, images, masks = [], [], []
     for i in ids:
@@ -270,8 +299,7 @@ def load_labelled(root: str, ids: Sequence[str] | None = None, skipped: list | N
         masks.append(mask)
     if not kept:
         raise DataError(f"{root}: no usable labelled images")
-    z = np.array([depths.get(i, np.nan) for i in kept], dtype=np.float32)
-    return LabelledSet(np.array(kept, dtype=object), np.stack(images), np.stack(masks), z)
+    return LabelledSet(np.array(kept, dtype=object), np.stack(images), np.stack(masks), depth_array(depths, kept))
 
 
 def list_images(directory: str) -> list[str]:
@@ -279,6 +307,42 @@ def list_images(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         raise DataError(f"{directory}: folder not found")
     return sorted(os.path.splitext(n)[0] for n in os.listdir(directory) if n.lower().endswith(".png"))
+
+
+def read_image_folder(directory: str, skip_bad: bool = False) -> tuple[list[str], np.ndarray, list]:
+    """Every PNG image of an unlabelled folder (e.g. <root>/test/images), sorted by id.
+
+    Every file is read before anything else happens, so a bad one stops the caller before it writes.
+
+    Args:
+        directory: the folder.
+        skip_bad: leave unreadable files out (and return them) instead of raising.
+
+    Returns:
+        (ids, images uint8 [N,101,101], bad: [(path, reason)] of the files left out).
+
+    Raises:
+        DataError: no folder, no PNG, none readable, or (without skip_bad) an unreadable file, naming it and
+            how many are bad.
+    """
+    ids = list_images(directory)
+    if not ids:
+        raise DataError(f"{directory}: no PNG images")
+    names = {os.path.splitext(n)[0]: n for n in os.listdir(directory) if n.lower().endswith(".png")}
+    kept, images, bad = [], [], []
+    for id_ in ids:
+        path = os.path.join(directory, names[id_])
+        try:
+            images.append(read_png(path, kind="image"))
+            kept.append(id_)
+        except DataError as e:
+            bad.append((path, str(e)))
+    if bad and not skip_bad:
+        extra = f"; {len(bad)} of {len(ids)} files are unreadable" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0][1]}{extra} (--skip_bad predicts the others)")
+    if not kept:
+        raise DataError(f"{directory}: none of the {len(ids)} PNG files is readable")
+    return kept, np.stack(images), bad
 
 
 def fingerprint(root: str, ids: Sequence[str]) -> str:

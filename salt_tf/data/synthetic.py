@@ -105,7 +105,7 @@ def generate(out_dir: str, num_images: int = 800, seed: int = 0, num_test: int =
         rundir.write_png(os.path.join(out_dir, "train", "masks", f"{id_}.png"), stored)
         rows.append((id_, kaggle.rle_encode(mask)))
         ids.append(id_)
-    rundir.write_csv(os.path.join(out_dir, "depths.csv"), pd.DataFrame(depths, columns=["id", "z"]))
+    rundir.write_csv(os.path.join(out_dir, kaggle.DEPTHS_FILE), pd.DataFrame(depths, columns=["id", "z"]))
     # train.csv is written last: its presence marks a complete data set (see ensure_demo_data).
     rundir.write_csv(os.path.join(out_dir, "train.csv"), pd.DataFrame(rows, columns=["id", "rle_mask"]))
     return ids
