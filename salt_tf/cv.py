@@ -208,11 +208,15 @@ def fold_status(run_dir: str, changes: dict | None) -> str:
     if changes is None:
         return "new"
     path = os.path.join(run_dir, rundir.RECORD_FILE)
-    record = rundir.read_json(path) if os.path.isfile(path) else {}
-    started, finished = record.get("started"), record.get("finished")
-    # Timestamps of one format compare as text; a start after the last finish is an interrupted session.
-    done = bool(started and finished and finished >= started)
+    done = finished(rundir.read_json(path) if os.path.isfile(path) else {})
     return "finished" if done and "epochs" not in changes else "resume"
+
+
+def finished(record: dict) -> bool:
+    """Whether a run's record.json says its last session finished (train writes "started" at every start and
+    "finished" at the end; timestamps of one format compare as text)."""
+    started, ended = record.get("started"), record.get("finished")
+    return bool(started and ended and ended >= started)
 
 
 def plan_folds(parent: str, train_args: Sequence[str]) -> tuple[int, dict[int, str]]:
@@ -284,12 +288,7 @@ def run_processes(commands: dict[str, list[str]], parallel: int, out=None) -> di
     """
     out = out or sys.stdout
     lock, pending, running, codes = threading.Lock(), list(commands.items()), {}, {}
-
-    def on_term(signum, frame):
-        raise _Stopped()
-
-    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() \
-        else None
+    previous = _raise_on_sigterm()
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -302,7 +301,8 @@ def run_processes(commands: dict[str, list[str]], parallel: int, out=None) -> di
                     codes[name] = process.returncode
                     del running[name]
     except (KeyboardInterrupt, _Stopped):
-        for process, thread in running.values():
+        # One SIGTERM each: a training finishes its step and checkpoints (a second signal would stop it at once).
+        for process, _ in running.values():
             process.send_signal(signal.SIGTERM)
         for process, thread in running.values():
             process.wait()
@@ -312,6 +312,17 @@ def run_processes(commands: dict[str, list[str]], parallel: int, out=None) -> di
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return codes
+
+
+def _raise_on_sigterm():
+    """Makes SIGTERM raise _Stopped in the main thread (returns the previous handler; None off the main thread,
+    where Python cannot set handlers)."""
+    def on_term(signum, frame):
+        raise _Stopped()
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, on_term)
 
 
 def run_train(args: Sequence[str]) -> int:
@@ -355,8 +366,9 @@ def fold_runs(parent: str) -> dict[int, str]:
     """
     runs = rundir.fold_dirs(parent)
     if not runs:
+        pattern = os.path.join(parent, rundir.FOLD_PREFIX)
         raise CVError(f"--parent={parent}: no fold-k run directories; train them with python -m salt_tf.cv train, "
-                      f"or python -m salt_tf.train --folds=K --fold=k --model_dir={os.path.join(parent, rundir.FOLD_PREFIX)}k")
+                      f"or python -m salt_tf.train --folds=K --fold=k --model_dir={pattern}k")
     records = {k: _fold_record(d) for k, d in runs.items()}
     counts = {k: (r.get("split") or {}).get("folds") for k, r in records.items()}
     for k, count in counts.items():
@@ -369,7 +381,7 @@ def fold_runs(parent: str) -> dict[int, str]:
                       f"{sorted(runs)}{f', missing fold-{missing[0]}' if missing else ''}; train fold 0..K-1 of one "
                       "--folds=K")
     for k, record in records.items():
-        if not (record.get("finished") and record["finished"] >= record.get("started", "")):
+        if not finished(record):
             raise CVError(f"{runs[k]}: its training has not finished; rerun python -m salt_tf.cv train (or the fold's "
                           "train command) to finish it")
     return runs
@@ -381,14 +393,14 @@ def labelled_data(runs: dict[int, str], data_dir: str | None):
     from salt_tf.data import splits
 
     split = {k: splits.read_split(os.path.join(d, rundir.SPLIT_FILE)) for k, d in runs.items()}
-    first = runs[min(runs)]
-    folder = data_dir or rundir.data_dir(first)
-    data = kaggle.load_labelled(folder, list(split[min(runs)]["id"]))
-    for k, d in runs.items():
+    folder = data_dir or rundir.data_dir(runs[0])
+    data = kaggle.load_labelled(folder, list(split[0]["id"]))
+    fingerprint = kaggle.fingerprint(folder, list(data.ids))
+    for d in runs.values():
+        # Extra training data (--extra_data_dir) may differ between folds; the labelled set may not.
         recorded = _fold_record(d).get("data") or {}
-        if recorded.get("labelled_fingerprint", recorded.get("fingerprint")) != kaggle.fingerprint(folder,
-                                                                                                   list(data.ids)):
-            raise CVError(f"{folder}: not the images {d} trained on (data fingerprint differs); pass "
+        if recorded.get("labelled_fingerprint", recorded.get("fingerprint")) != fingerprint:
+            raise CVError(f"{folder}: not the labelled images {d} trained on (data fingerprint differs); pass "
                           "--data_dir=<the folds' labelled folder>")
     return data, {k: list(s.loc[s["role"] == "val", "id"]) for k, s in split.items()}
 

@@ -171,8 +171,8 @@ def compare(a: dict, b: dict) -> Comparison:
     """
     ids_a, ids_b = a["ids"].tolist(), b["ids"].tolist()
     if ids_a != ids_b:
-        only = [f"{sorted(set(x) - set(y))[0]} only in {name}" for x, y, name in ((ids_a, ids_b, "A"), (ids_b, ids_a, "B"))
-                if set(x) - set(y)]
+        only = [f"{min(set(x) - set(y))} only in {name}"
+                for x, y, name in ((ids_a, ids_b, "A"), (ids_b, ids_a, "B")) if set(x) - set(y)]
         detail = "e.g. " + ", ".join(only) if only else "the same ids in another order"
         raise OOFError(f"the two cross-validations predicted other images ({len(a['ids'])} and {len(b['ids'])}; "
                        f"{detail}); compare runs on the same labelled set")

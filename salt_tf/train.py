@@ -282,9 +282,10 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
             logging.warning("%d of the %d validation images were training images of --init_checkpoint=%s: this "
                             "run's validation scores are optimistic; use the source run's --split_seed and "
                             "--val_images", seen, len(val_data.ids), FLAGS.init_checkpoint)
-    logging.info("data: %d training (%d of them from --extra_data_dir), %d validation images from %s%s",
-                 len(train_data.ids), sum(len(e.ids) for _, e, _ in extras), len(val_data.ids), FLAGS.data_dir,
-                 f", fold {FLAGS.fold} of {FLAGS.folds}" if FLAGS.folds else "")
+    extra_images = sum(len(e.ids) for _, e, _ in extras)
+    logging.info("data: %d training%s, %d validation images from %s%s", len(train_data.ids),
+                 f" ({extra_images} of them from --extra_data_dir)" if extras else "", len(val_data.ids),
+                 FLAGS.data_dir, f", fold {FLAGS.fold} of {FLAGS.folds}" if FLAGS.folds else "")
     # Everything with variables is created under the strategy's scope: mirrored on every replica.
     with strategy.scope():
         model = model_lib.build_model(model_config, precision=FLAGS.precision)
