@@ -133,6 +133,15 @@ def _define_flags() -> None:
     flags.DEFINE_string("parent", None, parent_help, flag_values=COLLECT_FLAGS)
     flags.DEFINE_string("data_dir", None, "The labelled folder the folds trained on, if it moved (default: the "
                         "folds' own, rundir.data_dir).", flag_values=COLLECT_FLAGS)
+    _define_pseudo_flags()
+    for registry in (COLLECT_FLAGS, PSEUDO_FLAGS):
+        flags.DEFINE_string("tta", "hflip", "Test-time augmentation: 'none', or views averaged with the identity "
+                            "from hflip,vflip.", flag_values=registry)
+        flags.DEFINE_integer("batch_size", 64, "Images per model call.", lower_bound=1, flag_values=registry)
+
+
+def _define_pseudo_flags() -> None:
+    """The flags of cv pseudo (the model, the images, the rule, the output)."""
     flags.DEFINE_string("model_dir", None, "A run directory (its snapshots, else its export/), an export folder, "
                         "or a CV parent (the mean of its fold models).", flag_values=PSEUDO_FLAGS)
     flags.DEFINE_string("images", None, "Folder of unlabelled 101x101 PNG images, e.g. <data>/test/images.",
@@ -152,10 +161,6 @@ def _define_flags() -> None:
     flags.DEFINE_string("depths", None, "depths.csv (id,z) of the images, for --use_depth models and the "
                         "folder's depths.csv (default: <images>/../../depths.csv if it exists).",
                         flag_values=PSEUDO_FLAGS)
-    for registry in (COLLECT_FLAGS, PSEUDO_FLAGS):
-        flags.DEFINE_string("tta", "hflip", "Test-time augmentation: 'none', or views averaged with the identity "
-                            "from hflip,vflip.", flag_values=registry)
-        flags.DEFINE_integer("batch_size", 64, "Images per model call.", lower_bound=1, flag_values=registry)
 
 
 def _parse(registry: flags.FlagValues, args: Sequence[str], required: Sequence[str] = ()) -> list[str]:
@@ -431,6 +436,7 @@ def collect(parent: str, tta: Sequence[str], batch_size: int, data_dir: str | No
 
 
 def run_collect(args: Sequence[str]) -> int:
+    """cv collect --parent=P [--tta] [--data_dir] [--batch_size]."""
     _parse(COLLECT_FLAGS, args, required=("parent",))
     return collect(COLLECT_FLAGS.parent, parse_tta(COLLECT_FLAGS.tta), COLLECT_FLAGS.batch_size,
                    COLLECT_FLAGS.data_dir)

@@ -475,6 +475,14 @@ GROWABLE = "epochs"
 NOT_RECORDED = ("restart_from_scratch",)
 
 
+def without_effect() -> set[str]:
+    """The run flags the other flags make irrelevant: --val_images under --folds=K (the fold decides the
+    validation images). They are left out of flags.cfg and out of the resume comparison, so a fold run resumes
+    from its flagfile or from the command it started with, and flags.cfg never names a value the run did not
+    use (runs reproduce checks --val_images against record.json's count)."""
+    return {"val_images"} if FLAGS.folds else set()
+
+
 def _text(flag, value) -> str:
     """A flag value as flags.cfg (rundir.parse_flagfile) spells it."""
     if isinstance(value, bool):
@@ -510,8 +518,10 @@ def epochs_note(recorded: str, given: int) -> str | None:
 def resume_changes(recorded: dict[str, str]) -> tuple[dict[str, list[str]], list[str]]:
     """Compares the flags given now with a run's flags.cfg (`recorded`, parsed). Returns the changes a resume
     may make, {name: [recorded, given]}, and one 'name: recorded -> given' text for each it may not."""
-    allowed, refused = {}, []
+    allowed, refused, ignored = {}, [], without_effect()
     for flag in sorted(run_flags(), key=lambda f: f.name):
+        if flag.name in ignored:
+            continue
         was = recorded.get(flag.name)
         if _same(flag, was):
             continue
@@ -542,7 +552,8 @@ def flagfile_text() -> str:
     """The effective values of every run flag, as a flagfile: passing it back reproduces the run."""
     lines = ["# Effective flags of this run; `python -m salt_tf.train --flagfile=<this file>` resumes or",
              "# reproduces it (override --model_dir to reproduce elsewhere)."]
+    left_out = set(NOT_RECORDED) | without_effect()
     for flag in sorted(run_flags(), key=lambda f: f.name):
-        if flag.value is not None and flag.name not in NOT_RECORDED:
+        if flag.value is not None and flag.name not in left_out:
             lines.append(flag.serialize())
     return "\n".join(lines) + "\n"

@@ -141,7 +141,7 @@ def test_cv_train_gives_every_image_one_prediction_from_the_model_that_validated
     assert summary["images"] == 160 and summary["folds"] == 2
 
 
-def test_rerun_skips_finished_folds_and_resumes_others(parent, capsys):
+def test_rerun_skips_finished_folds_and_resumes_others(parent, tmp_path):
     path, args, _ = parent
     status, output = _cv(["train", f"--parent={path}", *args])
     assert status == 0 and "fold-0 finished, fold-1 finished" in output and "[fold-" not in output, output
@@ -153,6 +153,16 @@ def test_rerun_skips_finished_folds_and_resumes_others(parent, capsys):
         assert cv.plan_folds(path, args + ["--epochs=2"]) == (2, {0: "resume", 1: "resume"})
     finally:
         rundir.write_json(record_path, record)
+    # --val_images has no effect with --folds: a fold's flags.cfg leaves it out, a resume ignores it (every
+    # shipped flagfile sets it), and runs reproduce finds flags.cfg in agreement with record.json.
+    from salt_tf import runs
+
+    assert "--val_images" not in open(os.path.join(path, "fold-0", rundir.FLAGS_FILE)).read()
+    flagfile = str(tmp_path / "val_images.cfg")
+    with open(flagfile, "w") as f:
+        f.write("--val_images=77\n")
+    assert cv.plan_folds(path, [f"--flagfile={flagfile}", *args]) == (2, {0: "finished", 1: "finished"})
+    assert runs.flags_vs_record(runs.load_run(os.path.join(path, "fold-0"))) == []
     # Other training flags on existing folds, or flags cv sets itself: one line, nothing started.
     for extra, names in ((["--learning_rate=0.5"], "learning_rate"), (["--fold=1"], "--fold"),
                          (["--folds=1"], "--folds=1")):
