@@ -83,6 +83,9 @@ def model_probabilities(path: str, ids: Sequence[str], images: np.ndarray, depth
         depths: {id: z} for models trained with --use_depth (None otherwise).
         tta: the views (parse_tta).
         batch_size: images per model call.
+
+    Returns:
+        (probabilities float32 [N,101,101], model names such as "export" or "snapshots/snapshot-2").
     """
     predict = _predict()
     entries = predict.load_models(path)
@@ -100,17 +103,6 @@ def user_errors() -> tuple[type, ...]:
     # train.check_resume_flags' ResumeError can only have been raised once checkpoints (TensorFlow) is imported.
     checkpoints = sys.modules.get("salt_tf.checkpoints")
     return errors + ((checkpoints.ResumeError,) if checkpoints else ())
-
-
-def _train_flags():
-    """salt_tf.flags with the train command's flags defined, TensorFlow started first (tfstart: no CUDA noise)."""
-    from salt_tf import tfstart
-
-    tfstart.import_tensorflow()
-    from salt_tf import flags as salt_flags
-
-    salt_flags.define_flags()
-    return salt_flags
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,6 +167,17 @@ def _parse(registry: flags.FlagValues, args: Sequence[str], required: Sequence[s
 
 # ---------------------------------------------------------------------------------------------------------
 # cv train: plan the folds, run them, collect.
+
+
+def _train_flags():
+    """salt_tf.flags with the train command's flags defined, TensorFlow started first (tfstart: no CUDA noise)."""
+    from salt_tf import tfstart
+
+    tfstart.import_tensorflow()
+    from salt_tf import flags as salt_flags
+
+    salt_flags.define_flags()
+    return salt_flags
 
 
 def split_arguments(args: Sequence[str], own: Sequence[str]) -> tuple[list[str], list[str]]:
