@@ -246,7 +246,19 @@ class Row:
     cv_scores: np.ndarray | None = dataclasses.field(default=None, repr=False)  # per image, behind `cv`
 
 
-def _plain_row(name, truth, p, folds_of) -> Row:
+def plain_row(name, truth, p, folds_of) -> Row:
+    """One prediction's row: metric at 0.5, at the threshold tuned on all the images (optimistic), and `cv`:
+    each image scored at the threshold chosen on the images of the other folds, never on its own.
+
+    Args:
+        name: the row's name.
+        truth: masks [N,H,W].
+        p: probabilities [N,H,W].
+        folds_of: fold [N] of each image (image_folds).
+
+    Returns:
+        The Row, with the per-image held-out scores in `cv_scores`.
+    """
     threshold, tuned = metrics.best_threshold(truth, p)
     scores = np.zeros(len(truth))
     for f in np.unique(folds_of):
@@ -337,14 +349,14 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
     rows = []  # the single-model rows first
     if plain_probabilities is not None:
         plain = np.asarray(plain_probabilities, dtype=np.float32)
-        rows += [_plain_row(f"{name} (plain)", truth, plain[i], folds_of) for i, name in enumerate(names)]
+        rows += [plain_row(f"{name} (plain)", truth, plain[i], folds_of) for i, name in enumerate(names)]
     if tta_label != "none" or plain_probabilities is None:
-        rows += [_plain_row(f"{name} (tta {tta_label})", truth, probs[i], folds_of)
+        rows += [plain_row(f"{name} (tta {tta_label})", truth, probs[i], folds_of)
                  for i, name in enumerate(names)]
 
     n_single = len(rows)
     mean = probs.mean(axis=0)
-    mean_row = _plain_row(f"mean of {m}{suffix}", truth, mean, folds_of)
+    mean_row = plain_row(f"mean of {m}{suffix}", truth, mean, folds_of)
     rows.append(mean_row)
 
     cv = cross_validate(truth, probs, folds_of, names, l2, has_salt)

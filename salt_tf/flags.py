@@ -55,6 +55,16 @@ def define_flags() -> None:
                          lower_bound=1)
     flags.DEFINE_integer("split_seed", 0, "Seed of the train/validation split; separate from --seed so "
                          "runs with different training seeds validate on the same images.")
+    flags.DEFINE_integer("folds", 0, "K-fold cross-validation: 0 = one coverage-stratified split with "
+                         "--val_images; K >= 2 = coverage-stratified K folds by --split_seed, this run validating "
+                         "on fold --fold and training on the other K-1 (--val_images is then not used). "
+                         "`python -m salt_tf.cv train` trains all K.", lower_bound=0)
+    flags.DEFINE_integer("fold", 0, "With --folds=K: the fold this run validates on, 0..K-1; each fold is its own "
+                         "run directory.", lower_bound=0)
+    flags.DEFINE_list("extra_data_dir", [], "Labelled folders in the Kaggle layout (train.csv, depths.csv, "
+                      "train/{images,masks}), e.g. pseudo-labels from `python -m salt_tf.cv pseudo`, used for "
+                      "TRAINING ONLY: never validated on, never in split.csv; fingerprinted with --data_dir in "
+                      "record.json. A comma list; the flag may also be repeated on the command line.")
     flags.DEFINE_boolean("strict", True, "Stop at the first bad data file. --nostrict skips bad examples with "
                          "a warning and lists them in <model_dir>/skipped.csv.")
 
@@ -335,13 +345,70 @@ def _register_validators() -> None:
     def _lr_floor(values):
         return values["min_learning_rate"] <= values["learning_rate"]
 
-    @flags.multi_flags_validator(["dataset", "demo_images", "val_images", "batch_size"])
+    @flags.multi_flags_validator(["folds", "fold"])
+    def _fold_of_folds(values):
+        folds, fold = values["folds"], values["fold"]
+        if folds == 1:
+            raise flags.ValidationError("--folds=1 is not cross-validation (the one fold would validate on every "
+                                        "image and train on none); give --folds=0 (one split, --val_images) or "
+                                        "--folds=K with K >= 2")
+        if fold and not folds:
+            raise flags.ValidationError(f"--fold={fold} needs --folds=K (the number of folds), e.g. --folds=5")
+        if folds and fold >= folds:
+            raise flags.ValidationError(f"--fold={fold} is not one of the {folds} folds of --folds={folds}; give "
+                                        f"--fold from 0 to {folds - 1}")
+        return True
+
+    @flags.multi_flags_validator(["dataset", "demo_images", "val_images", "batch_size", "folds"])
     def _enough_training_images(values):
+        if values["folds"]:
+            return True  # the folds decide the validation images, not --val_images
         if values["dataset"] == "demo" and values["val_images"] + values["batch_size"] > values["demo_images"]:
             raise flags.ValidationError(
                 f"--val_images={values['val_images']} leaves fewer than one batch (--batch_size="
                 f"{values['batch_size']}) of the {values['demo_images']} demo images for training")
         return True
+
+
+# Flags of list type the train command accepts repeated on its command line (absl keeps only the last).
+REPEATABLE = ("extra_data_dir",)
+
+
+def join_repeated(argv: list[str]) -> list[str]:
+    """argv with every repeated --NAME=VALUE of a REPEATABLE list flag joined into one comma list, at the place
+    of the first (a flagfile's value is still overridden by the command line's, as for any flag).
+
+    Args:
+        argv: the command line, program name first.
+
+    Returns:
+        The new argv; the same when nothing is repeated.
+    """
+    out, joined = [], {}
+    for arg in argv:
+        name, _, value = arg[2:].partition("=") if arg.startswith("--") and "=" in arg else ("", "", "")
+        if name not in REPEATABLE:
+            out.append(arg)
+        elif name in joined:
+            out[joined[name]] += f",{value}" if value else ""
+        else:
+            joined[name] = len(out)
+            out.append(arg)
+    return out
+
+
+def command_line_conflicts(argv: list[str]) -> None:
+    """The combinations absl cannot see because a flagfile may set either flag: raises flags.ValidationError
+    (one line naming the flag and the fix) for --val_images given on the command line with --folds=K.
+
+    Args:
+        argv: the command line as given (flagfiles not expanded); FLAGS parsed from it.
+    """
+    named = {arg[2:].partition("=")[0] for arg in argv[1:] if arg.startswith("--")}
+    if FLAGS.folds and "val_images" in named:
+        raise flags.ValidationError(f"--val_images={FLAGS.val_images} has no effect with --folds={FLAGS.folds} "
+                                    f"(fold --fold validates on 1/{FLAGS.folds} of the images); drop --val_images, "
+                                    "or drop --folds for one split")
 
 
 def loss_stages(schedule: str) -> list[str]:
@@ -398,6 +465,7 @@ RESUME_MAY_CHANGE = (
     "summary_worst_images",
     "profile_steps",
     "max_bad_steps",         # only when non-finite steps stop the run; a stopped run resumes where it was
+    "extra_data_dir",        # where the extra training data lives: its fingerprint (in record.json) is compared
 )
 # --epochs may grow (more epochs; never fewer), unless it defines the schedule of the epochs already trained:
 # with --lr_schedule=cosine it sets the cycle length, with --swa_epochs the epochs averaged. See epochs_note.
@@ -405,6 +473,14 @@ GROWABLE = "epochs"
 # Instructions for one start, not settings of the run: left out of flags.cfg, so a later rerun from it (the
 # way to resume) never restarts a run on its own.
 NOT_RECORDED = ("restart_from_scratch",)
+
+
+def without_effect() -> set[str]:
+    """The run flags the other flags make irrelevant: --val_images under --folds=K (the fold decides the
+    validation images). They are left out of flags.cfg and out of the resume comparison, so a fold run resumes
+    from its flagfile or from the command it started with, and flags.cfg never names a value the run did not
+    use (runs reproduce checks --val_images against record.json's count)."""
+    return {"val_images"} if FLAGS.folds else set()
 
 
 def _text(flag, value) -> str:
@@ -442,8 +518,10 @@ def epochs_note(recorded: str, given: int) -> str | None:
 def resume_changes(recorded: dict[str, str]) -> tuple[dict[str, list[str]], list[str]]:
     """Compares the flags given now with a run's flags.cfg (`recorded`, parsed). Returns the changes a resume
     may make, {name: [recorded, given]}, and one 'name: recorded -> given' text for each it may not."""
-    allowed, refused = {}, []
+    allowed, refused, ignored = {}, [], without_effect()
     for flag in sorted(run_flags(), key=lambda f: f.name):
+        if flag.name in ignored:
+            continue
         was = recorded.get(flag.name)
         if _same(flag, was):
             continue
@@ -474,7 +552,8 @@ def flagfile_text() -> str:
     """The effective values of every run flag, as a flagfile: passing it back reproduces the run."""
     lines = ["# Effective flags of this run; `python -m salt_tf.train --flagfile=<this file>` resumes or",
              "# reproduces it (override --model_dir to reproduce elsewhere)."]
+    left_out = set(NOT_RECORDED) | without_effect()
     for flag in sorted(run_flags(), key=lambda f: f.name):
-        if flag.value is not None and flag.name not in NOT_RECORDED:
+        if flag.value is not None and flag.name not in left_out:
             lines.append(flag.serialize())
     return "\n".join(lines) + "\n"

@@ -367,3 +367,36 @@ def data_dir(run_dir: str, must_exist: bool = True) -> str:
         raise RunDirError(f"{run_dir}: the run's data folder {folder} is not found; pass "
                           "--data_dir=<labelled folder>")
     return folder
+
+
+# ------------------------------------------------------------------------------- cross-validation parents
+# A CV parent (python -m salt_tf.cv) holds one run directory per fold and what `cv collect` writes:
+#
+#   <parent>/fold-<k>/   FOLD_PREFIX       fold k's run directory (train --folds=K --fold=k)
+#   <parent>/oof.npz     OOF_FILE          the out-of-fold probabilities, truth and per-image scores
+#   <parent>/oof.json    OOF_SUMMARY       the OOF scores (the printed table)
+
+FOLD_PREFIX = "fold-"
+OOF_FILE = "oof.npz"
+OOF_SUMMARY = "oof.json"
+
+
+def fold_dir(parent: str, fold: int) -> str:
+    """<parent>/fold-<fold>: where `cv train` trains fold `fold`."""
+    return os.path.join(parent, f"{FOLD_PREFIX}{fold}")
+
+
+def fold_dirs(parent: str) -> dict[int, str]:
+    """{k: <parent>/fold-k} of the fold folders present (any content), in k order; {} for anything else."""
+    if not os.path.isdir(parent):
+        return {}
+    numbers = sorted(int(name[len(FOLD_PREFIX):]) for name in os.listdir(parent)
+                     if name.startswith(FOLD_PREFIX) and name[len(FOLD_PREFIX):].isdigit()
+                     and os.path.isdir(os.path.join(parent, name)))
+    return {k: fold_dir(parent, k) for k in numbers}
+
+
+def is_cv_parent(path: str) -> bool:
+    """Whether `path` is a CV parent: not a run or export itself, with a fold-<k>/ run directory inside."""
+    return not is_export(path) and not os.path.isfile(os.path.join(path, FLAGS_FILE)) and any(
+        os.path.isfile(os.path.join(d, FLAGS_FILE)) for d in fold_dirs(path).values())

@@ -65,8 +65,12 @@ def check_resume_flags(run_dir: str) -> dict | None:
     if not refused:
         return allowed
     flagfile = os.path.join(run_dir, rundir.FLAGS_FILE)
-    model_changed = sorted(model_shape_flags() & {line.split(":")[0] for line in refused})
-    if model_changed:
+    changed = {line.split(":")[0] for line in refused}
+    model_changed = sorted(model_shape_flags() & changed)
+    if changed & {"fold", "folds"}:
+        other = (f"each fold is a run of its own: give fold {FLAGS.fold} its own --model_dir (python -m salt_tf.cv "
+                 "trains fold k into <parent>/fold-k)")
+    elif model_changed:
         other = (f"to train the other model ({', '.join('--' + n for n in model_changed)}), give a new "
                  "--model_dir (--init_checkpoint needs the same model)")
     else:
@@ -85,9 +89,11 @@ def check_resume_data(run_dir: str, data_fingerprint: str) -> None:
     path = os.path.join(run_dir, rundir.RECORD_FILE)
     recorded = (rundir.read_json(path).get("data") or {}).get("fingerprint") if os.path.isfile(path) else None
     if recorded and recorded != data_fingerprint:
-        raise kaggle.DataError(f"--data_dir={FLAGS.data_dir} holds other images or masks than the run in "
+        extra = f" (with --extra_data_dir={','.join(FLAGS.extra_data_dir)})" if FLAGS.extra_data_dir else ""
+        raise kaggle.DataError(f"--data_dir={FLAGS.data_dir}{extra} holds other images or masks than the run in "
                                f"{run_dir} trained on (its data fingerprint in {rundir.RECORD_FILE} differs); "
-                               "point --data_dir at that data to resume, or give a new --model_dir")
+                               "point --data_dir (and --extra_data_dir) at that data to resume, or give a new "
+                               "--model_dir")
 
 
 def record_flag_changes(out_dir: str, changes: dict, resume: str | None) -> None:
@@ -117,6 +123,60 @@ def load_data():
     return data, skipped or []
 
 
+def load_extra_data(data, skipped: list | None):
+    """The --extra_data_dir folders: [(folder, its LabelledSet, its fingerprint)], in flag order.
+
+    Their images train only, so none may share an id with --data_dir (it could be a validation image) or with
+    another extra folder (the same image twice). Raises DataError naming the folder and the fix.
+    """
+    from salt_tf.data import kaggle
+
+    extras, seen = [], {i: FLAGS.data_dir for i in data.ids}
+    for folder in FLAGS.extra_data_dir:
+        extra = kaggle.load_labelled(folder, skipped=skipped)
+        clash = [i for i in extra.ids if i in seen]
+        if clash:
+            raise kaggle.DataError(
+                f"--extra_data_dir={folder}: {len(clash)} of its ids are also in {seen[clash[0]]} (e.g. "
+                f"{clash[0]}); extra data trains only, so an image of the labelled set could reach validation or "
+                "an image count twice: remove those ids from the folder or drop it")
+        seen.update((i, folder) for i in extra.ids)
+        extras.append((folder, extra, kaggle.fingerprint(folder, list(extra.ids))))
+    return extras
+
+
+def data_fingerprint(labelled: str, extras) -> str:
+    """The run's data fingerprint: --data_dir's (kaggle.fingerprint), unchanged without extra data (so older
+    runs resume), else the SHA-256 over it and every --extra_data_dir folder's fingerprint, in flag order."""
+    import hashlib
+
+    if not extras:
+        return labelled
+    return hashlib.sha256(" ".join([labelled] + [fp for _, _, fp in extras]).encode()).hexdigest()
+
+
+def with_extra(train_data, extras):
+    """The training set: the split's training images, then every extra folder's."""
+    import numpy as np
+
+    from salt_tf.data import kaggle
+
+    if not extras:
+        return train_data
+    sets = [train_data] + [extra for _, extra, _ in extras]
+    return kaggle.LabelledSet(*(np.concatenate([getattr(s, f) for s in sets])
+                                for f in ("ids", "images", "masks", "depths")))
+
+
+def new_split(data):
+    """The split of a new run: fold --fold of --folds (splits.fold_split), or one split with --val_images."""
+    from salt_tf.data import splits
+
+    if FLAGS.folds:
+        return splits.fold_split(list(data.ids), data.coverage(), FLAGS.folds, FLAGS.fold, FLAGS.split_seed)
+    return splits.stratified_split(list(data.ids), data.coverage(), FLAGS.val_images, FLAGS.split_seed)
+
+
 def split_data(data, run_dir: str):
     """Train and validation subsets, and the split to write (None when it was read back): the split is read
     from the run directory on resume, so a run always validates on the images it started with. Writes
@@ -125,20 +185,19 @@ def split_data(data, run_dir: str):
     from salt_tf import rundir
 
     split_path = os.path.join(run_dir, rundir.SPLIT_FILE)
-    new_split = None
+    new_split_frame = None
     if os.path.isfile(split_path):
         split = splits.read_split(split_path)
     else:
-        split = new_split = splits.stratified_split(list(data.ids), data.coverage(), FLAGS.val_images,
-                                                    FLAGS.split_seed)
+        split = new_split_frame = new_split(data)
     train_ids = list(split.loc[split["role"] == "train", "id"])
     val_ids = list(split.loc[split["role"] == "val", "id"])
     if len(train_ids) < FLAGS.batch_size:
         raise kaggle.DataError(f"--batch_size={FLAGS.batch_size} is larger than the {len(train_ids)} training "
                                f"images ({len(val_ids)} of {len(split)} held out for validation); lower "
                                f"--batch_size to at most {len(train_ids)}" +
-                               ("" if new_split is None else " or lower --val_images"))
-    return data.subset(train_ids), data.subset(val_ids), new_split
+                               ("" if new_split_frame is None or FLAGS.folds else " or lower --val_images"))
+    return data.subset(train_ids), data.subset(val_ids), new_split_frame
 
 
 def run() -> dict:
@@ -190,11 +249,14 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
     started = time.time()
     # Data first: a bad file stops the run before anything is written into the run directory.
     data, skipped = load_data()
-    data_fingerprint = kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
+    extras = load_extra_data(data, None if FLAGS.strict else skipped)
+    labelled_fingerprint = kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
+    fingerprint = data_fingerprint(labelled_fingerprint, extras)
     if flag_changes is not None:
-        check_resume_data(run_dir, data_fingerprint)
+        check_resume_data(run_dir, fingerprint)
     model_config, config = configs.model_config(), configs.loop_config()
     train_data, val_data, new_split = split_data(data, run_dir)
+    train_data = with_extra(train_data, extras)  # after the split: extra images never validate
     train_arrays = pipeline.to_arrays(train_data, FLAGS.use_depth)
     val_arrays = pipeline.to_arrays(val_data, FLAGS.use_depth)
     resume = checkpoints.resume_point(run_dir, FLAGS.restart_from_scratch)
@@ -221,8 +283,10 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
             logging.warning("%d of the %d validation images were training images of --init_checkpoint=%s: this "
                             "run's validation scores are optimistic; use the source run's --split_seed and "
                             "--val_images", seen, len(val_data.ids), FLAGS.init_checkpoint)
-    logging.info("data: %d training, %d validation images from %s", len(train_data.ids), len(val_data.ids),
-                 FLAGS.data_dir)
+    extra_images = sum(len(e.ids) for _, e, _ in extras)
+    logging.info("data: %d training%s, %d validation images from %s%s", len(train_data.ids),
+                 f" ({extra_images} of them from --extra_data_dir)" if extras else "", len(val_data.ids),
+                 FLAGS.data_dir, f", fold {FLAGS.fold} of {FLAGS.folds}" if FLAGS.folds else "")
     # Everything with variables is created under the strategy's scope: mirrored on every replica.
     with strategy.scope():
         model = model_lib.build_model(model_config, precision=FLAGS.precision)
@@ -236,11 +300,9 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
     loss_stages = losses.build_losses(configs.loss_config(), model_config.deep_supervision)
     records.update_record(out_dir, code=records.code_version(), environment=determinism.environment(),
                           determinism=applied, distribution=distribution_record(strategy, per_replica_batch),
-                          data={"dir": os.path.abspath(FLAGS.data_dir),
-                                                     "fingerprint": data_fingerprint,
-                                                     "train_images": len(train_data.ids),
-                                                     "val_images": len(val_data.ids),
-                                                     "skipped_examples": len(skipped)},
+                          data=data_record(fingerprint, labelled_fingerprint, train_data, val_data, skipped, extras),
+                          split={"folds": FLAGS.folds, "fold": FLAGS.fold if FLAGS.folds else None,
+                                 "seed": FLAGS.split_seed},
                           started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)))
     if init_source:
         records.update_record(out_dir, init_checkpoint=init_source)
@@ -258,6 +320,20 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
                  summary["best_val_metric"] or 0.0, summary["best_epoch"],
                  summary["best_val_metric_at_best_threshold"] or 0.0, summary["best_threshold"] or 0.5, run_dir)
     return summary
+
+
+def data_record(fingerprint: str, kaggle_fingerprint: str, train_data, val_data, skipped: list, extras) -> dict:
+    """record.json's "data": the folder, the fingerprint of everything trained or validated on, the counts
+    (train_images includes the extra images), and with extra data the labelled set's own fingerprint and each
+    --extra_data_dir folder with its own."""
+    record = {"dir": os.path.abspath(FLAGS.data_dir), "fingerprint": fingerprint,
+              "train_images": len(train_data.ids), "val_images": len(val_data.ids),
+              "skipped_examples": len(skipped)}
+    if extras:  # the labelled set alone, which every fold of a cross-validation shares (salt_tf.cv collect)
+        record["labelled_fingerprint"] = kaggle_fingerprint
+        record["extra"] = [{"dir": os.path.abspath(folder), "fingerprint": fp, "images": len(extra.ids)}
+                           for folder, extra, fp in extras]
+    return record
 
 
 def initial_weights(resume: str | None, model_config: dict) -> tuple[str | None, dict | None]:
@@ -307,16 +383,34 @@ class _QuietSaverLogs:
         return "Sharding callback" not in record.getMessage()
 
 
+def parse_train_argv(argv: list[str]) -> list[str]:
+    """Parses a train command line into FLAGS with every check of the flags alone (validators, repeated list
+    flags joined, the command-line conflicts of salt_flags, a stray argument, --model_dir given).
+
+    Args:
+        argv: the command line, program name first.
+
+    Returns:
+        absl's remaining arguments (the program name).
+
+    Raises:
+        flags.Error: one line naming the flag.
+    """
+    argv = salt_flags.join_repeated(list(argv))
+    remaining = FLAGS(argv)
+    salt_flags.command_line_conflicts(argv)
+    if len(remaining) > 1:
+        raise flags.Error(f"unexpected argument {' '.join(remaining[1:])}: flags take the form --name=value "
+                          "(--help lists them)")
+    if FLAGS.model_dir is None:
+        raise flags.IllegalFlagValueError("--model_dir is required: the run directory to write (or resume)")
+    return remaining
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """Parses argv into FLAGS; a bad flag ends the program with one line naming it (exit status 2)."""
     try:
-        remaining = FLAGS(argv)
-        if len(remaining) > 1:
-            raise flags.Error(f"unexpected argument {' '.join(remaining[1:])}: flags take the form --name=value "
-                              "(--help lists them)")
-        if FLAGS.model_dir is None:
-            raise flags.IllegalFlagValueError("--model_dir is required: the run directory to write (or resume)")
-        return remaining
+        return parse_train_argv(argv)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

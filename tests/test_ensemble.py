@@ -289,7 +289,7 @@ def test_cv_of_a_single_model_fits_the_threshold_on_the_other_folds_only():
     probabilities = np.where(truth, 0.7, 0.3).astype(np.float32)
     probabilities[2:] = np.where(truth[2:], 0.2, 0.1)
     folds_of = np.array([0, 0, 1, 1])
-    row = ensemble._plain_row("m", truth, probabilities, folds_of)
+    row = ensemble.plain_row("m", truth, probabilities, folds_of)
     np.testing.assert_array_equal(row.cv_scores, [0.0, 0.0, 0.0, 0.0])
     assert row.cv == 0.0 and row.at_half == 0.5
 

@@ -77,6 +77,27 @@ def kfold(ids: Sequence[str], coverage: np.ndarray, folds: int, seed: int) -> pd
     return pd.DataFrame({"id": list(ids), "fold": fold, "coverage_class": classes})
 
 
+def fold_split(ids: Sequence[str], coverage: np.ndarray, folds: int, fold: int, seed: int) -> pd.DataFrame:
+    """The split of fold `fold` of a coverage-stratified K-fold (kfold): its images validate, the others train.
+
+    Args:
+        ids: the labelled ids.
+        coverage: their salt coverage (fraction of salt pixels).
+        folds: K >= 2.
+        fold: 0 <= fold < K.
+        seed: the --split_seed; every fold of one K-fold must use the same one.
+
+    Returns:
+        A frame id, role (train/val), fold, coverage_class: split.csv of a fold run, which names the whole K-fold
+        so the folds' files can be checked against each other.
+    """
+    if not 0 <= fold < folds:
+        raise DataError(f"--fold={fold} is not one of the {folds} folds; give --fold from 0 to {folds - 1}")
+    frame = kfold(ids, coverage, folds, seed)
+    frame.insert(1, "role", np.where(frame["fold"] == fold, "val", "train").astype(object))
+    return frame
+
+
 def write_split(frame: pd.DataFrame, path: str) -> None:
     """Writes a split CSV atomically (rundir.write_csv)."""
     rundir.write_csv(path, frame)
