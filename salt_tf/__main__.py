@@ -15,6 +15,11 @@ COMMANDS = (
     ("python -m salt_tf.runs list", "one line per run under a folder, the flags that differ as columns"),
     ("python -m salt_tf.runs diff", "two runs side by side: flags, code, data, weights, metric curves"),
     ("python -m salt_tf.runs reproduce", "re-run a run from its flags.cfg and compare the weights bit for bit"),
+    ("python -m salt_tf.cv train", "train the K folds of a flagfile into one parent folder, then collect"),
+    ("python -m salt_tf.cv collect", "the out-of-fold predictions and score of a parent's finished folds"),
+    ("python -m salt_tf.cv compare", "two cross-validation parents image by image: mean difference, interval"),
+    ("python -m salt_tf.cv pseudo", "pseudo-labels: the confident predictions of unlabelled images as a "
+                                    "labelled folder"),
     ("python -m salt_tf.serving", "a run's models as a TensorFlow SavedModel for serving"),
     ("python -m salt_tf.data.synthetic", "write the synthetic demo data set in the Kaggle layout"),
 )

@@ -102,7 +102,7 @@ def test_flagfile_val_images_with_folds_and_repeated_extra_data_dir_parse(tmp_pa
 
 
 def test_cv_train_gives_every_image_one_prediction_from_the_model_that_validated_on_it(parent, demo_dir):
-    from salt_tf import predict
+    from salt_tf import exports, pipeline, tta
 
     path, _, output = parent
     assert "[fold-0]" in output and "[fold-1]" in output and "out-of-fold: 160 images" in output
@@ -123,13 +123,13 @@ def test_cv_train_gives_every_image_one_prediction_from_the_model_that_validated
     # Each image's probabilities are its validating fold's model's, with hflip TTA, recomputed here.
     data = kaggle.load_labelled(demo_dir, saved["ids"].tolist())
     np.testing.assert_array_equal(saved["masks"], data.masks)
-    models = {k: predict.load_models(os.path.join(path, f"fold-{k}"))[0].model for k in (0, 1)}
-    inputs = predict.model_inputs(list(data.ids), data.images, False)
+    models = {k: exports.load_models(os.path.join(path, f"fold-{k}"))[0].model for k in (0, 1)}
+    inputs = pipeline.model_inputs(list(data.ids), data.images, np.full(len(data.ids), np.nan), False)
     for k in (0, 1):
         rows = np.array([i in val[k] for i in saved["ids"]])
         assert (saved["fold"][rows] == k).all()
-        own = predict.predict_probabilities(models[k], inputs[rows], tta=("none", "hflip"))
-        other = predict.predict_probabilities(models[1 - k], inputs[rows], tta=("none", "hflip"))
+        own = tta.predict_probabilities(models[k], inputs[rows], tta=("none", "hflip"))
+        other = tta.predict_probabilities(models[1 - k], inputs[rows], tta=("none", "hflip"))
         np.testing.assert_allclose(saved["probabilities"][rows].astype(np.float32), own, atol=1e-3)
         assert np.abs(other - own).max() > 0.01  # the other fold's model would give other numbers
     # The scores are those of the stored values; oof.json says the same.
@@ -270,14 +270,14 @@ def test_compare_interval_matches_a_brute_force_bootstrap(tmp_path):
 
 
 def test_pseudo_from_a_cv_parent_averages_the_fold_models(parent, demo_dir, tmp_path):
-    from salt_tf import predict, pseudo
+    from salt_tf import exports, pipeline, pseudo, tta
 
     path, _, _ = parent
     images = os.path.join(demo_dir, "test", "images")
-    ids, raw, _ = predict.read_image_folder(images)
-    inputs = predict.model_inputs(ids, raw, False)
-    p = np.mean([predict.predict_probabilities(predict.load_models(os.path.join(path, f"fold-{k}"))[0].model, inputs,
-                                               tta=("none", "hflip")) for k in (0, 1)], axis=0)
+    ids, raw, _ = kaggle.read_image_folder(images)
+    inputs = pipeline.model_inputs(ids, raw, np.full(len(ids), np.nan), False)
+    p = np.mean([tta.predict_probabilities(exports.load_models(os.path.join(path, f"fold-{k}"))[0].model, inputs,
+                                           tta=("none", "hflip")) for k in (0, 1)], axis=0)
     # The margin rule, by hand (the 1-epoch models are too unsure for the band rule to tell images apart).
     confidence = np.mean(np.abs(2 * p - 1), axis=(1, 2))
     levels = np.unique(confidence)
