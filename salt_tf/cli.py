@@ -8,7 +8,9 @@ private `flags.FlagValues` per command, so one process can import them all). A c
     python -m salt_tf.predict evaluate --model_dir=runs/a
     python -m salt_tf.runs diff runs/a runs/b --plot=ab.png
 
-`<program> --help` lists the subcommands, `<program> <subcommand> --help` that subcommand's flags only.
+`<program> --help` lists the subcommands, `<program> <subcommand> --help` that subcommand's flags only. A
+subcommand may pass the arguments it does not define on to another command (`cv train` to each fold's train
+command: `Subcommand.passes_on`).
 Anything a user can get wrong (a flag, a missing or stray argument, an unknown subcommand, a path the command
 cannot use) is ONE line on stderr, `error: ...`, and exit status 2, before anything is written; a failing
 write is one line and exit status 1.
@@ -44,6 +46,10 @@ class Subcommand:
         run: `run(flag_values, *arguments)` -> exit status.
         arguments: names of its positional arguments, in order (e.g. ("RUN_A", "RUN_B")); none by default.
         description: printed by its --help between the usage line and the flags.
+        passes_on: for a subcommand that hands every argument it does not define to another command (cv train:
+            each fold's train command), the help of those arguments (printed by its --help after its own
+            flags; called only then, so it may be slow); `run(flag_values, others)` then gets them as one list.
+            None: every argument is its own.
     """
 
     name: str
@@ -53,6 +59,7 @@ class Subcommand:
     run: Callable[..., int]
     arguments: tuple[str, ...] = ()
     description: str = ""
+    passes_on: Callable[[], str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +147,35 @@ def parse(program: Program, command: Subcommand, argv: list[str]) -> tuple[flags
     """
     flag_values = flags.FlagValues()
     command.define_flags(flag_values)
-    remaining = flag_values([f"{program.command_line} {command.name}"] + argv[2:])
     who = f"{program.command_line} {command.name}"
+    if command.passes_on is not None:
+        own, others = split_own(flag_values, argv[2:])
+        flag_values([who] + own)
+        return flag_values, [others]
+    remaining = flag_values([who] + argv[2:])
     return flag_values, _positional(remaining[1:], command.arguments, who, f"{command.name} {command.usage}")
+
+
+def split_own(flag_values: flags.FlagValues, args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the arguments that set a flag of `flag_values`, all the others), each in its order.
+
+    An own flag takes its value after '=' (a boolean may also be --name or --noname): the word after a bare
+    --name could as well be an argument of the other command.
+
+    Raises:
+        flags.Error: an own flag that is not a boolean, without '=' (one line).
+    """
+    own, others = [], []
+    for arg in args:
+        name = arg[2:].partition("=")[0] if arg.startswith("--") else ""
+        negated = name.startswith("no") and name[2:] in flag_values and flag_values[name[2:]].boolean
+        if name not in flag_values and not negated:
+            others.append(arg)
+            continue
+        if "=" not in arg and not (negated or flag_values[name].boolean):
+            raise flags.Error(f"give --{name}=VALUE (one argument)")
+        own.append(arg)
+    return own, others
 
 
 def _positional(arguments: list[str], names: Sequence[str], who: str = "", usage: str = "") -> list[str]:
@@ -172,7 +205,10 @@ def print_subcommand_help(program: Program, command: Subcommand) -> None:
     text = f"usage: {program.command_line} {command.name} {command.usage}\n\n{command.summary}\n"
     if command.description:
         text += f"\n{command.description.strip()}\n"
-    print(text + "\n" + flag_values.get_help().lstrip("\n"), flush=True)
+    text += "\n" + flag_values.get_help().lstrip("\n")
+    if command.passes_on is not None:
+        text += "\n\n" + command.passes_on()
+    print(text, flush=True)
 
 
 def parse_single(argv: Sequence[str], flag_values: flags.FlagValues, doc: str) -> bool:
