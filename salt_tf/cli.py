@@ -270,7 +270,8 @@ def error(message: str) -> None:
 # Flags shared by the commands that load a run's models (predict submit/evaluate, serving).
 
 
-def define_model_flags(flag_values: flags.FlagValues, what: str = "", combine: bool = True) -> None:
+def define_model_flags(flag_values: flags.FlagValues, what: str = "", combine: bool = True,
+                       cv_parent: bool = False) -> None:
     """--model_dir and --tta; with `combine` also --threshold and --use_ensemble (how the models are combined).
 
     Args:
@@ -278,10 +279,13 @@ def define_model_flags(flag_values: flags.FlagValues, what: str = "", combine: b
         what: ends the first words of the --tta help, "Test-time augmentation<what>" (e.g. " in the graph").
         combine: the command applies ensemble.json: define --threshold and --use_ensemble, and --tta defaults
             to ensemble.json's TTA.
+        cv_parent: the command also takes a cross-validation parent (a fold ensemble) as --model_dir.
     """
     fv = dict(flag_values=flag_values)
+    parent = (", or a cross-validation parent (python -m salt_tf.cv: every fold's models, each fold the mean of "
+              "its own, the folds weighing the same)") if cv_parent else ""
     flags.DEFINE_string("model_dir", None, "A run directory (its snapshots if any, else its export/) or one "
-                        "export folder (model.json + weights).", **fv)
+                        f"export folder (model.json + weights){parent}.", **fv)
     default = "the TTA of the run's ensemble.json, else hflip" if combine else "hflip"
     flags.DEFINE_string("tta", "hflip", f"Test-time augmentation{what}: 'none', or views averaged with the "
                         f"identity from hflip,vflip. Default: {default}.", **fv)
@@ -289,8 +293,10 @@ def define_model_flags(flag_values: flags.FlagValues, what: str = "", combine: b
         return
     flags.DEFINE_float("threshold", None, "Probability threshold; overrides ensemble.json and the export's "
                        "validation threshold.", lower_bound=0.0, upper_bound=0.999, **fv)
+    parent = "; a CV parent without one: the threshold and TTA of its oof.json (cv collect)" if cv_parent else ""
     flags.DEFINE_boolean("use_ensemble", True, "Use <model_dir>/ensemble.json (written by `python -m "
-                         "salt_tf.predict evaluate`) when present: its combination, threshold and TTA.", **fv)
+                         f"salt_tf.predict evaluate`) when present: its combination, threshold and TTA{parent}.",
+                         **fv)
 
 
 def require_model_dir(flag_values: flags.FlagValues) -> None:

@@ -124,22 +124,33 @@ def load_models(path: str) -> list[LoadedModel]:
     return [restore(entry) for entry in find_exports(path)]
 
 
+def members(entries: Sequence[LoadedModel]) -> list[list[int]]:
+    """The members an ensemble of `entries` combines, as indices into `entries`: each model of a run or export
+    is one; a CV parent's member is a fold, its models averaged first (member_probabilities), so that every
+    fold weighs the same whatever its number of models (snapshots, SWA or export).
+
+    Args:
+        entries: models of find_exports, in its order.
+
+    Returns:
+        One list of indices per member, in order (folds by k).
+    """
+    if all(e.fold is None for e in entries):
+        return [[i] for i in range(len(entries))]
+    return [[i for i, e in enumerate(entries) if e.fold == k] for k in sorted({e.fold for e in entries})]
+
+
 def member_probabilities(entries: Sequence[LoadedModel], probabilities: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The probabilities an ensemble of `entries` combines, one per member: each model of a run or export; for a
-    CV parent each fold, the mean of its models (snapshots, SWA or export), so that every fold weighs the same
-    whatever its number of models.
+    """The probabilities the ensemble combines, one per member (members): the mean of its models' probabilities.
 
     Args:
         entries: models of find_exports, in its order.
         probabilities: one array per entry, in the same order.
 
     Returns:
-        One array per member, in order (folds by k).
+        One array per member, in order.
     """
-    if all(e.fold is None for e in entries):
-        return list(probabilities)
-    folds = sorted({e.fold for e in entries})
-    return [np.mean([p for e, p in zip(entries, probabilities) if e.fold == k], axis=0) for k in folds]
+    return [np.mean([probabilities[i] for i in member], axis=0) for member in members(entries)]
 
 
 def predict_members(entries: Sequence[LoadedModel], ids: Sequence[str], images: np.ndarray, depths: np.ndarray,
