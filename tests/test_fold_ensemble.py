@@ -106,13 +106,13 @@ def test_a_fold_ensemble_of_identical_models_equals_the_one_model(tiny_run, demo
 
 
 def test_every_fold_weighs_the_same_whatever_its_number_of_snapshots(tiny_run, demo_dir, tmp_path, capsys):
-    # fold-0: model A (export/ only); fold-1: two snapshots B1, B2 (A's weights, the head's bias -1 and +1).
+    # fold-0: model A (export/ only); fold-1: two snapshots B1, B2 (A's weights, the head's bias -2 and -1).
     snapshot_run = str(tmp_path / "snapshot_run")
     shutil.copytree(tiny_run, snapshot_run)
     shutil.rmtree(os.path.join(snapshot_run, rundir.SNAPSHOTS_DIR), ignore_errors=True)
     [entry] = exports.load_models(os.path.join(snapshot_run, "export"))
     bias = entry.model.head.conv.bias.numpy()
-    for k, shift in ((1, -1.0), (2, 1.0)):
+    for k, shift in ((1, -2.0), (2, -1.0)):
         entry.model.head.conv.bias.assign(bias + shift)
         checkpoints.export_snapshot(snapshot_run, k, entry.model, dict(entry.config, epoch=k))
     parent = _parent(tmp_path, [tiny_run, snapshot_run])
