@@ -1,8 +1,8 @@
 """`python -m salt_tf`: the commands of salt_tf, one line each.
 
 Instant on purpose: this module imports nothing (no TensorFlow, no other salt_tf module), so the list is
-written out here; tests/test_cli.py checks it against the subcommands salt_tf.predict and salt_tf.runs define
-(their names and one-line summaries) and that no `python -m salt_tf.X` entry point is missing.
+written out here; tests/test_cli.py checks it against the subcommands salt_tf.predict, salt_tf.runs and
+salt_tf.cv define (their names and one-line summaries) and that no `python -m salt_tf.X` entry point is missing.
 """
 
 import sys
@@ -10,8 +10,8 @@ import sys
 COMMANDS = (
     ("python -m salt_tf.train", "train a model into a run directory; the same command resumes it"),
     ("python -m salt_tf.predict submit", "predict a folder of images: the submission CSV (and mask PNGs)"),
-    ("python -m salt_tf.predict evaluate", "score the run's models on its validation images: the table and "
-                                           "ensemble.json"),
+    ("python -m salt_tf.predict evaluate", "score the run's models on its validation images (a CV parent: its "
+                                           "out-of-fold predictions): the table and ensemble.json"),
     ("python -m salt_tf.runs list", "one line per run under a folder, the flags that differ as columns"),
     ("python -m salt_tf.runs diff", "two runs side by side: flags, code, data, weights, metric curves"),
     ("python -m salt_tf.runs reproduce", "re-run a run from its flags.cfg and compare the weights bit for bit"),

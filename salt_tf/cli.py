@@ -8,7 +8,9 @@ private `flags.FlagValues` per command, so one process can import them all). A c
     python -m salt_tf.predict evaluate --model_dir=runs/a
     python -m salt_tf.runs diff runs/a runs/b --plot=ab.png
 
-`<program> --help` lists the subcommands, `<program> <subcommand> --help` that subcommand's flags only.
+`<program> --help` lists the subcommands, `<program> <subcommand> --help` that subcommand's flags only. A
+subcommand may pass the arguments it does not define on to another command (`cv train` to each fold's train
+command: `Subcommand.passes_on`).
 Anything a user can get wrong (a flag, a missing or stray argument, an unknown subcommand, a path the command
 cannot use) is ONE line on stderr, `error: ...`, and exit status 2, before anything is written; a failing
 write is one line and exit status 1.
@@ -44,6 +46,10 @@ class Subcommand:
         run: `run(flag_values, *arguments)` -> exit status.
         arguments: names of its positional arguments, in order (e.g. ("RUN_A", "RUN_B")); none by default.
         description: printed by its --help between the usage line and the flags.
+        passes_on: for a subcommand that hands every argument it does not define to another command (cv train:
+            each fold's train command), the help of those arguments (printed by its --help after its own
+            flags; called only then, so it may be slow); `run(flag_values, others)` then gets them as one list.
+            None: every argument is its own.
     """
 
     name: str
@@ -53,6 +59,7 @@ class Subcommand:
     run: Callable[..., int]
     arguments: tuple[str, ...] = ()
     description: str = ""
+    passes_on: Callable[[], str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +147,35 @@ def parse(program: Program, command: Subcommand, argv: list[str]) -> tuple[flags
     """
     flag_values = flags.FlagValues()
     command.define_flags(flag_values)
-    remaining = flag_values([f"{program.command_line} {command.name}"] + argv[2:])
     who = f"{program.command_line} {command.name}"
+    if command.passes_on is not None:
+        own, others = split_own(flag_values, argv[2:])
+        flag_values([who] + own)
+        return flag_values, [others]
+    remaining = flag_values([who] + argv[2:])
     return flag_values, _positional(remaining[1:], command.arguments, who, f"{command.name} {command.usage}")
+
+
+def split_own(flag_values: flags.FlagValues, args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the arguments that set a flag of `flag_values`, all the others), each in its order.
+
+    An own flag takes its value after '=' (a boolean may also be --name or --noname): the word after a bare
+    --name could as well be an argument of the other command.
+
+    Raises:
+        flags.Error: an own flag that is not a boolean, without '=' (one line).
+    """
+    own, others = [], []
+    for arg in args:
+        name = arg[2:].partition("=")[0] if arg.startswith("--") else ""
+        negated = name.startswith("no") and name[2:] in flag_values and flag_values[name[2:]].boolean
+        if name not in flag_values and not negated:
+            others.append(arg)
+            continue
+        if "=" not in arg and not (negated or flag_values[name].boolean):
+            raise flags.Error(f"give --{name}=VALUE (one argument)")
+        own.append(arg)
+    return own, others
 
 
 def _positional(arguments: list[str], names: Sequence[str], who: str = "", usage: str = "") -> list[str]:
@@ -172,7 +205,10 @@ def print_subcommand_help(program: Program, command: Subcommand) -> None:
     text = f"usage: {program.command_line} {command.name} {command.usage}\n\n{command.summary}\n"
     if command.description:
         text += f"\n{command.description.strip()}\n"
-    print(text + "\n" + flag_values.get_help().lstrip("\n"), flush=True)
+    text += "\n" + flag_values.get_help().lstrip("\n")
+    if command.passes_on is not None:
+        text += "\n\n" + command.passes_on()
+    print(text, flush=True)
 
 
 def parse_single(argv: Sequence[str], flag_values: flags.FlagValues, doc: str) -> bool:
@@ -234,7 +270,8 @@ def error(message: str) -> None:
 # Flags shared by the commands that load a run's models (predict submit/evaluate, serving).
 
 
-def define_model_flags(flag_values: flags.FlagValues, what: str = "", combine: bool = True) -> None:
+def define_model_flags(flag_values: flags.FlagValues, what: str = "", combine: bool = True,
+                       cv_parent: bool = False) -> None:
     """--model_dir and --tta; with `combine` also --threshold and --use_ensemble (how the models are combined).
 
     Args:
@@ -242,10 +279,13 @@ def define_model_flags(flag_values: flags.FlagValues, what: str = "", combine: b
         what: ends the first words of the --tta help, "Test-time augmentation<what>" (e.g. " in the graph").
         combine: the command applies ensemble.json: define --threshold and --use_ensemble, and --tta defaults
             to ensemble.json's TTA.
+        cv_parent: the command also takes a cross-validation parent (a fold ensemble) as --model_dir.
     """
     fv = dict(flag_values=flag_values)
+    parent = (", or a cross-validation parent (python -m salt_tf.cv: every fold's models, each fold the mean of "
+              "its own, the folds weighing the same)") if cv_parent else ""
     flags.DEFINE_string("model_dir", None, "A run directory (its snapshots if any, else its export/) or one "
-                        "export folder (model.json + weights).", **fv)
+                        f"export folder (model.json + weights){parent}.", **fv)
     default = "the TTA of the run's ensemble.json, else hflip" if combine else "hflip"
     flags.DEFINE_string("tta", "hflip", f"Test-time augmentation{what}: 'none', or views averaged with the "
                         f"identity from hflip,vflip. Default: {default}.", **fv)
@@ -253,8 +293,10 @@ def define_model_flags(flag_values: flags.FlagValues, what: str = "", combine: b
         return
     flags.DEFINE_float("threshold", None, "Probability threshold; overrides ensemble.json and the export's "
                        "validation threshold.", lower_bound=0.0, upper_bound=0.999, **fv)
+    parent = "; a CV parent without one: the threshold and TTA of its oof.json (cv collect)" if cv_parent else ""
     flags.DEFINE_boolean("use_ensemble", True, "Use <model_dir>/ensemble.json (written by `python -m "
-                         "salt_tf.predict evaluate`) when present: its combination, threshold and TTA.", **fv)
+                         f"salt_tf.predict evaluate`) when present: its combination, threshold and TTA{parent}.",
+                         **fv)
 
 
 def require_model_dir(flag_values: flags.FlagValues) -> None:

@@ -2,8 +2,13 @@
 
 `find_exports` reads their configs (model.json) without TensorFlow, so a command checks every model folder
 before it starts TensorFlow; `restore` builds each model and restores its weights. Where the exports of a
-run are and what they are called is salt_tf.rundir's (`export_dirs`, `is_export`); this module reads them.
-Used by the predict command, the SavedModel export (salt_tf.serving) and tools.
+run are and what they are called is salt_tf.rundir's (`export_dirs`, `is_export`, `fold_runs`); this module
+reads them. Used by the predict and cv commands, the SavedModel export (salt_tf.serving) and tools.
+
+A CV parent (salt_tf.cv) stands for every model of its finished folds, a fold ensemble. Its members are the
+folds, each the mean of its own models (`member_probabilities`), so every fold weighs the same whatever its
+number of snapshots; its choice of threshold is its ensemble.json (`predict evaluate` on its out-of-fold
+predictions), else the threshold its oof.json chose (`load_ensemble`).
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Callable, Sequence
 
-from salt_tf import ensemble, rundir, tfstart
+import numpy as np
+
+from salt_tf import ensemble, oof, postprocess, rundir, tfstart, tta
 
 
 class ExportError(ValueError):
@@ -23,10 +31,11 @@ class ExportError(ValueError):
 class LoadedModel:
     """One exported model: where it is, its model.json, and (after `restore`) the Keras model."""
 
-    name: str          # "export", "snapshots/snapshot-3", or the folder's name
+    name: str          # "export", "snapshots/snapshot-3", the folder's name, or under a CV parent "fold-0/export"
     path: str          # the export folder
     config: dict       # its model.json
     model: object = None
+    fold: int | None = None  # under a CV parent: the fold whose run made it
 
     @property
     def use_depth(self) -> bool:
@@ -55,17 +64,22 @@ def find_exports(path: str) -> list[LoadedModel]:
     """The models `path` stands for, configs read but no weights (no TensorFlow needed).
 
     Args:
-        path: an export folder (itself), or a run directory (its snapshots in order if any, else its export/;
-            rundir.export_dirs).
+        path: an export folder (itself), a run directory (its snapshots in order if any, else its export/;
+            rundir.export_dirs), or a CV parent (those of each fold run, fold by fold; rundir.fold_runs).
 
     Returns:
         One LoadedModel per export; its name is its folder relative to the run directory ("export",
-        "snapshots/snapshot-3"), or the export folder's own name.
+        "snapshots/snapshot-3") or to the CV parent ("fold-0/export", its `fold` set), or the export folder's
+        own name.
 
     Raises:
-        ExportError: no such folder, no export in it, or an unreadable model.json (one line).
+        ExportError: no such folder, no export in it, an unreadable model.json, or a CV parent with a fold
+            missing or unfinished (one line).
     """
     try:
+        if rundir.is_cv_parent(path):
+            return [LoadedModel(os.path.relpath(d, path), d, _read_config(d), fold=k)
+                    for k, run in rundir.fold_runs(path).items() for d in rundir.export_dirs(run)]
         dirs = rundir.export_dirs(path)
     except rundir.RunDirError as e:
         raise ExportError(str(e)) from None
@@ -110,31 +124,136 @@ def load_models(path: str) -> list[LoadedModel]:
     return [restore(entry) for entry in find_exports(path)]
 
 
-def load_ensemble(run_dir: str, entries: list[LoadedModel]) -> ensemble.Ensemble | None:
-    """The ensemble.json of `run_dir` (None if it has none), checked against the models it was fitted on.
+def members(entries: Sequence[LoadedModel]) -> list[list[int]]:
+    """The members an ensemble of `entries` combines, as indices into `entries`: each model of a run or export
+    is one; a CV parent's member is a fold, its models averaged first (member_probabilities), so that every
+    fold weighs the same whatever its number of models (snapshots, SWA or export).
 
     Args:
-        run_dir: a run directory or an export folder (as --model_dir).
+        entries: models of find_exports, in its order.
+
+    Returns:
+        One list of indices per member, in order (folds by k).
+    """
+    if all(e.fold is None for e in entries):
+        return [[i] for i in range(len(entries))]
+    return [[i for i, e in enumerate(entries) if e.fold == k] for k in sorted({e.fold for e in entries})]
+
+
+def member_probabilities(entries: Sequence[LoadedModel], probabilities: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The probabilities the ensemble combines, one per member (members): the mean of its models' probabilities.
+
+    Args:
+        entries: models of find_exports, in its order.
+        probabilities: one array per entry, in the same order.
+
+    Returns:
+        One array per member, in order.
+    """
+    return [np.mean([probabilities[i] for i in member], axis=0) for member in members(entries)]
+
+
+def predict_members(entries: Sequence[LoadedModel], ids: Sequence[str], images: np.ndarray, depths: np.ndarray,
+                    views: Sequence[str], batch_size: int,
+                    progress: Callable[[int], tta.ProgressCallback] | None = None):
+    """Every model's TTA probabilities of the images, as the ensemble's members (member_probabilities).
+
+    Args:
+        entries: restored models (restore, load_models), in find_exports' order.
+        ids, images: the images' ids and uint8 [N,101,101] pixels.
+        depths: float32 [N] in feet, NaN where unknown (kaggle.depth_array); read for --use_depth models only.
+        views: the TTA views (tta.parse_tta).
+        batch_size: images per model call.
+        progress: progress(m) -> the progress callback of model m's pass (None: no progress).
+
+    Returns:
+        (one float32 [N,101,101] per member, the mean image-head salt probability [N] or None without a head).
+    """
+    from salt_tf import pipeline  # TensorFlow: started by restore
+
+    inputs, probabilities, heads = {}, [], []
+    for m, entry in enumerate(entries):
+        if entry.use_depth not in inputs:
+            inputs[entry.use_depth] = pipeline.model_inputs(ids, images, depths, entry.use_depth)
+        p, h = tta.predict_with_head(entry.model, inputs[entry.use_depth], batch_size, views,
+                                     progress=progress(m) if progress else None)
+        probabilities.append(p)
+        heads.append(h)
+    return member_probabilities(entries, probabilities), tta.mean_head(heads)
+
+
+def load_ensemble(path: str, entries: list[LoadedModel]) -> ensemble.Ensemble | None:
+    """The choice saved for the models of `path`: its ensemble.json (`predict evaluate`), checked against the
+    models it was fitted on; for a CV parent without one, the mean of its folds at the threshold its oof.json
+    chose (scores["chosen_on"] names oof.json); else None.
+
+    Args:
+        path: a run directory, an export folder or a CV parent (as --model_dir).
         entries: its models (find_exports), in order.
 
     Returns:
         The saved choice, or None.
 
     Raises:
-        ExportError: unreadable, or fitted on other models (one line naming both lists).
+        ExportError: unreadable, fitted on other models (one line naming both lists), or a CV parent without
+            oof.json (one line naming `python -m salt_tf.cv collect`).
     """
-    path = os.path.join(run_dir, rundir.ENSEMBLE_FILE)
-    if not os.path.isfile(path):
-        return None
+    file = os.path.join(path, rundir.ENSEMBLE_FILE)
+    if not os.path.isfile(file):
+        return _oof_choice(path, entries) if rundir.is_cv_parent(path) else None
     try:
-        chosen = ensemble.Ensemble.load(path)
+        chosen = ensemble.Ensemble.load(file)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    fitted = [(m.get("name"), m.get("epoch")) for m in chosen.models]
+    _check_fitted(file, chosen.models, path, entries,
+                  "rerun `python -m salt_tf.predict evaluate`, or pass --nouse_ensemble")
+    return chosen
+
+
+def load_out_of_fold(parent: str, entries: list[LoadedModel]) -> tuple[dict, dict]:
+    """(oof.npz's arrays, oof.json) of a CV parent, both written by `cv collect` with the fold models now there.
+
+    Args:
+        parent: the CV parent.
+        entries: its models (find_exports), in order.
+
+    Raises:
+        ExportError: a file missing or unreadable, or collected from other models (one line naming
+            `python -m salt_tf.cv collect --parent=...`).
+    """
+    summary = _oof_summary(parent, entries)
+    try:
+        return oof.load(os.path.join(parent, rundir.OOF_FILE)), summary
+    except oof.OOFError as e:
+        raise ExportError(str(e)) from None
+
+
+def _oof_summary(parent: str, entries: list[LoadedModel]) -> dict:
+    """oof.json, checked against the fold models when it names them (a file of before that is not)."""
+    try:
+        summary = oof.load_summary(parent)
+    except oof.OOFError as e:
+        raise ExportError(str(e)) from None
+    if summary.get("models"):
+        _check_fitted(os.path.join(parent, rundir.OOF_SUMMARY), summary["models"], parent, entries,
+                      f"rerun python -m salt_tf.cv collect --parent={parent}")
+    return summary
+
+
+def _oof_choice(parent: str, entries: list[LoadedModel]) -> ensemble.Ensemble:
+    """A CV parent's choice without ensemble.json: the mean of its folds at oof.json's threshold and TTA."""
+    summary = _oof_summary(parent, entries)
+    return ensemble.Ensemble(models=[e.info() for e in entries], tta=list(summary["tta"]), combine="mean",
+                             postprocessing=postprocess.PostProcessing(threshold=float(summary["threshold"])),
+                             scores={"chosen_on": rundir.OOF_SUMMARY, "cv_mean": summary["cv"]["all"]})
+
+
+def _check_fitted(file: str, models: list[dict], path: str, entries: list[LoadedModel], fix: str) -> None:
+    """Raises ExportError (one line naming both lists and `fix`) unless `models`, the models a saved file was
+    made from, are the models of `path` now (names and epochs, in order)."""
+    fitted = [(m.get("name"), m.get("epoch")) for m in models]
     now = [(e.name, e.config.get("epoch")) for e in entries]
     if fitted != now:
         raise ExportError(
-            f"{path}: fitted on models {', '.join(f'{n} (epoch {e})' for n, e in fitted)} but {run_dir} now has "
-            f"{', '.join(f'{n} (epoch {e})' for n, e in now)}; rerun `python -m salt_tf.predict evaluate`, or pass "
-            "--nouse_ensemble")
-    return chosen
+            f"{file}: fitted on models {', '.join(f'{n} (epoch {e})' for n, e in fitted)} but {path} now has "
+            f"{', '.join(f'{n} (epoch {e})' for n, e in now)}; {fix}")

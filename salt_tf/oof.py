@@ -9,7 +9,7 @@ every image is out-of-sample and the score covers the whole labelled set instead
                         scores_cv [N] (the competition score of each image at 0.5, and at the threshold chosen
                         on the other images); the scores are computed from the stored float16 values, so
                         re-scoring the file gives the same numbers
-    <parent>/oof.json   the numbers of the printed table (summary)
+    <parent>/oof.json   the numbers of the printed table (summary), the TTA and the fold models they are of
 
 The threshold is chosen by cross-validation over images (ensemble.plain_row over ensemble.image_folds: 5
 coverage-stratified folds), so a threshold never sees the image it scores. Intervals are percentile
@@ -19,6 +19,7 @@ bootstraps over the images (ensemble.paired_bootstrap).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import numpy as np
@@ -91,7 +92,8 @@ def _line(truth: np.ndarray, scores: np.ndarray) -> dict:
             **metrics.coverage_group_scores(truth, scores)}
 
 
-def summary(truth: np.ndarray, scored: dict, fold: np.ndarray, tta: Sequence[str]) -> dict:
+def summary(truth: np.ndarray, scored: dict, fold: np.ndarray, tta: Sequence[str],
+            models: Sequence[dict] = ()) -> dict:
     """oof.json: the table's numbers from score()'s result and the images' folds.
 
     Args:
@@ -99,13 +101,15 @@ def summary(truth: np.ndarray, scored: dict, fold: np.ndarray, tta: Sequence[str
         scored: score()'s result.
         fold: fold [N] whose model predicted each image.
         tta: the views the probabilities were averaged over.
+        models: the fold models that predicted them ({"name", "epoch", ...}, exports.LoadedModel.info), so a
+            reader can tell the file from a later training of the folds.
 
     Returns:
-        {"images", "folds", "tta", "at_half", "cv" (each: all, ci95, coverage groups), "threshold", "tuned",
-        "per_fold": {k: {"images", "at_half"}}}.
+        {"images", "folds", "tta", "models", "at_half", "cv" (each: all, ci95, coverage groups), "threshold",
+        "tuned", "per_fold": {k: {"images", "at_half"}}}.
     """
     truth = np.asarray(truth).astype(bool)
-    return {"images": int(len(truth)), "folds": int(len(np.unique(fold))), "tta": list(tta),
+    return {"images": int(len(truth)), "folds": int(len(np.unique(fold))), "tta": list(tta), "models": list(models),
             "at_half": _line(truth, scored["scores_at_half"]), "cv": _line(truth, scored["scores_cv"]),
             "threshold": scored["threshold"], "tuned": scored["tuned"],
             "per_fold": {str(k): {"images": int(np.sum(fold == k)),
@@ -146,9 +150,27 @@ def load(path: str) -> dict:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in KEYS}
     except FileNotFoundError:
-        raise OOFError(f"{path}: not found; run python -m salt_tf.cv collect --parent=<its folder> first") from None
+        raise OOFError(f"{path}: not found; run {_collect(path)} first") from None
     except (OSError, ValueError, KeyError) as e:
-        raise OOFError(f"{path}: not an out-of-fold file of salt_tf.cv ({type(e).__name__}: {e})") from None
+        raise OOFError(f"{path}: not an out-of-fold file of salt_tf.cv ({type(e).__name__}: {e}); rerun "
+                       f"{_collect(path)}") from None
+
+
+def load_summary(parent: str) -> dict:
+    """The oof.json of a CV parent (summary()); OOFError naming the file and `cv collect` when it is missing or
+    unreadable."""
+    path = os.path.join(parent, rundir.OOF_SUMMARY)
+    try:
+        return rundir.read_json(path)
+    except FileNotFoundError:
+        raise OOFError(f"{path}: not found; run {_collect(path)} first") from None
+    except (OSError, ValueError) as e:
+        raise OOFError(f"{path}: not readable ({type(e).__name__}: {e}); rerun {_collect(path)}") from None
+
+
+def _collect(path: str) -> str:
+    """The command that writes the OOF file `path`: cv collect of its folder."""
+    return f"python -m salt_tf.cv collect --parent={os.path.dirname(path) or '.'}"
 
 
 @dataclasses.dataclass

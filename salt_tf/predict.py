@@ -3,9 +3,12 @@
     python -m salt_tf.predict submit --model_dir=runs/a --images=/data/tgs/test/images --output=submission.csv
     python -m salt_tf.predict evaluate --model_dir=runs/a        # table + <run>/ensemble.json
     python -m salt_tf.predict evaluate --model_dir=runs/a/swa    # one export of the run: <run>/swa/ensemble.json
+    python -m salt_tf.predict evaluate --model_dir=runs/cv       # a CV parent: from its oof.npz, <parent>/ensemble.json
+    python -m salt_tf.predict submit --model_dir=runs/cv --images=... --output=...   # the fold ensemble
 
-`--model_dir` is a run directory (its snapshots if it made any, else its export/) or one export folder
-(salt_tf.exports). `python -m salt_tf.predict <command> --help` describes a command (SUBMIT_HELP,
+`--model_dir` is a run directory (its snapshots if it made any, else its export/), one export folder, or a
+cross-validation parent (python -m salt_tf.cv: the fold ensemble; which models and how they weigh is
+salt_tf.exports'). `python -m salt_tf.predict <command> --help` describes a command (SUBMIT_HELP,
 EVALUATE_HELP below) and lists its flags. This module is the command only: test-time augmentation and batched
 prediction are salt_tf.tta's, the image folder and depths readers salt_tf.data.kaggle's, the model inputs
 salt_tf.pipeline's, the table and the ensemble choice salt_tf.ensemble's. The command lines of before the
@@ -49,13 +52,25 @@ is written; --skip_bad predicts the others, lists the bad ones and gives them em
 or leaves their rows out with --nobad_as_empty), predicts them in batches with TTA, combines the models (the
 ensemble.json `evaluate` wrote, if any: mean or stacked meta-model plus post-processing; else the mean and
 the export's threshold) and writes the submission CSV `id,rle_mask` atomically, and with --masks_dir one mask
-PNG per image. Progress: a live bar on a terminal, a line every ~2048 images otherwise."""
+PNG per image. Progress: a live bar on a terminal, a line every ~2048 images otherwise.
+
+A cross-validation parent (--model_dir=<parent> of `python -m salt_tf.cv`, every fold finished) is a fold
+ensemble: each fold's models (its snapshots, else its export/) are averaged, then the folds with equal
+weights, whatever their numbers of snapshots. Its threshold and post-processing: the parent's ensemble.json
+(`evaluate --model_dir=<parent>`), else the threshold its oof.json chose on the out-of-fold predictions
+(`cv collect`), with their TTA; --threshold overrides the threshold."""
 
 EVALUATE_HELP = """\
 Predicts the run's validation images (split.csv; the data folder --data_dir, else the run's own,
 rundir.data_dir), prints one table of the competition metric (each model plain and with TTA, the mean, the
 stacked meta-model cross-validated over images, and both after post-processing; see salt_tf.ensemble) and
-writes <model_dir>/ensemble.json, which `submit` applies. Progress as in submit."""
+writes <model_dir>/ensemble.json, which `submit` applies. Progress as in submit.
+
+A cross-validation parent (--model_dir=<parent>) predicts nothing: its out-of-fold predictions (oof.npz of
+`cv collect`: every labelled image, predicted with collect's TTA by the fold that validated on it) are the
+evaluation set, so threshold and post-processing are chosen by the same cross-validation over images, on ALL
+labelled images; <parent>/ensemble.json is then what `submit --model_dir=<parent>` applies. Only the fold mean
+is evaluated there, no stacking: oof.npz holds each image's fold mean, not each snapshot's prediction."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,7 +79,7 @@ writes <model_dir>/ensemble.json, which `submit` applies. Progress as in submit.
 
 def _define_shared_flags(flag_values: flags.FlagValues, what: str, combine: bool) -> None:
     """The flags of both subcommands: the models (cli.define_model_flags) and --batch_size."""
-    cli.define_model_flags(flag_values, what, combine)
+    cli.define_model_flags(flag_values, what, combine, cv_parent=True)
     flags.DEFINE_integer("batch_size", 64, "Images per model call (each call runs batch x views images).",
                          lower_bound=1, flag_values=flag_values)
 
@@ -93,7 +108,7 @@ def define_evaluate_flags(flag_values: flags.FlagValues) -> None:
     _define_shared_flags(flag_values, " to evaluate (the plain prediction, its identity view, is scored too)",
                          combine=False)
     flags.DEFINE_string("data_dir", None, "Labelled folder in the Kaggle layout (default: the folder the run "
-                        "trained on, from its flags.cfg and record.json).", **fv)
+                        "trained on, from its flags.cfg and record.json; not for a CV parent).", **fv)
     flags.DEFINE_enum("eval_ids", "val", ["val", "all"], "'val' = the validation ids of the run's split.csv "
                       "(out-of-sample); 'all' = every labelled image of --data_dir (only for a separate hold-out "
                       "folder).", **fv)
@@ -231,24 +246,26 @@ def _depths(fv: flags.FlagValues, entries: list[exports.LoadedModel], ids: Seque
 
 def _postprocessing(fv: flags.FlagValues, entries: list[exports.LoadedModel], chosen):
     """(the post-processing to apply, how the models are combined, in words); --threshold overrides."""
+    members = len(exports.members(entries))
+    combined = f"{members} folds ({len(entries)} models)" if entries[0].fold is not None else f"{members}"
     if chosen is not None:
         choice = chosen.postprocessing
-        how = f"{chosen.combine} ensemble of {len(entries)} from {rundir.ENSEMBLE_FILE}" if len(entries) > 1 \
-            else f"post-processing from {rundir.ENSEMBLE_FILE}"
+        source = chosen.scores.get("chosen_on", rundir.ENSEMBLE_FILE)
+        how = f"{chosen.combine} ensemble of {combined} from {source}" if len(entries) > 1 \
+            else f"post-processing from {source}"
     else:
         threshold = entries[0].config.get("threshold") if len(entries) == 1 else None
         choice = postprocess.PostProcessing(threshold=float(threshold if threshold is not None else 0.5))
-        how = "mean of the models" if len(entries) > 1 else "single model"
+        how = f"mean of {combined}" if len(entries) > 1 else "single model"
     if fv.threshold is not None:
         choice = dataclasses.replace(choice, threshold=float(fv.threshold))
     return choice, how
 
 
 def _predict_masks(fv, entries, chosen, choice, views, ids, images, depths) -> np.ndarray:
-    """The masks bool [N,101,101] of all images, chunk by chunk (_chunk): every model's TTA probabilities,
-    combined (ensemble.json's way, else the mean) and post-processed; the chunk's mask PNGs with --masks_dir."""
-    from salt_tf import pipeline  # TensorFlow is started (exports.restore)
-
+    """The masks bool [N,101,101] of all images, chunk by chunk (_chunk): every model's TTA probabilities, as the
+    ensemble's members (exports.predict_members: a CV parent's folds), combined (ensemble.json's way, else the
+    mean) and post-processed; the chunk's mask PNGs with --masks_dir."""
     if fv.masks_dir:
         os.makedirs(fv.masks_dir, exist_ok=True)
     chunk = _chunk(fv.batch_size)
@@ -256,18 +273,11 @@ def _predict_masks(fv, entries, chosen, choice, views, ids, images, depths) -> n
     masks = np.zeros((len(ids), IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
     for start in range(0, len(ids), chunk):
         stop = min(start + chunk, len(ids))
-        inputs, probabilities, heads = {}, [], []
-        for m, entry in enumerate(entries):
-            if entry.use_depth not in inputs:
-                inputs[entry.use_depth] = pipeline.model_inputs(ids[start:stop], images[start:stop],
-                                                                depths[start:stop], entry.use_depth)
-            p, h = tta.predict_with_head(entry.model, inputs[entry.use_depth], fv.batch_size, views,
-                                         progress=_model_share(display, start, stop - start, m, len(entries)))
-            probabilities.append(p)
-            heads.append(h)
-        combined = chosen.combine_probabilities(probabilities) if chosen is not None \
-            else np.mean(probabilities, axis=0)
-        masks[start:stop] = postprocess.apply(combined, choice, tta.mean_head(heads))
+        members, has_salt = exports.predict_members(
+            entries, ids[start:stop], images[start:stop], depths[start:stop], views, fv.batch_size,
+            progress=lambda m: _model_share(display, start, stop - start, m, len(entries)))  # used in this chunk only
+        combined = chosen.combine_probabilities(members) if chosen is not None else np.mean(members, axis=0)
+        masks[start:stop] = postprocess.apply(combined, choice, has_salt)
         if fv.masks_dir:
             for id_, mask in zip(ids[start:stop], masks[start:stop]):
                 rundir.write_png(os.path.join(fv.masks_dir, f"{id_}.png"), mask.astype(np.uint8) * 255)
@@ -306,6 +316,8 @@ def run_evaluate(fv: flags.FlagValues) -> int:
         flags.Error) before anything is written.
     """
     cli.require_model_dir(fv)
+    if rundir.is_cv_parent(fv.model_dir):
+        return _evaluate_out_of_fold(fv)
     tfstart.import_tensorflow()  # before pipeline imports it
     # A run directory, or one export folder inside a run (its swa/, export/ or a snapshot): then the run's split
     # and data are used and ensemble.json goes into the export folder, where submit finds it.
@@ -322,10 +334,54 @@ def run_evaluate(fv: flags.FlagValues) -> int:
     started = time.time()
     predictions = _predict_validation(fv, entries, data, views)
     chosen = _report_evaluation(fv, entries, data, views, predictions, started, time.time() - started)
+    _save_choice(fv, target, chosen)
+    return 0
+
+
+def _save_choice(fv: flags.FlagValues, target: str, chosen: ensemble.Ensemble) -> None:
+    """Writes <target>/ensemble.json (unless --nowrite_ensemble), where submit finds it."""
     if fv.write_ensemble:
         path = os.path.join(target, rundir.ENSEMBLE_FILE)
         chosen.save(path)
         _say(f"wrote {path}")
+
+
+def _evaluate_out_of_fold(fv: flags.FlagValues) -> int:
+    """`predict evaluate` of a CV parent: threshold and post-processing of the fold ensemble chosen on its
+    out-of-fold predictions (oof.npz), all labelled images, no image predicted (and no TensorFlow).
+
+    Args:
+        fv: the parsed flags of define_evaluate_flags; --model_dir is a CV parent.
+
+    Returns:
+        0; a parent with a fold missing or unfinished, without oof.npz/oof.json or with ones from other fold
+        models, or a flag that cannot apply, raises (one line naming the fix) before anything is written.
+    """
+    parent = fv.model_dir
+    for name in ("data_dir", "eval_ids"):
+        if fv[name].present:
+            raise PredictError(f"--{name}: a CV parent is evaluated on its out-of-fold predictions "
+                               f"({rundir.OOF_FILE}: every labelled image); drop --{name}")
+    entries = exports.find_exports(parent)
+    arrays, summary = exports.load_out_of_fold(parent, entries)
+    views = tuple(summary["tta"])
+    if fv["tta"].present and tta.parse_tta(fv.tta) != views:
+        raise PredictError(f"--tta={fv.tta}: the out-of-fold predictions of {parent} are of tta "
+                           f"{ensemble.views_label(views)}; rerun python -m salt_tf.cv collect --parent={parent} "
+                           f"--tta={fv.tta}, or drop --tta")
+    truth, probabilities = arrays["masks"].astype(bool), arrays["probabilities"].astype(np.float32)
+    folds = len(exports.members(entries))
+    _say(f"evaluate: the out-of-fold predictions of {parent} ({rundir.OOF_FILE}): {len(truth)} images, each "
+         f"predicted by the one of {folds} folds ({len(entries)} models) that validated on it; tta "
+         f"{'+'.join(views)}; {fv.folds}-fold CV over images; the fold mean only (no per-model out-of-fold "
+         "predictions to stack)")
+    started = time.time()
+    names = ["out-of-fold"]
+    rows, chosen = ensemble.evaluate(truth, probabilities[None], names, tta=views, folds=fv.folds,
+                                     l2=fv.stack_l2, model_info=[e.info() for e in entries])
+    _report_choice(rows, chosen, f"the mean of {folds} folds", names, truth, views, [probabilities],
+                   f"{time.time() - started:.1f} s")
+    _save_choice(fv, parent, chosen)
     return 0
 
 
@@ -378,8 +434,9 @@ def _predict_validation(fv: flags.FlagValues, entries: list[exports.LoadedModel]
 
 
 def _report_evaluation(fv, entries, data, views, predictions, started: float, predicted: float) -> ensemble.Ensemble:
-    """Prints the evaluation table, the image head's scores, the choice and the breakdown; returns the choice.
-    `predictions`: (plain, with_tta, heads) of _predict_validation; `predicted`: seconds spent predicting."""
+    """Chooses the ensemble and prints the image head's scores, the table, the choice and the breakdown; returns
+    the choice. `predictions`: (plain, with_tta, heads) of _predict_validation; `predicted`: seconds spent
+    predicting."""
     plain, with_tta, heads = predictions
     names = [e.name for e in entries]
     has_salt = tta.mean_head(heads)
@@ -391,6 +448,16 @@ def _report_evaluation(fv, entries, data, views, predictions, started: float, pr
         _say(f"image head (mean of {sum(h is not None for h in heads)} model(s)): accuracy "
              f"{np.mean((has_salt > 0.5) == truth_has_salt):.4f} at 0.5, AUC "
              f"{metrics.roc_auc(truth_has_salt, has_salt):.4f}; the cv post-processing may gate on it")
+    _report_choice(rows, chosen, f"{chosen.combine} of {len(entries)}", names, data.masks, views, with_tta,
+                   f"{len(data.ids) / max(predicted, 1e-9):.1f} images/s predicted, {time.time() - started:.1f} s "
+                   "in all")
+    return chosen
+
+
+def _report_choice(rows: list[ensemble.Row], chosen: ensemble.Ensemble, what: str, names: list[str],
+                   truth: np.ndarray, views: Sequence[str], with_tta: list, timing: str) -> None:
+    """Prints the evaluation table, the choice (`what`: the combination in words) with its timing, and where
+    the points are lost (_report_breakdown)."""
     _say(ensemble.format_table(rows))
     _say(f"@0.50: threshold 0.5.  tuned/thr: best threshold on these same images (optimistic).  cv: threshold, "
          f"meta-model and post-processing fitted on {chosen.scores['folds'] - 1} folds of the images, scored on "
@@ -400,29 +467,26 @@ def _report_evaluation(fv, entries, data, views, predictions, started: float, pr
     if chosen.stacker is not None:
         weights = "; weights " + ", ".join(f"{n} {w:+.3f}" for n, w in zip(names, chosen.stacker.weights)) + \
             f", bias {chosen.stacker.bias:+.3f}"
-    _say(f"chosen: {chosen.combine} of {len(entries)} + postprocessing ({chosen.postprocessing.describe()}), "
-         f"cv {cv:.4f}{weights}  [{len(data.ids) / max(predicted, 1e-9):.1f} images/s predicted, "
-         f"{time.time() - started:.1f} s in all]")
-    _report_breakdown(names, data, views, with_tta, chosen)
-    return chosen
+    _say(f"chosen: {what} + postprocessing ({chosen.postprocessing.describe()}), cv {cv:.4f}{weights}  [{timing}]")
+    _report_breakdown(names, truth, views, with_tta, chosen)
 
 
-def _report_breakdown(names: list[str], data: kaggle.LabelledSet, views: Sequence[str], with_tta: list,
+def _report_breakdown(names: list[str], truth: np.ndarray, views: Sequence[str], with_tta: list,
                       chosen: ensemble.Ensemble) -> None:
     """Prints where the points are lost per model (and their mean), and the choice against the best single."""
     shown = ensemble.views_label(views)
     label = "plain" if shown == "none" else f"tta {shown}"
-    named = [(f"{name} ({label})", ensemble.error_breakdown(data.masks, p > 0.5)) for name, p in zip(names, with_tta)]
+    named = [(f"{name} ({label})", ensemble.error_breakdown(truth, p > 0.5)) for name, p in zip(names, with_tta)]
     if len(names) > 1:
         named.append((f"mean of {len(names)} ({label})",
-                      ensemble.error_breakdown(data.masks, np.mean(with_tta, 0) > 0.5)))
+                      ensemble.error_breakdown(truth, np.mean(with_tta, 0) > 0.5)))
     _say("where the points are lost, at threshold 0.5 (score per coverage group; images without salt that got "
          "some; images with salt that got none; the score with no salt on images without any):")
     _say(ensemble.format_breakdown(named))
     versus = chosen.scores["vs_best_single"]
     _say(f"vs the best single model by cv, {versus['model']} ({versus['cv']:.4f}): {versus['difference']:+.4f} "
          f"(95% interval {versus['ci95'][0]:+.4f} .. {versus['ci95'][1]:+.4f}, paired bootstrap over the "
-         f"{len(data.ids)} images)")
+         f"{len(truth)} images)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,10 +517,13 @@ PROGRAM = cli.Program(
     overview=__doc__.split("\n\n")[0],
     commands=(
         cli.Subcommand("submit", "predict a folder of images: the submission CSV (and mask PNGs)",
-                       "--model_dir=RUN --images=DIR --output=submission.csv [--flag=value ...]",
+                       "--model_dir=<run | export | CV parent> --images=DIR --output=submission.csv "
+                       "[--flag=value ...]",
                        define_submit_flags, run_submit, description=SUBMIT_HELP),
-        cli.Subcommand("evaluate", "score the run's models on its validation images: the table and ensemble.json",
-                       "--model_dir=RUN [--flag=value ...]", define_evaluate_flags, run_evaluate,
+        cli.Subcommand("evaluate", "score the run's models on its validation images (a CV parent: its out-of-fold "
+                                   "predictions): the table and ensemble.json",
+                       "--model_dir=<run | export | CV parent> [--flag=value ...]", define_evaluate_flags,
+                       run_evaluate,
                        description=EVALUATE_HELP),
     ),
     user_errors=(PredictError, exports.ExportError, kaggle.DataError),

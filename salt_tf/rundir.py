@@ -374,7 +374,8 @@ def data_dir(run_dir: str, must_exist: bool = True) -> str:
 #
 #   <parent>/fold-<k>/   FOLD_PREFIX       fold k's run directory (train --folds=K --fold=k)
 #   <parent>/oof.npz     OOF_FILE          the out-of-fold probabilities, truth and per-image scores
-#   <parent>/oof.json    OOF_SUMMARY       the OOF scores (the printed table)
+#   <parent>/oof.json    OOF_SUMMARY       the OOF scores (the printed table), the fold models they are of
+#   <parent>/ensemble.json ENSEMBLE_FILE   written by `predict evaluate` on the parent (from oof.npz)
 
 FOLD_PREFIX = "fold-"
 OOF_FILE = "oof.npz"
@@ -400,3 +401,56 @@ def is_cv_parent(path: str) -> bool:
     """Whether `path` is a CV parent: not a run or export itself, with a fold-<k>/ run directory inside."""
     return not is_export(path) and not os.path.isfile(os.path.join(path, FLAGS_FILE)) and any(
         os.path.isfile(os.path.join(d, FLAGS_FILE)) for d in fold_dirs(path).values())
+
+
+def finished(record: dict) -> bool:
+    """Whether a run's record.json says its last session finished (train writes "started" at every start and
+    "finished" at the end; timestamps of one format compare as text)."""
+    started, ended = record.get("started"), record.get("finished")
+    return bool(started and ended and ended >= started)
+
+
+def fold_record(run_dir: str) -> dict:
+    """The record.json of a fold run; RunDirError when its training has not started."""
+    path = os.path.join(run_dir, RECORD_FILE)
+    if not os.path.isfile(path):
+        raise RunDirError(f"{run_dir}: no {RECORD_FILE}; its training has not started; train it first")
+    return read_json(path)
+
+
+def fold_runs(parent: str) -> dict[int, str]:
+    """{k: run directory} of the K folds of a CV parent, each a finished fold run of the same K-fold.
+
+    Args:
+        parent: the CV parent (`cv train --parent`, `predict --model_dir`).
+
+    Returns:
+        {k: <parent>/fold-k} for k = 0..K-1.
+
+    Raises:
+        RunDirError: no fold run, a fold missing or unfinished, or folds of different K (one line with the fix).
+    """
+    runs = fold_dirs(parent)
+    if not runs:
+        raise RunDirError(f"{parent}: no {FOLD_PREFIX}k run directories; train them with python -m salt_tf.cv "
+                          f"train, or python -m salt_tf.train --folds=K --fold=k "
+                          f"--model_dir={os.path.join(parent, FOLD_PREFIX)}k")
+    records = {k: fold_record(d) for k, d in runs.items()}
+    counts = {k: (r.get("split") or {}).get("folds") for k, r in records.items()}
+    for k, count in counts.items():
+        if not count:
+            raise RunDirError(f"{runs[k]}: not a fold run (record.json has no --folds); train it with --folds=K "
+                              f"--fold={k}")
+    # What finishes a cross-validation: the folds' training, then collect (the out-of-fold files).
+    then_collect = f"then python -m salt_tf.cv collect --parent={parent}"
+    folds = counts[min(counts)]
+    if set(counts.values()) != {folds} or set(runs) != set(range(folds)):
+        missing = sorted(set(range(folds)) - set(runs))
+        raise RunDirError(f"{parent}: fold runs of {sorted(set(counts.values()))} folds in all, folds present "
+                          f"{sorted(runs)}{f', missing fold-{missing[0]}' if missing else ''}; train fold 0..K-1 "
+                          f"of one --folds=K, {then_collect}")
+    for k, record in records.items():
+        if not finished(record):
+            raise RunDirError(f"{runs[k]}: its training has not finished; finish it (rerun python -m salt_tf.cv "
+                              f"train, or the fold's train command), {then_collect}")
+    return runs

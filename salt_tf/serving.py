@@ -161,6 +161,10 @@ def export_savedmodel(model_dir: str, output: str, tta: str | None = None, thres
     if os.path.isfile(output) or (os.path.isdir(output) and os.listdir(output)):
         raise ServingError(f"--output={output}: exists and is not an empty folder; choose a new folder (for TF "
                            "Serving a new version number)")
+    if rundir.is_cv_parent(model_dir):  # the graph's mean would weigh folds by their numbers of snapshots
+        raise ServingError(f"{model_dir}: a cross-validation parent; the SavedModel holds the models of one run, not "
+                           f"a fold ensemble: pass one fold (--model_dir={rundir.fold_dir(model_dir, 0)}), or "
+                           f"predict the fold ensemble with python -m salt_tf.predict submit --model_dir={model_dir}")
     entries = exports.find_exports(model_dir)
     chosen = exports.load_ensemble(model_dir, entries) if use_ensemble else None
     views = tta_lib.parse_tta(tta) if tta is not None else tuple(chosen.tta) if chosen else tta_lib.DEFAULT_TTA

@@ -1,5 +1,5 @@
 """`python -m salt_tf` lists every command, instantly (no TensorFlow), and agrees with the commands themselves;
-salt_tf.cli's one-line errors for a subcommand's arguments."""
+salt_tf.cli's one-line errors for a subcommand's arguments, and a subcommand that passes arguments on."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import pytest
 from absl import flags
 
-from salt_tf import cli, predict, runs
+from salt_tf import cli, cv, predict, runs
 from train_helpers import REPO_ROOT
 
 
@@ -24,8 +24,10 @@ def test_python_m_salt_tf_lists_the_commands_without_importing_tensorflow():
     assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "keras", "numpy", "absl")], imported
     assert [m for m in imported if m.startswith("salt_tf")] == ["salt_tf"]
     lines = result.stdout.splitlines()
-    # Each subcommand of predict and runs on a line of its own, with its own one-line summary.
-    for program in (predict.PROGRAM, runs.PROGRAM):
+    # Each subcommand of predict, runs and cv on a line of its own, with its own one-line summary, and no other.
+    for program in (predict.PROGRAM, runs.PROGRAM, cv.PROGRAM):
+        listed = [line.split()[3] for line in lines if line.split()[:3] == ["python", "-m", program.module]]
+        assert listed == [c.name for c in program.commands], (program.module, listed)
         for command in program.commands:
             line = next(line for line in lines if line.split()[:4] == ["python", "-m", program.module, command.name])
             assert line.endswith(command.summary), line
@@ -82,3 +84,33 @@ def test_subcommand_gets_its_flags_and_arguments_in_any_order(capsys):
     assert cli.main(_program(calls), ["demo", "pair", "--help"]) == 0 and len(calls) == 2
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m demo pair A B [--n=N]\n\ntakes two arguments\n") and "--n: A number." in out
+
+
+def _passing_program(calls):
+    def define(flag_values):
+        flags.DEFINE_string("parent", None, "The parent.", flag_values=flag_values)
+        flags.DEFINE_boolean("quick", False, "Be quick.", flag_values=flag_values)
+
+    def run(flag_values, others):
+        calls.append((flag_values.parent, flag_values.quick, others))
+        return 0
+
+    return cli.Program(module="demo", overview="A demo.", commands=(
+        cli.Subcommand("train", "passes the rest on", "--parent=P [other flags]", define, run,
+                       passes_on=lambda: "OTHER FLAGS: --folds, --epochs"),))
+
+
+def test_a_passing_subcommand_takes_its_own_flags_and_passes_the_others_on_in_order(capsys):
+    calls = []
+    argv = ["demo", "train", "--flagfile=f.cfg", "--parent=p", "--folds=5", "stray", "--noquick", "--epochs", "3"]
+    assert cli.main(_passing_program(calls), argv) == 0
+    assert cli.main(_passing_program(calls), ["demo", "train", "--quick", "--parent=q"]) == 0
+    assert calls == [("p", False, ["--flagfile=f.cfg", "--folds=5", "stray", "--epochs", "3"]), ("q", True, [])]
+    # Its own flag without '=': the next word could be the other command's; one line, nothing run.
+    assert cli.main(_passing_program(calls), ["demo", "train", "--parent", "p", "--folds=5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: give --parent=VALUE (one argument)\n" and len(calls) == 2
+    # Its --help: its own flags, then the help of the flags it passes on.
+    assert cli.main(_passing_program(calls), ["demo", "train", "--folds=5", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--parent: The parent." in out and out.rstrip().endswith("OTHER FLAGS: --folds, --epochs")

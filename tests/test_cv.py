@@ -139,6 +139,31 @@ def test_cv_train_gives_every_image_one_prediction_from_the_model_that_validated
     assert summary["cv"]["all"] == pytest.approx(saved["scores_cv"].mean())
     assert summary["at_half"]["all"] == pytest.approx(metrics.competition_metric(data.masks, p > 0.5))
     assert summary["images"] == 160 and summary["folds"] == 2
+    assert [m["name"] for m in summary["models"]] == [os.path.join(f"fold-{k}", "export") for k in (0, 1)]
+
+
+def test_predict_takes_the_parent_as_a_fold_ensemble(parent, demo_dir, tmp_path, capsys):
+    import shutil
+
+    from salt_tf import predict
+
+    path = str(tmp_path / "cv")
+    shutil.copytree(parent[0], path)  # evaluate writes ensemble.json into it; the module's parent stays as it was
+    summary = rundir.read_json(os.path.join(path, rundir.OOF_SUMMARY))
+    submit = ["predict", "submit", f"--model_dir={path}", f"--images={os.path.join(demo_dir, 'test', 'images')}",
+              f"--output={tmp_path / 'submission.csv'}"]
+    assert predict.main(submit) == 0
+    out = capsys.readouterr().out
+    assert "mean ensemble of 2 folds (2 models) from oof.json" in out and f"threshold {summary['threshold']:.2f}" in out
+    assert predict.main(["predict", "evaluate", f"--model_dir={path}"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluate: the out-of-fold predictions of" in out and "160 images" in out
+    chosen = ensemble.Ensemble.load(os.path.join(path, rundir.ENSEMBLE_FILE))
+    assert [m["name"] for m in chosen.models] == [m["name"] for m in summary["models"]]
+    assert predict.main(submit) == 0
+    out = capsys.readouterr().out
+    assert "from ensemble.json" in out and chosen.postprocessing.describe() in out
+    assert len(pd.read_csv(tmp_path / "submission.csv")) == 8
 
 
 def test_rerun_skips_finished_folds_and_resumes_others(parent, tmp_path):
