@@ -111,7 +111,8 @@ def restore(entry: LoadedModel) -> LoadedModel:
         raise ExportError(f"{config_path}: bad model configuration ({e})") from None
     try:
         checkpoints.restore_exported_weights(entry.path, model)
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
+    except (tf.errors.OpError, AssertionError, ValueError, IndexError) as e:
+        # IndexError: TensorFlow's checkpoint reader on a weights file shorter than its index says.
         detail = (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()[0]
         raise ExportError(f"{entry.path}: cannot restore the exported weights ({detail}); the export is "
                            "incomplete or belongs to another model configuration") from None

@@ -249,13 +249,20 @@ def test_bad_model_folders_give_one_line_errors(tiny_run, demo_dir, tmp_path, ca
     for name in os.listdir(broken):
         if name.startswith("weights") and name.endswith(".index"):
             os.remove(broken / name)
+    truncated = tmp_path / "truncated_export"  # a copy cut short by a full disk or an interrupted transfer
+    shutil.copytree(os.path.join(tiny_run, "export"), truncated)
+    for name in os.listdir(truncated):
+        if name.startswith("weights") and ".data-" in name:
+            with open(truncated / name, "r+b") as f:
+                f.truncate(os.path.getsize(truncated / name) // 2)
     garbled = tmp_path / "garbled_export"
     garbled.mkdir()
     (garbled / "model.json").write_text("{oops")
     cases = [(str(tmp_path / "nowhere"), "not found"),
              (str(tmp_path), "no exported model"),
              (str(garbled), "model.json: not valid JSON"),
-             (str(broken), "cannot restore the exported weights")]
+             (str(broken), "cannot restore the exported weights"),
+             (str(truncated), "cannot restore the exported weights")]
     for path, message in cases:
         status, _, err = _main(["submit", f"--model_dir={path}", f"--images={images}",
                                 f"--output={tmp_path / 'out.csv'}"], capsys)
