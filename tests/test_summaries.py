@@ -126,6 +126,33 @@ def test_image_grids_have_the_expected_shape(run):
         assert f"metric_by_coverage/{group}" in val.Tags()["tensors"]
 
 
+def test_image_grids_show_the_right_images_in_order(tmp_path):
+    """Which image lands in which tile, read back from the event file: each image is one gray level
+    (20 * (k + 1)) so a tile names its image. Fixed images: 4 of 8 spread over coverage, by hand: the
+    coverages below sort the images as 3, 6, 0, 5, 1, 7, 2, 4, and positions 0, 2, 5, 7 of that order are images
+    3, 0, 7, 4. Worst images: the 4 lowest scores in ascending order, by hand: 5, 2, 6, 0."""
+    rows_of_salt = [30, 50, 70, 0, 80, 40, 10, 60]  # image k's mask: its first rows_of_salt[k] rows
+    images = np.stack([np.full((101, 101), 20 * (k + 1) / 255.0, np.float32) for k in range(8)])
+    truth = np.zeros((8, 101, 101), bool)
+    for k, rows in enumerate(rows_of_salt):
+        truth[k, :rows] = True
+    scores = np.array([0.4, 0.9, 0.2, 1.0, 0.8, 0.1, 0.3, 0.7])
+    writer = summaries.Summaries(str(tmp_path), images=4, worst_images=4)
+    writer.validation_images(images, truth, np.zeros((8, 101, 101), np.float32), scores, step=1)
+    writer.close()
+    val = accumulate(os.path.join(tmp_path, "events", "val"))
+
+    def tile_grays(tag):
+        encoded = tf.make_ndarray(val.Tensors(tag)[-1].tensor_proto)[2]
+        picture = tf.io.decode_png(encoded).numpy()
+        assert picture.shape == (101, 4 * 101 + 3 * 2, 3)
+        # The bottom-right pixel of each tile: below every mask's outline, no prediction drawn.
+        return [int(picture[100, c * 103 + 100, 0]) for c in range(4)]
+
+    assert tile_grays("fixed_images") == [20 * (k + 1) for k in (3, 0, 7, 4)]
+    assert tile_grays("worst_images") == [20 * (k + 1) for k in (5, 2, 6, 0)]
+
+
 def test_overlay_draws_truth_green_and_prediction_red():
     image = np.full((101, 101), 0.5, np.float32)
     truth = np.zeros((101, 101), bool)
