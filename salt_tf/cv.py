@@ -422,14 +422,6 @@ def _band(values: Sequence[str]) -> tuple[float, float]:
     return low, high
 
 
-def _image_depths(images: str, given: str | None) -> dict[str, float] | None:
-    """The depths of the images: --depths, else the Kaggle layout's depths.csv when it exists, else None."""
-    path = given or kaggle.depths_file_of_images(images)
-    if not given and not os.path.isfile(path):
-        return None
-    return kaggle.read_depths(path, missing_hint="pass --depths=<depths.csv> for a --use_depth model")
-
-
 def run_pseudo(fv: flags.FlagValues) -> int:
     """`cv pseudo`: predict, choose the confident images, write the labelled folder.
 
@@ -444,7 +436,7 @@ def run_pseudo(fv: flags.FlagValues) -> int:
     pseudo.check_output(fv.output)
     entries = exports.find_exports(fv.model_dir)
     ids, images, _ = kaggle.read_image_folder(fv.images)
-    depths = _image_depths(fv.images, fv.depths)
+    depths = kaggle.image_folder_depths(fv.images, fv.depths, required=False)  # copied for the kept ids
     started = time.time()
     p = predicted_mean(entries, ids, images, depths, views, fv.batch_size)
     seconds = time.time() - started

@@ -239,8 +239,7 @@ def _depths(fv: flags.FlagValues, entries: list[exports.LoadedModel], ids: Seque
     """float32 [N] depths of the images (NaN where none); the depths CSV is read only if a model uses depth."""
     depths = {}
     if any(e.use_depth for e in entries):
-        path = fv.depths or kaggle.depths_file_of_images(fv.images)
-        depths = kaggle.read_depths(path, missing_hint="pass --depths=<depths.csv> for a --use_depth model")
+        depths = kaggle.image_folder_depths(fv.images, fv.depths, required=True)
     return kaggle.depth_array(depths, ids)
 
 

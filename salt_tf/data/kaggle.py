@@ -224,6 +224,25 @@ def depths_file_of_images(images_dir: str) -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(images_dir))), DEPTHS_FILE)
 
 
+def image_folder_depths(images_dir: str, given: str | None, required: bool) -> dict[str, float] | None:
+    """The depths of an unlabelled image folder: the --depths CSV `given`, else the Kaggle layout's depths.csv
+    next to it (depths_file_of_images).
+
+    Args:
+        images_dir: the image folder (e.g. <root>/test/images).
+        given: the --depths flag ("" or None: not given).
+        required: a model needs the depths, so a missing file is an error; otherwise a missing layout file
+            gives None (a given file must exist either way).
+
+    Returns:
+        {id: z}, or None when not required and neither file exists.
+    """
+    path = given or depths_file_of_images(images_dir)
+    if not required and not given and not os.path.isfile(path):
+        return None
+    return read_depths(path, missing_hint="pass --depths=<depths.csv> for a --use_depth model")
+
+
 def read_train_csv(root: str) -> pd.DataFrame:
     """train.csv as a frame with columns id, rle_mask (strings; '' for no salt)."""
     return _read_csv(os.path.join(root, "train.csv"), ("id", "rle_mask"))
