@@ -7,10 +7,11 @@
 
 `train` trains fold k of K into P/fold-k (`python -m salt_tf.train ... --folds=K --fold=k --model_dir=P/fold-k`,
 one process per fold, one after another or --parallel=N at a time), skipping finished folds and resuming
-unfinished ones, then runs `collect`. `collect` predicts each labelled image with the fold model that validated
-on it (with TTA) and writes P/oof.npz and P/oof.json and prints the OOF table (metric at 0.5 and at the
-cross-validated threshold, per coverage group, bootstrap intervals). `compare` puts two CV parents side by
-side image by image (mean difference, paired-bootstrap interval). `pseudo` predicts unlabelled images with a
+unfinished ones, then runs `collect`. `collect` predicts each labelled image with the models of the fold that
+validated on it (with TTA), writes P/oof.npz (their mean, and each model's prediction and the image head where
+they apply) and P/oof.json and prints the OOF table (metric at 0.5 and at the cross-validated threshold, per
+coverage group, bootstrap intervals). `compare` puts two CV parents side by side image by image (mean
+difference, paired-bootstrap interval). `pseudo` predicts unlabelled images with a
 run, an export or all fold models of P (the mean of the folds) and writes the confident ones as a labelled
 folder for `train --extra_data_dir`. The fold ensemble's submission and its evaluation on the OOF predictions
 are salt_tf.predict's (`--model_dir=P`).
@@ -55,10 +56,10 @@ def _say(message: str = "") -> None:
 # The models. TensorFlow is imported only when a subcommand predicts (exports.restore), so --help is instant.
 
 
-def predicted_mean(entries: Sequence[exports.LoadedModel], ids: Sequence[str], images: np.ndarray,
-                   depths: dict[str, float] | None, views: Sequence[str], batch_size: int) -> np.ndarray:
-    """The mean TTA probabilities [N,101,101] of the models of one path (a run: its snapshots, else its export/;
-    an export folder; a CV parent: the mean of its folds, each the mean of its own models).
+def predicted_members(entries: Sequence[exports.LoadedModel], ids: Sequence[str], images: np.ndarray,
+                      depths: dict[str, float] | None, views: Sequence[str], batch_size: int):
+    """The TTA probabilities of the ensemble's members (exports.members: each model of a run or of one fold;
+    a CV parent's positions or folds) and their image head.
 
     Args:
         entries: the path's models (exports.find_exports), restored here.
@@ -68,12 +69,20 @@ def predicted_mean(entries: Sequence[exports.LoadedModel], ids: Sequence[str], i
         batch_size: images per model call.
 
     Returns:
-        float32 [N,101,101].
+        (one float32 [N,101,101] per member, in order; the head's salt probability [N] combined as the members
+        are, or None when the models have no image head): exports.predict_members.
     """
     for entry in entries:
         exports.restore(entry)
-    members, _ = exports.predict_members(entries, ids, images, kaggle.depth_array(depths or {}, ids), views,
-                                         batch_size)
+    return exports.predict_members(entries, ids, images, kaggle.depth_array(depths or {}, ids), views, batch_size)
+
+
+def predicted_mean(entries: Sequence[exports.LoadedModel], ids: Sequence[str], images: np.ndarray,
+                   depths: dict[str, float] | None, views: Sequence[str], batch_size: int) -> np.ndarray:
+    """The mean TTA probabilities [N,101,101] float32 of the models of one path (a run: its snapshots, else its
+    export/; an export folder; a CV parent: every fold weighing the same, exports.members); arguments as
+    predicted_members."""
+    members, _ = predicted_members(entries, ids, images, depths, views, batch_size)
     return np.mean(members, axis=0)
 
 
@@ -371,24 +380,71 @@ def collect(parent: str, views: Sequence[str], batch_size: int, data_dir: str | 
     entries = exports.find_exports(parent)  # every fold's models, named as predict names them (oof.json)
     data, val_ids = labelled_data(runs, data_dir)
     fold = oof.fold_of_images(list(data.ids), val_ids)
-    depths = dict(zip(data.ids, data.depths))
-    # float16 halves the file; every score below is computed from the stored values.
-    probabilities = np.zeros(data.masks.shape, np.float16)
-    for k in runs:
-        started, rows = time.time(), np.flatnonzero(fold == k)
-        own = [e for e in entries if e.fold == k]
-        probabilities[rows] = predicted_mean(own, data.ids[rows], data.images[rows], depths, views, batch_size)
-        _say(f"fold-{k}: {len(rows)} validation images, {len(own)} model(s) ({', '.join(e.name for e in own)}), "
-             f"{time.time() - started:.1f} s")
-    scored = oof.score(data.masks, probabilities.astype(np.float32))
+    predicted = predict_out_of_fold(entries, data, fold, views, batch_size)
+    scored = oof.score(data.masks, predicted["probabilities"].astype(np.float32))
     oof.save(os.path.join(parent, rundir.OOF_FILE),
-             {"ids": np.asarray(data.ids, dtype=str), "probabilities": probabilities,
-              "masks": data.masks.astype(np.uint8), "fold": fold, **scored})
+             {"ids": np.asarray(data.ids, dtype=str), "masks": data.masks.astype(np.uint8), "fold": fold,
+              **predicted, **scored})
     summary = oof.summary(data.masks, scored, fold, views, [e.info() for e in entries])
     rundir.write_json(os.path.join(parent, rundir.OOF_SUMMARY), summary)
     _say(oof.format_summary(summary))
-    _say(f"wrote {os.path.join(parent, rundir.OOF_FILE)} and {rundir.OOF_SUMMARY}")
+    stored = "the fold mean"
+    if "member_probabilities" in predicted:
+        stored += f", each of the {len(predicted['member_probabilities'])} model(s) of the fold"
+    if "has_salt" in predicted:
+        stored += ", the image head"
+    _say(f"wrote {os.path.join(parent, rundir.OOF_FILE)} ({stored}) and {rundir.OOF_SUMMARY}")
     return 0
+
+
+def predict_out_of_fold(entries: Sequence[exports.LoadedModel], data, fold: np.ndarray, views: Sequence[str],
+                        batch_size: int) -> dict:
+    """Each labelled image predicted by the models of the fold that validated on it (with TTA), as oof.npz
+    stores it; float16 halves the file (every score is computed from the stored values).
+
+    Args:
+        entries: the CV parent's models (exports.find_exports).
+        data: the labelled images (kaggle.LabelledSet).
+        fold: fold [N] of each image (oof.fold_of_images).
+        views, batch_size: as predicted_members.
+
+    Returns:
+        {"probabilities": the fold mean [N,101,101] float16; when every fold has S models,
+        "member_probabilities" [S,N,101,101] float16 ([k]: the fold's k-th model, exports.positions); when its
+        models have the image head, "has_salt" [N] float32 (the mean of the fold's models' heads)}.
+    """
+    positions, shape, depths = exports.positions(entries), data.masks.shape, dict(zip(data.ids, data.depths))
+    probabilities, heads = np.zeros(shape, np.float16), np.full(len(data.ids), np.nan, np.float32)
+    per_model = None if positions is None else np.zeros((len(positions),) + shape, np.float16)
+    for k, indices in exports.fold_models(entries).items():
+        started, rows, own = time.time(), np.flatnonzero(fold == k), [entries[i] for i in indices]
+        members, head = predicted_members(own, data.ids[rows], data.images[rows], depths, views, batch_size)
+        probabilities[rows] = np.mean(members, axis=0)
+        if per_model is not None:  # one fold's members are its models, in order
+            per_model[:, rows] = np.stack(members)
+        if head is not None:
+            heads[rows] = head
+        _say(f"fold-{k}: {len(rows)} validation images, {len(own)} model(s) ({', '.join(e.name for e in own)}), "
+             f"{time.time() - started:.1f} s")
+    return {"probabilities": probabilities, **_optional_arrays(entries, per_model, heads)}
+
+
+def _optional_arrays(entries: Sequence[exports.LoadedModel], per_model: np.ndarray | None,
+                     heads: np.ndarray) -> dict:
+    """oof.npz's member_probabilities and has_salt where they apply; a printed line for each that cannot."""
+    arrays = {}
+    if per_model is not None:
+        arrays["member_probabilities"] = per_model
+    else:
+        counts = ", ".join(f"fold-{k} {len(i)}" for k, i in exports.fold_models(entries).items())
+        _say(f"no per-model out-of-fold predictions stored: the folds have different numbers of models ({counts}); "
+             "predict evaluate will evaluate their mean only")
+    if not np.isnan(heads).any():
+        arrays["has_salt"] = heads
+    elif not np.isnan(heads).all():
+        _say("no image-head probabilities stored: only some folds' models have the image head "
+             "(--deep_supervision); predict evaluate will not gate on it")
+    return arrays
 
 
 def run_collect(fv: flags.FlagValues) -> int:
@@ -466,9 +522,11 @@ checkpoint and stops; exit 130 or 143; the same command resumes."""
 
 COLLECT_HELP = """\
 Predicts each labelled image with the models of the one fold that validated on it (with TTA), writes
-<parent>/oof.npz (ids, probabilities, truth, folds, per-image scores) and <parent>/oof.json (the table's
-numbers, the TTA, the fold models) and prints the OOF table: the metric at 0.5 and at a threshold
-cross-validated over the images, per coverage group, with bootstrap intervals."""
+<parent>/oof.npz (ids, the fold mean's probabilities, truth, folds, per-image scores; when every fold has the
+same number of models also each model's probabilities, member_probabilities, and with the image head its
+probability, has_salt: what `predict evaluate --model_dir=<parent>` stacks and gates on) and
+<parent>/oof.json (the table's numbers, the TTA, the fold models) and prints the OOF table: the metric at 0.5
+and at a threshold cross-validated over the images, per coverage group, with bootstrap intervals."""
 
 COMPARE_HELP = """\
 B - A of the per-image out-of-fold scores of two CV parents (at the cv threshold and at 0.5), with a paired

@@ -5,10 +5,13 @@ before it starts TensorFlow; `restore` builds each model and restores its weight
 run are and what they are called is salt_tf.rundir's (`export_dirs`, `is_export`, `fold_runs`); this module
 reads them. Used by the predict and cv commands, the SavedModel export (salt_tf.serving) and tools.
 
-A CV parent (salt_tf.cv) stands for every model of its finished folds, a fold ensemble. Its members are the
-folds, each the mean of its own models (`member_probabilities`), so every fold weighs the same whatever its
-number of snapshots; its choice of threshold is its ensemble.json (`predict evaluate` on its out-of-fold
-predictions), else the threshold its oof.json chose (`load_ensemble`).
+A CV parent (salt_tf.cv) stands for every model of its finished folds, a fold ensemble, in which every fold
+weighs the same whatever its number of snapshots. When every fold has S models its members are S positions,
+position k the mean over the folds of each fold's k-th model (snapshot k, or the one export), which a stacked
+meta-model can weigh like a run's snapshots; when the folds differ in number, its members are the folds, each
+the mean of its own models (`members`, `member_probabilities`). Its choice of combination and post-processing
+is its ensemble.json (`predict evaluate` on its out-of-fold predictions, oof.npz), else the fold mean at the
+threshold its oof.json chose (`load_ensemble`).
 """
 
 from __future__ import annotations
@@ -125,20 +128,57 @@ def load_models(path: str) -> list[LoadedModel]:
     return [restore(entry) for entry in find_exports(path)]
 
 
+def fold_models(entries: Sequence[LoadedModel]) -> dict[int, list[int]]:
+    """{fold k: the indices into `entries` of fold k's models, in order} of a CV parent's models ({} for a run's
+    or an export's, which have no fold)."""
+    folds: dict[int, list[int]] = {}
+    for i, e in enumerate(entries):
+        if e.fold is not None:
+            folds.setdefault(e.fold, []).append(i)
+    return dict(sorted(folds.items()))
+
+
+def positions(entries: Sequence[LoadedModel]) -> list[list[int]] | None:
+    """The member positions of a CV parent's models: position k = the k-th model of every fold (fold by fold), in
+    find_exports' order (snapshot 1..S, or the one export). None when the folds have different numbers of
+    models (then there are no positions) or `entries` have no fold."""
+    folds = fold_models(entries)
+    if not folds or len({len(indices) for indices in folds.values()}) != 1:
+        return None
+    return [list(position) for position in zip(*folds.values())]
+
+
 def members(entries: Sequence[LoadedModel]) -> list[list[int]]:
-    """The members an ensemble of `entries` combines, as indices into `entries`: each model of a run or export
-    is one; a CV parent's member is a fold, its models averaged first (member_probabilities), so that every
-    fold weighs the same whatever its number of models (snapshots, SWA or export).
+    """The members an ensemble of `entries` combines, as indices into `entries`, each member the mean of its
+    models (member_probabilities): each model of a run or export is one; a CV parent's members are its
+    positions (every fold has S models: member k = the k-th model of every fold) or else its folds (each the
+    mean of its own models). Either way every fold weighs the same whatever its number of models.
 
     Args:
         entries: models of find_exports, in its order.
 
     Returns:
-        One list of indices per member, in order (folds by k).
+        One list of indices per member, in order (positions by k, or folds by k).
     """
     if all(e.fold is None for e in entries):
         return [[i] for i in range(len(entries))]
-    return [[i for i, e in enumerate(entries) if e.fold == k] for k in sorted({e.fold for e in entries})]
+    return positions(entries) or list(fold_models(entries).values())
+
+
+def member_names(entries: Sequence[LoadedModel]) -> list[str]:
+    """One name per member (members), as the evaluation table and the meta-model name them: a model's own
+    name; a CV parent's position k: its name inside the fold with the fold as '*' ('fold-*/snapshots/snapshot-1')
+    when every fold names its k-th model so, else 'model k of each fold'; a fold: 'fold-k'."""
+    if all(e.fold is None for e in entries):
+        return [e.name for e in entries]
+    if positions(entries) is None:
+        return [f"{rundir.FOLD_PREFIX}{k}" for k in fold_models(entries)]
+    names = []
+    for k, position in enumerate(positions(entries)):
+        inside = {entries[i].name.split(os.sep, 1)[-1] for i in position}
+        names.append(os.path.join(f"{rundir.FOLD_PREFIX}*", inside.pop()) if len(inside) == 1
+                     else f"model {k + 1} of each fold")
+    return names
 
 
 def member_probabilities(entries: Sequence[LoadedModel], probabilities: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -168,7 +208,9 @@ def predict_members(entries: Sequence[LoadedModel], ids: Sequence[str], images: 
         progress: progress(m) -> the progress callback of model m's pass (None: no progress).
 
     Returns:
-        (one float32 [N,101,101] per member, the mean image-head salt probability [N] or None without a head).
+        (one float32 [N,101,101] per member, the image head's salt probability [N] combined as the members
+        are — the mean over the members of each member's mean, so a CV parent's is the mean over its folds —
+        or None without a head).
     """
     from salt_tf import pipeline  # TensorFlow: started by restore
 
@@ -180,7 +222,8 @@ def predict_members(entries: Sequence[LoadedModel], ids: Sequence[str], images: 
                                      progress=progress(m) if progress else None)
         probabilities.append(p)
         heads.append(h)
-    return member_probabilities(entries, probabilities), tta.mean_head(heads)
+    head = tta.mean_head([tta.mean_head([heads[i] for i in member]) for member in members(entries)])
+    return member_probabilities(entries, probabilities), head
 
 
 def load_ensemble(path: str, entries: list[LoadedModel]) -> ensemble.Ensemble | None:
@@ -206,8 +249,13 @@ def load_ensemble(path: str, entries: list[LoadedModel]) -> ensemble.Ensemble | 
         chosen = ensemble.Ensemble.load(file)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    _check_fitted(file, chosen.models, path, entries,
-                  "rerun `python -m salt_tf.predict evaluate`, or pass --nouse_ensemble")
+    fix = "rerun `python -m salt_tf.predict evaluate`, or pass --nouse_ensemble"
+    _check_fitted(file, chosen.models, path, entries, fix)
+    names = member_names(entries)
+    if chosen.stacker is not None and len(chosen.stacker.weights) != len(names):
+        raise ExportError(f"{file}: its meta-model combines {len(chosen.stacker.weights)} members "
+                          f"({', '.join(chosen.stacker.models)}) but the models of {path} make {len(names)} "
+                          f"({', '.join(names)}); {fix}")
     return chosen
 
 
@@ -218,15 +266,26 @@ def load_out_of_fold(parent: str, entries: list[LoadedModel]) -> tuple[dict, dic
         parent: the CV parent.
         entries: its models (find_exports), in order.
 
+    Returns:
+        (oof.load's arrays: oof.KEYS, and those of oof.OPTIONAL_KEYS the file holds, its member_probabilities
+        one per member of `entries` (members), in order; oof.json's summary).
+
     Raises:
         ExportError: a file missing or unreadable, or collected from other models (one line naming
             `python -m salt_tf.cv collect --parent=...`).
     """
     summary = _oof_summary(parent, entries)
+    path = os.path.join(parent, rundir.OOF_FILE)
     try:
-        return oof.load(os.path.join(parent, rundir.OOF_FILE)), summary
+        arrays = oof.load(path)
     except oof.OOFError as e:
         raise ExportError(str(e)) from None
+    stored, expected = len(arrays.get("member_probabilities", ())), len(positions(entries) or ())
+    if stored and stored != expected:
+        raise ExportError(f"{path}: out-of-fold predictions of {stored} models per fold, but the folds of {parent} "
+                          f"now have {expected or 'different numbers of'} models each; rerun python -m "
+                          f"salt_tf.cv collect --parent={parent}")
+    return arrays, summary
 
 
 def _oof_summary(parent: str, entries: list[LoadedModel]) -> dict:

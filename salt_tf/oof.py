@@ -8,7 +8,11 @@ every image is out-of-sample and the score covers the whole labelled set instead
                         fold [N] (the fold whose model predicted the image), scores_at_half [N] and
                         scores_cv [N] (the competition score of each image at 0.5, and at the threshold chosen
                         on the other images); the scores are computed from the stored float16 values, so
-                        re-scoring the file gives the same numbers
+                        re-scoring the file gives the same numbers; and, when they apply,
+                        member_probabilities [S,N,101,101] float16 (every fold has S models: [k] is the k-th
+                        model of the image's fold, exports.positions; absent when the folds differ in number)
+                        and has_salt [N] float32 (models with the image head: the mean over the image's fold's
+                        models of their TTA-mean sigmoid(head)), what `predict evaluate` stacks and gates on
     <parent>/oof.json   the numbers of the printed table (summary), the TTA and the fold models they are of
 
 The threshold is chosen by cross-validation over images (ensemble.plain_row over ensemble.image_folds: 5
@@ -27,6 +31,7 @@ import numpy as np
 from salt_tf import ensemble, metrics, rundir
 
 KEYS = ("ids", "probabilities", "masks", "fold", "scores_at_half", "scores_cv")
+OPTIONAL_KEYS = ("member_probabilities", "has_salt")  # absent from files of before them, and where they don't apply
 
 
 class OOFError(ValueError):
@@ -136,19 +141,20 @@ def format_summary(s: dict) -> str:
 
 
 def save(path: str, arrays: dict) -> None:
-    """Writes oof.npz (compressed, atomically: rundir.write_bytes) from {KEYS: array}."""
+    """Writes oof.npz (compressed, atomically: rundir.write_bytes) from {KEYS: array} and any of OPTIONAL_KEYS."""
     import io
 
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{k: np.asarray(arrays[k]) for k in KEYS})
+    np.savez_compressed(buffer, **{k: np.asarray(arrays[k]) for k in KEYS + OPTIONAL_KEYS if k in arrays})
     rundir.write_bytes(path, buffer.getvalue())
 
 
 def load(path: str) -> dict:
-    """oof.npz as {KEYS: array}; OOFError naming the file when it is missing or not an OOF file."""
+    """oof.npz as {KEYS: array} plus those of OPTIONAL_KEYS it holds; OOFError naming the file when it is
+    missing or not an OOF file."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in KEYS}
+            return {k: npz[k] for k in KEYS + tuple(k for k in OPTIONAL_KEYS if k in npz.files)}
     except FileNotFoundError:
         raise OOFError(f"{path}: not found; run {_collect(path)} first") from None
     except (OSError, ValueError, KeyError) as e:

@@ -245,8 +245,8 @@ def _depths(fv: flags.FlagValues, entries: list[exports.LoadedModel], ids: Seque
 
 def _postprocessing(fv: flags.FlagValues, entries: list[exports.LoadedModel], chosen):
     """(the post-processing to apply, how the models are combined, in words); --threshold overrides."""
-    members = len(exports.members(entries))
-    combined = f"{members} folds ({len(entries)} models)" if entries[0].fold is not None else f"{members}"
+    folds = len(exports.fold_models(entries))
+    combined = f"{folds} folds ({len(entries)} models)" if folds else f"{len(entries)}"
     if chosen is not None:
         choice = chosen.postprocessing
         source = chosen.scores.get("chosen_on", rundir.ENSEMBLE_FILE)
@@ -369,7 +369,7 @@ def _evaluate_out_of_fold(fv: flags.FlagValues) -> int:
                            f"{ensemble.views_label(views)}; rerun python -m salt_tf.cv collect --parent={parent} "
                            f"--tta={fv.tta}, or drop --tta")
     truth, probabilities = arrays["masks"].astype(bool), arrays["probabilities"].astype(np.float32)
-    folds = len(exports.members(entries))
+    folds = len(exports.fold_models(entries))
     _say(f"evaluate: the out-of-fold predictions of {parent} ({rundir.OOF_FILE}): {len(truth)} images, each "
          f"predicted by the one of {folds} folds ({len(entries)} models) that validated on it; tta "
          f"{'+'.join(views)}; {fv.folds}-fold CV over images; the fold mean only (no per-model out-of-fold "

@@ -132,6 +132,9 @@ def test_cv_train_gives_every_image_one_prediction_from_the_model_that_validated
         other = tta.predict_probabilities(models[1 - k], inputs[rows], tta=("none", "hflip"))
         np.testing.assert_allclose(saved["probabilities"][rows].astype(np.float32), own, atol=1e-3)
         assert np.abs(other - own).max() > 0.01  # the other fold's model would give other numbers
+    # One model per fold: the one member position is each fold's model (the fold mean itself); no image head.
+    assert saved["member_probabilities"].shape == (1, 160, 101, 101) and "has_salt" not in saved
+    np.testing.assert_array_equal(saved["member_probabilities"][0], saved["probabilities"])
     # The scores are those of the stored values; oof.json says the same.
     p = saved["probabilities"].astype(np.float32)
     np.testing.assert_array_equal(saved["scores_at_half"], metrics.image_scores(data.masks, p > 0.5))

@@ -6,6 +6,8 @@ The parents here are made by hand from one tiny trained run (copies as fold-k, r
 no cross-validation is trained; tests/test_cv.py runs the real `cv train` and collect.
 """
 
+import contextlib
+import io
 import os
 import shutil
 
@@ -13,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from salt_tf import checkpoints, ensemble, exports, metrics, oof, pipeline, predict, rundir, serving
+from salt_tf import checkpoints, cv, ensemble, exports, metrics, oof, pipeline, predict, rundir, serving
 from salt_tf import tta as tta_lib
 from salt_tf.data import kaggle
 from train_helpers import run_tiny
@@ -83,8 +85,9 @@ def test_a_fold_ensemble_of_identical_models_equals_the_one_model(tiny_run, demo
     assert [(e.name, e.fold) for e in entries] == [(os.path.join("fold-0", "export"), 0),
                                                    (os.path.join("fold-1", "export"), 1)]
     single = _probabilities(os.path.join(tiny_run, "export"), ids, images)
+    assert exports.members(entries) == [[0, 1]]  # one member position: the export of every fold
     members, _ = exports.predict_members(entries, ids, images, np.full(len(ids), np.nan, np.float32), VIEWS, 8)
-    assert len(members) == 2
+    assert len(members) == 1
     for p in members + [np.mean(members, axis=0)]:
         np.testing.assert_allclose(p, single, rtol=0, atol=1e-6)
 
@@ -235,3 +238,101 @@ def test_an_unfinished_or_uncollected_parent_is_one_line_naming_cv_collect(tiny_
         serving.export_savedmodel(parent, str(tmp_path / "serving"))
     assert not output.exists() and not os.path.exists(os.path.join(parent, rundir.ENSEMBLE_FILE))
     assert not (tmp_path / "serving").exists()
+
+
+# ------------------------------------------------------------- member positions, stacking and the image head
+#
+# A parent of 2 folds with 2 snapshots each, of a tiny model with the image head (--deep_supervision): every
+# snapshot is the same trained weights with the mask head's and the image head's biases shifted by SHIFTS, so
+# all four models differ; fold k validates on the labelled ids k, k+2, k+4, ... (in sorted order).
+
+SHIFTS = (((-1.5, 1.0), (0.5, -1.0)),   # fold 0: (mask bias, image-head bias) of snapshot 1, snapshot 2
+          ((1.0, -0.5), (-0.5, 1.5)))   # fold 1
+
+
+@pytest.fixture(scope="module")
+def head_run(demo_dir, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("head_run") / "run")
+    run_tiny(demo_dir, run_dir, epochs=1, deep_supervision=True)
+    return run_dir
+
+
+def _snapshot_run(run, run_dir, shifts):
+    """A copy of `run` whose snapshots are its export with the output biases shifted by `shifts`, in order."""
+    shutil.copytree(run, run_dir)
+    shutil.rmtree(os.path.join(run_dir, rundir.SNAPSHOTS_DIR), ignore_errors=True)
+    [entry] = exports.load_models(os.path.join(run, "export"))
+    mask_bias, head_bias = entry.model.head.conv.bias.numpy(), entry.model.image_head.dense.bias.numpy()
+    for k, (mask_shift, head_shift) in enumerate(shifts, start=1):
+        entry.model.head.conv.bias.assign(mask_bias + mask_shift)
+        entry.model.image_head.dense.bias.assign(head_bias + head_shift)
+        checkpoints.export_snapshot(run_dir, k, entry.model, dict(entry.config, epoch=k))
+    return run_dir
+
+
+def _snapshot_parent(root, run, demo_dir):
+    """The parent of SHIFTS under root/parent, each fold's split.csv validating on its share of the ids."""
+    runs = [_snapshot_run(run, os.path.join(str(root), "runs", str(k)), shifts) for k, shifts in enumerate(SHIFTS)]
+    parent = _parent(root, runs)
+    ids = sorted(kaggle.train_ids(demo_dir))
+    for k in range(len(SHIFTS)):
+        roles = ["val" if i % len(SHIFTS) == k else "train" for i in range(len(ids))]
+        rundir.write_csv(os.path.join(parent, f"fold-{k}", rundir.SPLIT_FILE), pd.DataFrame({"id": ids, "role": roles}))
+    return parent
+
+
+def _cv(*argv):
+    """cv.main in this process: (status, stdout + stderr)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = cv.main(["cv", *argv])
+    return status, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def collected(head_run, demo_dir, tmp_path_factory):
+    """The SHIFTS parent after `cv collect`: (its path, collect's output). Tests that write into it copy it."""
+    parent = _snapshot_parent(tmp_path_factory.mktemp("collected"), head_run, demo_dir)
+    status, output = _cv("collect", f"--parent={parent}")
+    assert status == 0, output
+    return parent, output
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+def _tta_by_hand(export_dir, images):
+    """(probabilities [N,101,101], image-head salt probabilities [N]) of one export on uint8 images, by hand: the
+    Keras model called on the images and on their NumPy left-right mirror, un-mirrored and averaged in NumPy."""
+    [entry] = exports.load_models(export_dir)
+    x = images.astype(np.float32)[..., None] / 255.0
+    mirror = np.ascontiguousarray(x[:, :, ::-1])
+    plain, mirrored = (entry.model(v, training=False, all_outputs=True) for v in (x, mirror))
+    p = (_sigmoid(plain["mask"].numpy()[..., 0]) + _sigmoid(mirrored["mask"].numpy()[..., 0])[:, :, ::-1]) / 2
+    return p, (_sigmoid(plain["has_salt"].numpy()) + _sigmoid(mirrored["has_salt"].numpy())) / 2
+
+
+def test_collect_stores_each_fold_models_out_of_fold_prediction_and_image_head(collected, demo_dir):
+    parent, output = collected
+    assert "(the fold mean, each of the 2 model(s) of the fold, the image head)" in output, output
+    saved = oof.load(os.path.join(parent, rundir.OOF_FILE))
+    assert saved["member_probabilities"].shape == (2, 160, 101, 101)
+    assert saved["member_probabilities"].dtype == np.float16 and saved["has_salt"].dtype == np.float32
+    ids = sorted(kaggle.train_ids(demo_dir))
+    data = kaggle.load_labelled(demo_dir, saved["ids"].tolist())
+    by_hand = {(k, s): _tta_by_hand(rundir.snapshot_dir(os.path.join(parent, f"fold-{k}"), s), data.images)
+               for k in (0, 1) for s in (1, 2)}
+    for k in (0, 1):
+        rows = saved["fold"] == k
+        assert sorted(saved["ids"][rows]) == ids[k::2]
+        for s in (1, 2):  # member s-1 of an image: snapshot s of the fold that validated on it
+            p = by_hand[(k, s)][0][rows]
+            np.testing.assert_allclose(saved["member_probabilities"][s - 1][rows].astype(np.float32), p, atol=1e-3)
+            assert np.abs(by_hand[(1 - k, s)][0][rows] - p).max() > 0.05  # the other fold's would differ
+            assert np.abs(by_hand[(k, 3 - s)][0][rows] - p).max() > 0.05  # so would the fold's other snapshot
+        mean = (by_hand[(k, 1)][0][rows] + by_hand[(k, 2)][0][rows]) / 2
+        np.testing.assert_allclose(saved["probabilities"][rows].astype(np.float32), mean, atol=1e-3)
+        head = (by_hand[(k, 1)][1][rows] + by_hand[(k, 2)][1][rows]) / 2
+        np.testing.assert_allclose(saved["has_salt"][rows], head, rtol=0, atol=1e-5)
+        assert np.abs((by_hand[(1 - k, 1)][1][rows] + by_hand[(1 - k, 2)][1][rows]) / 2 - head).min() > 0.01
