@@ -55,10 +55,12 @@ the export's threshold) and writes the submission CSV `id,rle_mask` atomically, 
 PNG per image. Progress: a live bar on a terminal, a line every ~2048 images otherwise.
 
 A cross-validation parent (--model_dir=<parent> of `python -m salt_tf.cv`, every fold finished) is a fold
-ensemble: each fold's models (its snapshots, else its export/) are averaged, then the folds with equal
-weights, whatever their numbers of snapshots. Its threshold and post-processing: the parent's ensemble.json
-(`evaluate --model_dir=<parent>`), else the threshold its oof.json chose on the out-of-fold predictions
-(`cv collect`), with their TTA; --threshold overrides the threshold."""
+ensemble, every fold weighing the same whatever its number of snapshots: when every fold has S models (its
+snapshots, else its export/), member position k is the mean over the folds of each fold's k-th model (with
+the TTA), else each fold's mean is a member. The parent's ensemble.json (`evaluate --model_dir=<parent>`)
+combines the members (their mean, or the stacked meta-model over the positions) and post-processes, its gate
+on the folds' mean image-head probability; without one, the mean at the threshold its oof.json chose on the
+out-of-fold predictions (`cv collect`), with their TTA. --threshold overrides the threshold."""
 
 EVALUATE_HELP = """\
 Predicts the run's validation images (split.csv; the data folder --data_dir, else the run's own,
@@ -68,9 +70,11 @@ writes <model_dir>/ensemble.json, which `submit` applies. Progress as in submit.
 
 A cross-validation parent (--model_dir=<parent>) predicts nothing: its out-of-fold predictions (oof.npz of
 `cv collect`: every labelled image, predicted with collect's TTA by the fold that validated on it) are the
-evaluation set, so threshold and post-processing are chosen by the same cross-validation over images, on ALL
-labelled images; <parent>/ensemble.json is then what `submit --model_dir=<parent>` applies. Only the fold mean
-is evaluated there, no stacking: oof.npz holds each image's fold mean, not each snapshot's prediction."""
+evaluation set, so the table is a run's, on ALL labelled images: each member position (position k: the k-th
+model of the image's fold), their mean, the stacked meta-model and post-processing with the image-head gate,
+chosen by the same cross-validation over images; <parent>/ensemble.json is then what `submit
+--model_dir=<parent>` applies. Only the fold mean is evaluated (and says why) when the folds differ in their
+numbers of models or oof.npz is of before the per-model predictions (rerun `cv collect`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,8 +350,9 @@ def _save_choice(fv: flags.FlagValues, target: str, chosen: ensemble.Ensemble) -
 
 
 def _evaluate_out_of_fold(fv: flags.FlagValues) -> int:
-    """`predict evaluate` of a CV parent: threshold and post-processing of the fold ensemble chosen on its
-    out-of-fold predictions (oof.npz), all labelled images, no image predicted (and no TensorFlow).
+    """`predict evaluate` of a CV parent: the fold ensemble chosen on its out-of-fold predictions (oof.npz), all
+    labelled images, as a run's on its validation images (each member position, the mean, the stacked
+    meta-model, post-processing with the image-head gate), no image predicted (and no TensorFlow).
 
     Args:
         fv: the parsed flags of define_evaluate_flags; --model_dir is a CV parent.
@@ -363,25 +368,61 @@ def _evaluate_out_of_fold(fv: flags.FlagValues) -> int:
                                f"({rundir.OOF_FILE}: every labelled image); drop --{name}")
     entries = exports.find_exports(parent)
     arrays, summary = exports.load_out_of_fold(parent, entries)
+    views = _out_of_fold_views(fv, summary)
+    truth, has_salt = arrays["masks"].astype(bool), arrays.get("has_salt")
+    probabilities, names, what = _out_of_fold_members(parent, arrays, entries)
+    folds = len(exports.fold_models(entries))
+    _say(f"evaluate: the out-of-fold predictions of {parent} ({rundir.OOF_FILE}): {len(truth)} images, each "
+         f"predicted by the one of {folds} folds ({len(entries)} models) that validated on it; tta "
+         f"{'+'.join(views)}; {fv.folds}-fold CV over images; {what}; {_out_of_fold_gate(parent, has_salt, entries)}")
+    started = time.time()
+    rows, chosen = ensemble.evaluate(truth, probabilities, names, tta=views, folds=fv.folds, l2=fv.stack_l2,
+                                     model_info=[e.info() for e in entries], has_salt=has_salt)
+    _report_head(truth, has_salt, "the mean of the models of each image's fold")
+    combination = f"the mean of {folds} folds" if "member_probabilities" not in arrays else \
+        f"{chosen.combine} of {len(names)} member position(s)"
+    _report_choice(rows, chosen, combination, names, truth, views, list(probabilities),
+                   f"{time.time() - started:.1f} s")
+    _save_choice(fv, parent, chosen)
+    return 0
+
+
+def _out_of_fold_views(fv: flags.FlagValues, summary: dict) -> tuple[str, ...]:
+    """The TTA of a CV parent's out-of-fold predictions (oof.json's); PredictError (one line) for another --tta."""
+    parent = fv.model_dir
     views = tuple(summary["tta"])
     if fv["tta"].present and tta.parse_tta(fv.tta) != views:
         raise PredictError(f"--tta={fv.tta}: the out-of-fold predictions of {parent} are of tta "
                            f"{ensemble.views_label(views)}; rerun python -m salt_tf.cv collect --parent={parent} "
                            f"--tta={fv.tta}, or drop --tta")
-    truth, probabilities = arrays["masks"].astype(bool), arrays["probabilities"].astype(np.float32)
-    folds = len(exports.fold_models(entries))
-    _say(f"evaluate: the out-of-fold predictions of {parent} ({rundir.OOF_FILE}): {len(truth)} images, each "
-         f"predicted by the one of {folds} folds ({len(entries)} models) that validated on it; tta "
-         f"{'+'.join(views)}; {fv.folds}-fold CV over images; the fold mean only (no per-model out-of-fold "
-         "predictions to stack)")
-    started = time.time()
-    names = ["out-of-fold"]
-    rows, chosen = ensemble.evaluate(truth, probabilities[None], names, tta=views, folds=fv.folds,
-                                     l2=fv.stack_l2, model_info=[e.info() for e in entries])
-    _report_choice(rows, chosen, f"the mean of {folds} folds", names, truth, views, [probabilities],
-                   f"{time.time() - started:.1f} s")
-    _save_choice(fv, parent, chosen)
-    return 0
+    return views
+
+
+def _out_of_fold_members(parent: str, arrays: dict, entries: list[exports.LoadedModel]):
+    """(probabilities [M,N,101,101] float32, their M names, what is evaluated in words) of oof.npz: each member
+    position (exports.member_names) when it holds member_probabilities, else the fold mean alone (M = 1), the
+    words saying why."""
+    if "member_probabilities" in arrays:
+        names = exports.member_names(entries)
+        stacked = "their stacked meta-model" if len(names) > 1 else "no stacking with one model per fold"
+        return (arrays["member_probabilities"].astype(np.float32), names,
+                f"{len(names)} member position(s) (position k: the k-th model of the image's fold), their mean, "
+                f"{stacked}")
+    why = (f"the folds have different numbers of models ({len(entries)} in {len(exports.fold_models(entries))} "
+           "folds), so there are no member positions to stack" if exports.positions(entries) is None else
+           f"{rundir.OOF_FILE} holds no per-model out-of-fold predictions (collected before they were stored: "
+           f"rerun python -m salt_tf.cv collect --parent={parent} to stack them)")
+    return arrays["probabilities"][None].astype(np.float32), ["out-of-fold"], f"the fold mean only: {why}"
+
+
+def _out_of_fold_gate(parent: str, has_salt: np.ndarray | None, entries: list[exports.LoadedModel]) -> str:
+    """Whether the post-processing may gate on the image head, in words (why not, if not)."""
+    if has_salt is not None:
+        return "the post-processing may gate on the image head"
+    if not any(e.config["model"].get("deep_supervision") for e in entries):
+        return "no image-head gate (the models have no image head)"
+    return (f"no image-head gate: {rundir.OOF_FILE} holds no image-head probabilities (rerun python -m "
+            f"salt_tf.cv collect --parent={parent})")
 
 
 def _evaluated_models(target: str, run_dir: str) -> list[exports.LoadedModel]:
@@ -442,15 +483,21 @@ def _report_evaluation(fv, entries, data, views, predictions, started: float, pr
     rows, chosen = ensemble.evaluate(data.masks, np.stack(with_tta), names, np.stack(plain), tta=views,
                                      folds=fv.folds, l2=fv.stack_l2, model_info=[e.info() for e in entries],
                                      has_salt=has_salt)
-    if has_salt is not None:
-        truth_has_salt = data.masks.reshape(len(data.ids), -1).any(axis=1)
-        _say(f"image head (mean of {sum(h is not None for h in heads)} model(s)): accuracy "
-             f"{np.mean((has_salt > 0.5) == truth_has_salt):.4f} at 0.5, AUC "
-             f"{metrics.roc_auc(truth_has_salt, has_salt):.4f}; the cv post-processing may gate on it")
+    _report_head(data.masks, has_salt, f"mean of {sum(h is not None for h in heads)} model(s)")
     _report_choice(rows, chosen, f"{chosen.combine} of {len(entries)}", names, data.masks, views, with_tta,
                    f"{len(data.ids) / max(predicted, 1e-9):.1f} images/s predicted, {time.time() - started:.1f} s "
                    "in all")
     return chosen
+
+
+def _report_head(truth: np.ndarray, has_salt: np.ndarray | None, what: str) -> None:
+    """Prints the image head's accuracy and AUC on the evaluation images (nothing without a head); `what`:
+    whose head probability it is, in words."""
+    if has_salt is None:
+        return
+    truth_has_salt = np.asarray(truth).reshape(len(truth), -1).any(axis=1)
+    _say(f"image head ({what}): accuracy {np.mean((has_salt > 0.5) == truth_has_salt):.4f} at 0.5, AUC "
+         f"{metrics.roc_auc(truth_has_salt, has_salt):.4f}; the cv post-processing may gate on it")
 
 
 def _report_choice(rows: list[ensemble.Row], chosen: ensemble.Ensemble, what: str, names: list[str],

@@ -1,12 +1,16 @@
 """Fold ensembles in predict (issue 21 item 3): a CV parent as --model_dir of `predict submit` (every fold's models,
 each fold weighing the same) and of `predict evaluate` (the choice made on the parent's oof.npz, no image
-predicted), and the one-line errors of an unfinished parent.
+predicted: member positions, their mean, the stacked meta-model, post-processing with the image-head gate),
+what `cv collect` stores for it (each fold model's out-of-fold prediction, the image head), and the one-line
+errors of an unfinished parent.
 
-The parents here are made by hand from one tiny trained run (copies as fold-k, record.json naming the fold), so
-no cross-validation is trained; tests/test_cv.py runs the real `cv train` and collect.
+The parents here are made by hand from tiny trained runs (copies as fold-k, record.json naming the fold;
+snapshots made by shifting the export's output biases), so no cross-validation is trained; tests/test_cv.py
+runs the real `cv train` and collect.
 """
 
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -15,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from salt_tf import checkpoints, cv, ensemble, exports, metrics, oof, pipeline, predict, rundir, serving
+from salt_tf import checkpoints, cv, ensemble, exports, metrics, oof, pipeline, postprocess, predict, rundir, serving
 from salt_tf import tta as tta_lib
 from salt_tf.data import kaggle
 from train_helpers import run_tiny
@@ -174,6 +178,10 @@ def test_evaluate_on_a_parent_chooses_on_its_oof_predictions_never_on_the_scored
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "out-of-fold predictions" in out and "60 images" in out and "stacked of" not in out
+    # An oof.npz of before the per-model predictions: the fold mean only, and the line says why and the fix.
+    assert (f"the fold mean only: {rundir.OOF_FILE} holds no per-model out-of-fold predictions" in out
+            and f"python -m salt_tf.cv collect --parent={parent}" in out), out
+    assert "no image-head gate (the models have no image head)" in out
     chosen = ensemble.Ensemble.load(os.path.join(parent, rundir.ENSEMBLE_FILE))
     assert chosen.combine == "mean" and chosen.tta == list(VIEWS)
     assert [m["name"] for m in chosen.models] == [os.path.join(f"fold-{k}", "export") for k in (0, 1)]
@@ -336,3 +344,169 @@ def test_collect_stores_each_fold_models_out_of_fold_prediction_and_image_head(c
         head = (by_hand[(k, 1)][1][rows] + by_hand[(k, 2)][1][rows]) / 2
         np.testing.assert_allclose(saved["has_salt"][rows], head, rtol=0, atol=1e-5)
         assert np.abs((by_hand[(1 - k, 1)][1][rows] + by_hand[(1 - k, 2)][1][rows]) / 2 - head).min() > 0.01
+
+
+def test_folds_of_different_sizes_store_the_fold_mean_and_head_and_evaluate_says_why(collected, tmp_path, capsys):
+    parent = str(tmp_path / "parent")
+    shutil.copytree(collected[0], parent)
+    shutil.rmtree(rundir.snapshot_dir(os.path.join(parent, "fold-1"), 2))  # fold-1: one model, fold-0: two
+    collect = f"python -m salt_tf.cv collect --parent={parent}"
+    # oof.npz of two models per fold and an oof.json of before it named the models: the model count tells.
+    _write_oof_summary(parent, 0.5)
+    status, line = _error(capsys, "evaluate", f"--model_dir={parent}")
+    assert status == 2 and "out-of-fold predictions of 2 models per fold" in line and collect in line, line
+
+    status, output = _cv("collect", f"--parent={parent}")
+    assert status == 0, output
+    lines = [line for line in output.splitlines() if "different numbers of models" in line]
+    assert lines == ["no per-model out-of-fold predictions stored: the folds have different numbers of models "
+                     "(fold-0 2, fold-1 1); predict evaluate will evaluate their mean only"], output
+    saved = oof.load(os.path.join(parent, rundir.OOF_FILE))
+    assert "member_probabilities" not in saved and saved["has_salt"].shape == (160,)
+    assert predict.main(["predict", "evaluate", f"--model_dir={parent}"]) == 0
+    out = capsys.readouterr().out
+    assert "the fold mean only: the folds have different numbers of models (3 in 2 folds)" in out, out
+    assert "the post-processing may gate on the image head" in out and "stacked of" not in out
+    assert "image head (the mean of the models of each image's fold): accuracy" in out
+
+
+def _evaluate_hand_made(capsys, parent, truth, members, has_salt=None):
+    """`predict evaluate` of `parent` on a hand-made oof.npz (member_probabilities `members`, stored float16 as
+    collect stores them; the fold mean their mean) and an oof.json naming the parent's models: (the choice
+    written to ensemble.json, the printed output)."""
+    members = np.asarray(members, np.float16)
+    n = len(truth)
+    arrays = {"ids": np.array([f"x{i:03d}" for i in range(n)]), "masks": truth.astype(np.uint8),
+              "probabilities": members.astype(np.float32).mean(axis=0).astype(np.float16),
+              "member_probabilities": members, "fold": np.arange(n) % 2, "scores_at_half": np.zeros(n),
+              "scores_cv": np.zeros(n)}
+    if has_salt is not None:
+        arrays["has_salt"] = np.asarray(has_salt, np.float32)
+    oof.save(os.path.join(parent, rundir.OOF_FILE), arrays)
+    _write_oof_summary(parent, 0.5, models=[e.info() for e in exports.find_exports(parent)])
+    status = predict.main(["predict", "evaluate", f"--model_dir={parent}"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    return ensemble.Ensemble.load(os.path.join(parent, rundir.ENSEMBLE_FILE)), out
+
+
+def test_evaluate_stacks_the_member_positions_of_the_oof_predictions(collected, tmp_path, capsys):
+    parent = str(tmp_path / "parent")
+    shutil.copytree(collected[0], parent)
+    # 60 made-up images: member position 1 is close to the truth, position 0 is noise.
+    rng = np.random.default_rng(5)
+    n = 60
+    truth = rng.random((n, 16, 16)) < rng.random((n, 1, 1)) * (rng.random((n, 1, 1)) < 0.7)
+    truth_like = np.clip(truth * 0.7 + rng.normal(0.15, 0.1, truth.shape), 0, 1)
+    chosen, out = _evaluate_hand_made(capsys, parent, truth, [rng.random(truth.shape), truth_like])
+    names = [os.path.join("fold-*", "snapshots", f"snapshot-{s}") for s in (1, 2)]
+    assert "2 member position(s)" in out and f"{names[0]} (tta hflip)" in out and "stacked of 2" in out, out
+    assert chosen.combine == "stacked" and chosen.stacker.models == names
+    assert [m["name"] for m in chosen.models] == [e.name for e in exports.find_exports(parent)]  # all 4 models
+    w_noise, w_truth = chosen.stacker.weights
+    assert w_truth > 1.0 and abs(w_noise) < 0.1 * w_truth, chosen.stacker.weights
+    # The weights minimize the meta-model's objective on ALL the stored OOF images, in position order: the
+    # gradient of the mean log-loss + l2/2 |w|^2, computed here in NumPy, vanishes there.
+    stored = oof.load(os.path.join(parent, rundir.OOF_FILE))["member_probabilities"].astype(np.float64)
+    clip = chosen.stacker.clip
+    x = np.log(np.clip(stored, clip, 1 - clip)) - np.log1p(-np.clip(stored, clip, 1 - clip))
+    x = x.reshape(2, -1).T
+    residual = _sigmoid(x @ chosen.stacker.weights + chosen.stacker.bias) - truth.reshape(-1)
+    gradient = np.r_[x.T @ residual / len(residual) + chosen.stacker.l2 * chosen.stacker.weights, residual.mean()]
+    assert np.abs(gradient).max() < 1e-6, gradient
+    scores = chosen.scores
+    assert scores["cv_stacked"] >= scores["cv_mean"] and \
+        scores["cv_stacked_postprocessed"] > scores["cv_mean_postprocessed"], scores
+
+
+def _image_score(truth, predicted):
+    """The competition score of one image by brute force: empty truth -> 1 iff nothing predicted; else the share
+    of the IoU thresholds 0.5, 0.55, ..., 0.95 that the IoU exceeds."""
+    t, p = truth.astype(bool).ravel().tolist(), predicted.astype(bool).ravel().tolist()
+    union = sum(a or b for a, b in zip(t, p))
+    if not any(t):
+        return 1.0 if not any(p) else 0.0
+    iou = sum(a and b for a, b in zip(t, p)) / union
+    return sum(iou > 0.5 + 0.05 * i for i in range(10)) / 10
+
+
+def test_evaluate_gates_on_the_oof_image_head_when_it_separates_empty_images(collected, tmp_path, capsys):
+    parent = str(tmp_path / "parent")
+    shutil.copytree(collected[0], parent)
+    # 40 made-up 40x40 images: 30 with a true 20x20 square of salt, predicted shifted by 0..3 pixels; 10 empty,
+    # predicted with an as confident 20x20 square. No threshold, component or empty rule tells them apart (every
+    # blob has 400 pixels); the image head (0.9 on salt, 0.1 on empty images) does.
+    rng = np.random.default_rng(7)
+    n = 40
+    empty = np.arange(n) % 4 == 0
+    truth = np.zeros((n, 40, 40), bool)
+    p = rng.uniform(0.0, 0.05, truth.shape)
+    for i in range(n):
+        top, left = rng.integers(2, 16, size=2)
+        dy, dx = rng.integers(0, 4, size=2)
+        p[i, top + dy:top + dy + 20, left + dx:left + dx + 20] = 0.8
+        truth[i, top:top + 20, left:left + 20] = not empty[i]
+    has_salt = np.where(empty, 0.1, 0.9)
+    predicted = p > 0.5
+    gated = predicted & (has_salt >= 0.2)[:, None, None]
+    with_gate = np.mean([_image_score(t, m) for t, m in zip(truth, gated)])
+    without = np.mean([_image_score(t, m) for t, m in zip(truth, predicted)])
+    assert 0.5 < with_gate < 1.0 and without == pytest.approx(with_gate - 0.25)
+
+    chosen, out = _evaluate_hand_made(capsys, parent, truth, [p, p], has_salt)
+    assert "the post-processing may gate on the image head" in out and "image head (the mean of" in out, out
+    assert chosen.postprocessing.min_has_salt == 0.2  # the smallest gate of the grid that separates them
+    assert chosen.scores[f"cv_{chosen.combine}_postprocessed"] == pytest.approx(with_gate, abs=1e-12)
+    # The same OOF predictions without the head: no gate, and each image scored as without it.
+    chosen, out = _evaluate_hand_made(capsys, parent, truth, [p, p])
+    assert "no image-head gate: oof.npz holds no image-head probabilities" in out, out
+    assert chosen.postprocessing.min_has_salt == 0.0
+    assert chosen.scores["cv_mean_postprocessed"] == pytest.approx(without, abs=1e-12)
+
+
+def test_submit_applies_a_stacked_gated_choice_to_the_fold_positions(collected, demo_dir, tmp_path, capsys):
+    parent = str(tmp_path / "parent")
+    shutil.copytree(collected[0], parent)
+    folder, ids, images = _test_images(demo_dir)
+    by_hand = {(k, s): _tta_by_hand(rundir.snapshot_dir(os.path.join(parent, f"fold-{k}"), s), images)
+               for k in (0, 1) for s in (1, 2)}
+    # Position s: the mean over the folds of each fold's snapshot s; the head: the mean over the folds of each
+    # fold's mean head.
+    positions = [(by_hand[(0, s)][0] + by_hand[(1, s)][0]) / 2 for s in (1, 2)]
+    head = np.mean([(by_hand[(k, 1)][1] + by_hand[(k, 2)][1]) / 2 for k in (0, 1)], axis=0)
+    weights, bias = np.array([1.8, -0.6]), 0.2
+    clipped = [np.clip(q, ensemble.CLIP, 1 - ensemble.CLIP) for q in positions]
+    stacked = _sigmoid(sum(w * (np.log(q) - np.log1p(-q)) for w, q in zip(weights, clipped)) + bias)
+    threshold = round(float(np.quantile(stacked, 0.6)), 3)
+    order = np.sort(head)
+    gate = round(float(order[len(order) // 2 - 1] + order[len(order) // 2]) / 2, 4)  # empties half the images
+    assert np.abs(head - gate).min() > 1e-5  # no image so close to the gate that float32 could decide it
+    expected = (stacked > threshold) & (head >= gate)[:, None, None]
+    assert ((stacked > threshold) != ((positions[0] + positions[1]) / 2 > threshold)).sum() > 50  # stacking matters
+    assert ((stacked > threshold).any(axis=(1, 2)) & (head < gate)).any()                         # the gate matters
+
+    entries = exports.find_exports(parent)
+    names = exports.member_names(entries)
+    choice = ensemble.Ensemble(models=[e.info() for e in entries], tta=list(VIEWS), combine="stacked",
+                               stacker=ensemble.Stacker(weights, bias, names),
+                               postprocessing=postprocess.PostProcessing(threshold=threshold, min_has_salt=gate))
+    choice.save(os.path.join(parent, rundir.ENSEMBLE_FILE))
+    output = tmp_path / "submission.csv"
+    submit = ["submit", f"--model_dir={parent}", f"--images={folder}", f"--output={output}"]
+    status, out, err = _submit(capsys, *submit[1:])
+    assert status == 0, err
+    assert "stacked ensemble of 2 folds (4 models) from ensemble.json" in out and "image head <" in out, out
+    submitted_ids, masks = _masks_of(output)
+    assert submitted_ids == ids
+    differ = masks != expected
+    assert np.all(np.abs(stacked[differ] - threshold) < 1e-5)  # only float32 rounding at the threshold
+
+    # A choice fitted on other models, or a meta-model over another number of members: one line each.
+    os.remove(output)
+    for models, stacker, message in (
+            ([{"name": "export", "epoch": 1}], choice.stacker, "fitted on models export (epoch 1) but"),
+            (choice.models, ensemble.Stacker(np.ones(3), 0.0, ["a", "b", "c"]), "its meta-model combines 3 members")):
+        dataclasses.replace(choice, models=models, stacker=stacker).save(os.path.join(parent, rundir.ENSEMBLE_FILE))
+        status, line = _error(capsys, *submit)
+        assert status == 2 and message in line and "predict evaluate" in line, line
+    assert not output.exists()
