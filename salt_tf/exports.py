@@ -239,8 +239,9 @@ def load_ensemble(path: str, entries: list[LoadedModel]) -> ensemble.Ensemble | 
         The saved choice, or None.
 
     Raises:
-        ExportError: unreadable, fitted on other models (one line naming both lists), or a CV parent without
-            oof.json (one line naming `python -m salt_tf.cv collect`).
+        ExportError: unreadable, fitted on other models (one line naming both lists), a meta-model over another
+            number of members than the models make (one line naming both), or a CV parent without oof.json (one
+            line naming `python -m salt_tf.cv collect`).
     """
     file = os.path.join(path, rundir.ENSEMBLE_FILE)
     if not os.path.isfile(file):
@@ -271,8 +272,8 @@ def load_out_of_fold(parent: str, entries: list[LoadedModel]) -> tuple[dict, dic
         one per member of `entries` (members), in order; oof.json's summary).
 
     Raises:
-        ExportError: a file missing or unreadable, or collected from other models (one line naming
-            `python -m salt_tf.cv collect --parent=...`).
+        ExportError: a file missing or unreadable, collected from other models, or its member_probabilities of
+            another number of models per fold (one line naming `python -m salt_tf.cv collect --parent=...`).
     """
     summary = _oof_summary(parent, entries)
     path = os.path.join(parent, rundir.OOF_FILE)
