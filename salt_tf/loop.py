@@ -34,6 +34,7 @@ from salt_tf import checkpoints as checkpoints_lib
 from salt_tf import determinism, distribute, metrics, pipeline, progress, records, schedules, swa
 from salt_tf.step import TrainStep
 from salt_tf import rundir
+from salt_tf.stop_signals import StopSignals
 from salt_tf.summaries import Summaries
 
 
@@ -254,7 +255,8 @@ class Trainer:
                  state: TrainingState | None = None, checkpoints: checkpoints_lib.RunCheckpoints | None = None,
                  summaries: Summaries | None = None, epoch_end: Sequence[Callable[[EpochEnd], None]] = (),
                  history: RunHistory | None = None, weight_average_export: ExportWeightAverage | None = None,
-                 resume_checkpoint: str | None = None, init_weights: str | None = None):
+                 resume_checkpoint: str | None = None, init_weights: str | None = None,
+                 stop_signals: StopSignals | None = None):
         """Args:
           step: the train step (model, optimizer, loss stages, strategy, batch size).
           config: the loop's settings; its batch_size must be the step's.
@@ -269,6 +271,8 @@ class Trainer:
           resume_checkpoint: the checkpoint to continue from (checkpoints.resume_point picks it; None = a
             fresh start).
           init_weights: an export folder whose model weights a fresh run starts from (ignored on resume).
+          stop_signals: the process's stop request, installed since start-up by the train command (default: a
+            new one, installed by `run` for its duration).
         """
         if config.batch_size != step.batch_size:
             raise ValueError(f"LoopConfig.batch_size={config.batch_size} but the TrainStep's is {step.batch_size}")
@@ -284,7 +288,7 @@ class Trainer:
         self.weight_average_export = weight_average_export
         self.resume_checkpoint, self.init_weights = resume_checkpoint, init_weights
         self.stage = 0  # the loss stage of the current epoch
-        self._stop_signal = None
+        self.stop_signals = stop_signals or StopSignals()
         self._profiling = False
 
     @property
@@ -311,14 +315,12 @@ class Trainer:
           The final summary: epochs completed, best epoch and metric, final fingerprint, times (and with
           --swa_epochs the averaged model's metric).
         """
-        handlers = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            handlers[signum] = signal.signal(signum, self._on_signal)
+        installed_here = self.stop_signals.install()
         try:
             return self._run()
         finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+            if installed_here:
+                self.stop_signals.restore()
             self._profile(None)
             self.summaries.close()
 
@@ -537,22 +539,15 @@ class Trainer:
         """A stop signal arrived here, or (multi-worker) on any worker: all workers stop at the same step.
         The agreed answer is returned, not the local flag: a signal handled during the vote counts at the
         next step, on every worker alike."""
-        requested = distribute.any_worker(self.step.strategy, self._stop_signal is not None)
-        if requested and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM  # another worker's signal
+        requested = distribute.any_worker(self.step.strategy, self.stop_signals.signum is not None)
+        if requested:
+            self.stop_signals.request(signal.SIGTERM)  # another worker's signal (a no-op after our own)
         return requested
 
     def _stopped(self, where: str) -> None:
-        name = signal.Signals(self._stop_signal).name
-        raise TrainingStopped(f"stopped by {name} {where}; run the same command to resume",
-                              exit_code=128 + self._stop_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:  # a second signal: stop now, the last checkpoint stands
-            raise KeyboardInterrupt
-        self._stop_signal = signum
-        logging.warning("%s received: finishing the current step, then writing a checkpoint",
-                        signal.Signals(signum).name)
+        signum = self.stop_signals.signum
+        raise TrainingStopped(f"stopped by {signal.Signals(signum).name} {where}; run the same command to resume",
+                              exit_code=128 + signum)
 
     # ---------------------------------------------------------------------------------- edges
 
@@ -618,7 +613,8 @@ class Trainer:
 
 def run_dir_trainer(step: TrainStep, config: LoopConfig, train_arrays, val_arrays, run_dir: str, *,
                     restore_dir: str | None = None, export_config: dict | None = None, hparams: dict | None = None,
-                    resume_checkpoint: str | None = None, init_weights: str | None = None) -> Trainer:
+                    resume_checkpoint: str | None = None, init_weights: str | None = None,
+                    stop_signals: StopSignals | None = None) -> Trainer:
     """A Trainer that writes run directory `run_dir`: its checkpoints, events, export/, snapshots/, swa/,
     metrics.csv and fingerprints.json. Call it outside `strategy.scope()` (checkpoints.PartialEpoch).
 
@@ -632,7 +628,7 @@ def run_dir_trainer(step: TrainStep, config: LoopConfig, train_arrays, val_array
       export_config: what every export's model.json holds besides epoch, metric and threshold (the model's
         config, use_depth, precision).
       hparams: {flag: value} for TensorBoard's HParams dashboard.
-      resume_checkpoint, init_weights: as Trainer's.
+      resume_checkpoint, init_weights, stop_signals: as Trainer's.
 
     Returns:
       The Trainer; `run()` trains.
@@ -649,4 +645,4 @@ def run_dir_trainer(step: TrainStep, config: LoopConfig, train_arrays, val_array
                               ExportSnapshot(run_dir, export_config, config.lr_schedule)],
                    history=RunHistory(run_dir),
                    weight_average_export=ExportWeightAverage(run_dir, export_config) if config.swa_epochs else None,
-                   resume_checkpoint=resume_checkpoint, init_weights=init_weights)
+                   resume_checkpoint=resume_checkpoint, init_weights=init_weights, stop_signals=stop_signals)

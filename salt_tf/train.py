@@ -14,7 +14,15 @@ import signal
 import sys
 import time
 
+from salt_tf.stop_signals import StopSignals
+
+# The command's stop request, installed before anything slow (TensorFlow's import) so that no SIGINT or SIGTERM
+# of the process is handled by anyone else (salt_tf.stop_signals says why). None when imported as a library.
+_PROCESS_STOP_SIGNALS: StopSignals | None = None
+
 if __name__ == "__main__":  # the command: start TensorFlow (imported by the flags) without CUDA noise on a CPU
+    _PROCESS_STOP_SIGNALS = StopSignals()
+    _PROCESS_STOP_SIGNALS.install()
     from salt_tf import tfstart
 
     tfstart.import_tensorflow()
@@ -200,8 +208,12 @@ def split_data(data, run_dir: str):
     return data.subset(train_ids), data.subset(val_ids), new_split_frame
 
 
-def run() -> dict:
+def run(stop_signals: StopSignals | None = None) -> dict:
     """Runs (or resumes) the training described by FLAGS (parsed, salt_tf.flags.define_flags).
+
+    Args:
+      stop_signals: the process's stop request (the train command's, installed since start-up), checked
+        between the start-up phases and by the training loop; None: the loop installs its own while it runs.
 
     Returns:
       The final summary (loop.Trainer.run's), also written to record.json.
@@ -226,12 +238,14 @@ def run() -> dict:
     out_dir = distribute.write_dir(run_dir, role)
     try:
         with contextlib.ExitStack() as lock:
-            return _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock)
+            return _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock,
+                        stop_signals or StopSignals())
     finally:
         distribute.remove_write_dir(out_dir, role)
 
 
-def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: contextlib.ExitStack) -> dict:
+def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: contextlib.ExitStack,
+         stop_signals: StopSignals) -> dict:
     """The run; `lock` receives out_dir's records.RunDirLock, held until the caller closes it."""
     from salt_tf import checkpoints, configs, determinism, distribute, losses, loop, model as model_lib, pipeline
     from salt_tf import records, schedules, step as step_lib
@@ -250,6 +264,7 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
     # Data first: a bad file stops the run before anything is written into the run directory.
     data, skipped = load_data()
     extras = load_extra_data(data, None if FLAGS.strict else skipped)
+    stop_signals.raise_if_requested()
     labelled_fingerprint = kaggle.fingerprint(FLAGS.data_dir, list(data.ids))
     fingerprint = data_fingerprint(labelled_fingerprint, extras)
     if flag_changes is not None:
@@ -298,6 +313,7 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
                  strategy.num_replicas_in_sync, role.task, per_replica_batch, FLAGS.batch_size,
                  f", {synchronized} batch-norm layers synchronized" if synchronized else "")
     loss_stages = losses.build_losses(configs.loss_config(), model_config.deep_supervision)
+    stop_signals.raise_if_requested()
     records.update_record(out_dir, code=records.code_version(), environment=determinism.environment(),
                           determinism=applied, distribution=distribution_record(strategy, per_replica_batch),
                           data=data_record(fingerprint, labelled_fingerprint, train_data, val_data, skipped, extras),
@@ -312,7 +328,8 @@ def _run(run_dir, out_dir, applied, strategy, per_replica_batch, role, lock: con
         step, config, train_arrays, val_arrays, out_dir, restore_dir=run_dir,
         export_config={"model": dataclasses.asdict(model_config), "use_depth": FLAGS.use_depth,
                        "precision": FLAGS.precision},
-        hparams=salt_flags.run_flag_values(), resume_checkpoint=resume, init_weights=init_weights)
+        hparams=salt_flags.run_flag_values(), resume_checkpoint=resume, init_weights=init_weights,
+        stop_signals=stop_signals)
     summary = trainer.run()
     records.update_record(out_dir, summary=summary,
                           finished=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()))
@@ -418,19 +435,28 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
     del argv  # parse_flags has refused any argument that is not a flag
+    stop_signals = _PROCESS_STOP_SIGNALS or StopSignals()
+    installed_here = stop_signals.install()
     try:
-        _main()
+        _main(stop_signals)
     except KeyboardInterrupt:
         # A second SIGINT/SIGTERM (the first one finishes the step and writes a checkpoint), or one during
-        # start-up (TensorFlow's import, data loading): stop at once. Every file of the run directory is
+        # start-up (TensorFlow's import, data loading, model building): stop at once. Every file of the run directory is
         # written atomically, so what is there is whole; the same command resumes from the last checkpoint.
         _fail(f"interrupted: stopped at once, without writing a checkpoint; the same command resumes "
               f"{FLAGS.model_dir} from its last checkpoint (or starts it, if it has none)", 128 + signal.SIGINT,
               prefix="stopped")
+    finally:
+        if installed_here:
+            stop_signals.restore()
 
 
-def _main() -> None:
-    """The train command after flag parsing: the run, and each failure a user can cause as one line."""
+def _main(stop_signals: StopSignals) -> None:
+    """The train command after flag parsing: the run, and each failure a user can cause as one line.
+
+    Args:
+      stop_signals: the process's stop request, installed (a signal during start-up stops before training).
+    """
     import tensorflow as tf
 
     from salt_tf.checkpoints import InitCheckpointError, ResumeError
@@ -443,7 +469,8 @@ def _main() -> None:
     logging.get_absl_handler().addFilter(_QuietSaverLogs())
     logging.info("%s", tfstart.device_summary(tf))
     try:
-        run()
+        stop_signals.raise_if_requested()
+        run(stop_signals)
     except (DataError, StrategyError, InitCheckpointError, ResumeError, RunDirBusy) as e:
         _fail(str(e), 2)
     except TrainingStopped as e:
