@@ -36,6 +36,10 @@ class StopSignals:
           `restore` to whoever installed them).
         """
         if self.installed:
+            # Again: TensorFlow's runtime may have replaced the process-level handler since (a multi-worker
+            # strategy's SIGTERM watcher did: CI's two-worker SIGTERM test trained to the end).
+            for signum in SIGNALS:
+                signal.signal(signum, self._on_signal)
             return False
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
