@@ -38,6 +38,14 @@ def configure(seed: int, deterministic: bool) -> dict:
         # (the 2 cores inside each convolution) is kept.
         use_pairwise_gradient_aggregation()
         applied["gradient_aggregation"] = "pairwise"
+        # Grappler's arithmetic optimizer rewrites a tree of two-input sums into one N-input AddN, undoing
+        # the pairwise sums: the step graph of --se_type=scse --hypercolumn --deep_supervision had no AddN of
+        # more than 3 inputs before it and 11 3-input, 12 4-input and a 6-input AddN after it. Measured (24
+        # processes of that model at width 8, 8 at a time, one step each): 4 different gradients with the
+        # optimizer on (21 processes alike), all 24 alike with it off; the recipe's step time unchanged (1.9 s
+        # per batch of 32 either way, 2-core AVX-512 EPYC).
+        tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+        applied["grappler_arithmetic_optimization"] = False
         try:
             tf.config.threading.set_inter_op_parallelism_threads(1)
             applied["inter_op_threads"] = 1
@@ -48,13 +56,20 @@ def configure(seed: int, deterministic: bool) -> dict:
     return applied
 
 
-def _pairwise_sum(gradients):
-    """Sums the gradients of one tensor left to right, two at a time: ((g0 + g1) + g2) + ..."""
+def ordered_sum(tensors):
+    """The sum of same-shaped tensors left to right, two at a time: ((t0 + t1) + t2) + ...
+
+    What to use instead of `tf.add_n` of 3+ tensors in anything a training step computes: TensorFlow's CPU
+    AddN accumulates into whichever input buffer it may reuse at run time and moves that input to the front,
+    so its summation order, and the bits, can change between processes (see `use_pairwise_gradient_aggregation`).
+    A sum of two is the same in either order. (`configure` keeps grappler from merging the chain back.)
+    """
     from tensorflow.python.ops import gen_math_ops
 
-    total = gradients[0]
-    for gradient in gradients[1:]:
-        total = gen_math_ops.add_n([total, gradient])
+    tensors = list(tensors)
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = gen_math_ops.add_n([total, tensor])
     return total
 
 
@@ -65,9 +80,11 @@ def use_pairwise_gradient_aggregation() -> None:
     reuse and moves that input to the front of the sum (README, "Reproducibility"): with 3+ inputs the
     summation order, and so the bits, can change with the run-time state across processes (measured on real
     data: --deep_supervision --hypercolumn --se_type=scse --input_size=128 at width 8 gave different gradients
-    at the first step, its graph having 3- and 4-input AddNs; with this hook, identical). A sum of two is the same in either order, so a chain of two-input sums
-    is reproducible. One and two gradients are aggregated exactly as before; the default configuration's
-    weights after two real-data steps are unchanged by the hook (same SHA-256).
+    at the first step, its graph having 3- and 4-input AddNs; with this hook, identical in two processes). A
+    sum of two is the same in either order, so a chain of two-input sums is reproducible, as long as grappler's
+    arithmetic optimizer does not merge the chain back into one AddN (it does: `configure` turns it off; 24
+    processes side by side still gave 4 different gradients with the hook alone). One and two gradients are
+    aggregated exactly as before.
     """
     from tensorflow.python import pywrap_tfe
     from tensorflow.python.eager import backprop
@@ -76,7 +93,7 @@ def use_pairwise_gradient_aggregation() -> None:
 
     def aggregate(gradients):
         if len(gradients) > 2 and all(isinstance(g, tf.Tensor) for g in gradients):
-            return _pairwise_sum(gradients)
+            return ordered_sum(gradients)
         return default(gradients)
 
     pywrap_tfe.TFE_Py_RegisterVSpace(backprop._default_vspace._replace(aggregate_fn=aggregate))

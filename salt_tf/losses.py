@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from salt_tf import determinism
+
 LOSS_NAMES = ("bce", "focal", "dice", "lovasz", "lovasz_elu", "lovasz_sym", "lovasz_sym_elu")
 
 
@@ -209,7 +211,7 @@ class CombinedLoss:
         if isinstance(logits, dict):
             logits = logits["mask"]
         parts = {name: self._fns[name](labels, logits) for name, _ in self.terms}
-        total = tf.add_n([weight * parts[name] for name, weight in self.terms])
+        total = determinism.ordered_sum(weight * parts[name] for name, weight in self.terms)
         return total, parts
 
     def _key(self):
@@ -256,7 +258,7 @@ class DeepSupervisionLoss:
         total, terms = self.mask_loss(labels, outputs["mask"])
         labels = tf.cast(labels, tf.float32)
         has_salt = tf.cast(tf.reduce_max(tf.reshape(labels, [tf.shape(labels)[0], -1]), axis=1) > 0.5, tf.float32)
-        side = tf.add_n([self.mask_loss(labels, logits)[0] for logits in outputs["sides"]]) * has_salt
+        side = determinism.ordered_sum(self.mask_loss(labels, logits)[0] for logits in outputs["sides"]) * has_salt
         image_bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=has_salt,
                                                             logits=tf.cast(outputs["has_salt"], tf.float32))
         terms = dict(terms, side=side, image_bce=image_bce)

@@ -69,6 +69,7 @@ def test_run_record_says_what_was_applied(runs):
     applied = record["determinism"]
     assert applied["deterministic"] is True and applied["op_determinism"] is True
     assert applied["inter_op_threads"] == 1
+    assert applied["gradient_aggregation"] == "pairwise" and applied["grappler_arithmetic_optimization"] is False
     assert record["environment"]["tensorflow"] == tf.__version__
 
 
