@@ -625,7 +625,7 @@ def test_legal_flag_changes_resume_bit_identically_and_are_recorded(tmp_path, de
     changes = rundir.read_json(os.path.join(model_dir, rundir.RECORD_FILE))["flag_changes"]
     assert len(changes) == 1 and changes[0]["checkpoint"] == "step-16", changes
     assert changes[0]["changed"] == {"epochs": ["1", "2"], "progress_every": ["0", "5"],
-                                     "summary_every_steps": ["100", "7"], "keep_checkpoints": ["2", "3"]}
+                                     "summary_every_steps": ["0", "7"], "keep_checkpoints": ["2", "3"]}
     # Resuming from flags.cfg is the same run: nothing more is recorded.
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()
