@@ -443,11 +443,10 @@ def test_one_writer_per_run_directory(tmp_path, demo_dir, capsys, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_reference(tmp_path_factory, demo_dir):
-    """An uninterrupted tiny run in this process (16 steps per epoch, 2 epochs)."""
-    model_dir = str(tmp_path_factory.mktemp("tiny_reference") / "run")
-    run_tiny(demo_dir, model_dir)
-    return model_dir
+def tiny_reference(tiny_run_2_epochs):
+    """An uninterrupted tiny run in this process (16 steps per epoch, 2 epochs): the session's (conftest), which
+    the tests here copy before changing anything."""
+    return tiny_run_2_epochs
 
 
 TIMING_COLUMNS = ["train_seconds", "eval_seconds", "train_images_per_second"]
