@@ -22,8 +22,8 @@ from salt_tf import checkpoints, determinism, records, rundir, train
 from salt_tf import flags as salt_flags
 from salt_tf.data import kaggle
 from salt_tf.stop_signals import StopSignals
-from train_helpers import (REPO_ROOT, assert_bit_identical, read_until, run_tiny, tiny_argv, train_process,
-                           wait_ok)
+from train_helpers import (REPO_ROOT, assert_bit_identical, read_until, run_tiny, selected, tiny_argv,
+                           train_process, wait_ok)
 
 FLAGS = flags.FLAGS
 
@@ -289,16 +289,23 @@ def sigkill_and_resume(demo_dir, model_dir):
     return killed
 
 
+SIGTERM_TEST = "test_sigterm_writes_a_checkpoint_and_resume_is_bit_identical"
+SIGKILL_TEST = "test_sigkill_at_a_random_step_loses_at_most_the_epoch"
+
+
 @pytest.fixture(scope="module", autouse=True)
-def stopped_runs(tmp_path_factory, demo_dir):
+def stopped_runs(request, tmp_path_factory, demo_dir):
     """An uninterrupted reference run, a run stopped by SIGTERM and one killed, each resumed: processes all,
     started when this module starts. A tiny run keeps about one core busy (start-up and tracing are
     single-threaded, its ops small), so the three run side by side, and beside this module's in-process tests,
-    rather than one after the other. Yields {name: Future}: a test's .result() waits for the runs it checks and
-    raises whatever went wrong in them."""
+    rather than one after the other (only those of the selected tests). Yields {name: Future}: a test's
+    .result() waits for the runs it checks and raises whatever went wrong in them."""
     root = tmp_path_factory.mktemp("stopped")
-    chains = {"reference": reference_process, "sigterm": sigterm_and_resume, "sigkill": sigkill_and_resume}
-    pool = concurrent.futures.ThreadPoolExecutor(len(chains))
+    chains = {name: chain for name, chain, tests in (("reference", reference_process, (SIGTERM_TEST, SIGKILL_TEST)),
+                                                      ("sigterm", sigterm_and_resume, (SIGTERM_TEST,)),
+                                                      ("sigkill", sigkill_and_resume, (SIGKILL_TEST,)))
+              if selected(request, *tests)}
+    pool = concurrent.futures.ThreadPoolExecutor(max(len(chains), 1))
     try:
         yield {name: pool.submit(chain, demo_dir, str(root / name)) for name, chain in chains.items()}
     finally:

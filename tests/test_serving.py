@@ -17,7 +17,7 @@ import pytest
 from salt_tf import (checkpoints, ensemble, exports, model as model_lib, pipeline, postprocess, rundir, serving,
                      tfstart, tta)
 from salt_tf.data import kaggle
-from train_helpers import REPO_ROOT
+from train_helpers import REPO_ROOT, selected
 
 S = 101
 # Depth 1 (one pooling): the fewest layers, and what a SavedModel costs to write grows with them (7.0 -> 4.4 s for
@@ -277,12 +277,16 @@ def test_startup_filter_drops_only_the_no_cuda_notices_and_info():
     assert "To enable the following instructions" in everything and "cuInit" not in everything
 
 
+QUIET_START_TEST = "test_commands_start_without_cuda_lines_on_a_cpu_machine"
+
+
 @pytest.fixture(scope="module", autouse=True)
-def quiet_start_commands(tmp_path_factory):
+def quiet_start_commands(request, tmp_path_factory):
     """The commands test_commands_start_without_cuda_lines_on_a_cpu_machine checks, started when this module
     starts: three independent processes, mostly TensorFlow's single-threaded start-up, so they run side by side
-    and beside the in-process tests here. Yields {name: Future of the CompletedProcess} (None with a driver)."""
-    if tfstart.nvidia_driver_present():
+    and beside the in-process tests here. Yields {name: Future of the CompletedProcess} (None with a driver, or
+    when that test is not selected)."""
+    if tfstart.nvidia_driver_present() or not selected(request, QUIET_START_TEST):
         yield None
         return
     work = tmp_path_factory.mktemp("quiet_start")

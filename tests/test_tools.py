@@ -8,11 +8,13 @@ import sys
 
 import pytest
 
+from train_helpers import selected
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def commands(tmp_path_factory, demo_dir):
+def commands(request, tmp_path_factory, demo_dir):
     """bench.py, perf_variants.py and profile_step.py, started together when the module starts: each runs its
     measuring children one after the other, and those are mostly single-threaded TensorFlow start-up and tracing,
     so the three commands (and this module's in-process test) share the 2 cores instead of waiting in turn. No
@@ -37,7 +39,10 @@ def commands(tmp_path_factory, demo_dir):
         "profile_step": ([sys.executable, tool("profile_step.py"), f"--data_dir={demo_dir}", *model, "--batch_size=4",
                           "--steps=2", "--top=40"], None, 300),
     }
-    pool = concurrent.futures.ThreadPoolExecutor(len(runs))
+    tests = {"bench": "test_bench_reports_every_figure", "perf_variants": "test_perf_variants_reports_each_variant",
+             "profile_step": "test_profile_step_lists_the_convolutions"}
+    runs = {name: run for name, run in runs.items() if selected(request, tests[name])}  # those of the selected tests
+    pool = concurrent.futures.ThreadPoolExecutor(max(len(runs), 1))
     try:
         yield {name: (pool.submit(subprocess.run, command, capture_output=True, text=True, timeout=timeout,
                                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")), json_path)

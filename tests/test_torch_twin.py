@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch", reason="the torch twin needs PyTorch: pip i
 import keras  # noqa: E402
 
 from salt_tf import model as model_lib  # noqa: E402
+from train_helpers import selected  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
@@ -123,10 +124,13 @@ def test_loss_matches_float64_reference_and_salt_tf():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def command(tmp_path_factory, demo_dir):
+def command(request, tmp_path_factory, demo_dir):
     """The command test_command_reports_the_table checks, started when this module starts: its child processes are
     mostly single-threaded start-up, so it runs beside the in-process tests here. Yields (Future of the
-    CompletedProcess, its --json path)."""
+    CompletedProcess, its --json path), or None when that test is not selected."""
+    if not selected(request, "test_command_reports_the_table"):
+        yield None
+        return
     # The timing runs in the command's child processes only: in one process with TensorFlow loaded, creating a
     # torch optimizer crashed (segmentation fault, torch 2.14.1 + TF 2.21), and the command never mixes them.
     out = tmp_path_factory.mktemp("torch_twin") / "twin.json"

@@ -115,3 +115,10 @@ def read_until(process, needle, limit=2000):
         if needle in line:
             return lines
     raise AssertionError(f"{needle!r} not seen in output:\n{''.join(lines[-30:])}")
+
+
+def selected(request, *test_names):
+    """Whether this session runs any of the named tests of the requesting module (after -k, -m, node ids): a
+    module fixture that starts processes for some tests early starts only those of the selected ones."""
+    return any(getattr(item, "module", None) is request.module and getattr(item, "originalname", item.name) in
+               test_names for item in request.session.items)
