@@ -22,6 +22,28 @@ def demo_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_run_1_epoch(demo_dir, tmp_path_factory):
+    """A finished 1-epoch tiny run (train_helpers.TINY) on demo_dir, trained once for every test module that
+    reads one (predict, fold ensembles, --init_checkpoint). Read-only: a test that writes into a run copies it."""
+    from train_helpers import run_tiny
+
+    run_dir = str(tmp_path_factory.mktemp("tiny_1_epoch") / "run")
+    run_tiny(demo_dir, run_dir, epochs=1)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run_2_epochs(demo_dir, tmp_path_factory):
+    """A finished, uninterrupted tiny run with TINY's 2 epochs (16 steps each) on demo_dir, trained once: the
+    reference of test_reliability and the run test_train's first test checks. Read-only, as tiny_run_1_epoch."""
+    from train_helpers import run_tiny
+
+    run_dir = str(tmp_path_factory.mktemp("tiny_2_epochs") / "run")
+    run_tiny(demo_dir, run_dir)
+    return run_dir
+
+
 def shared_data_or_skip():
     if not os.path.isfile(os.path.join(SHARED_DATA, "train.csv")):
         pytest.skip(f"real TGS data not found at {SHARED_DATA} (set SALT_TF_SHARED_DATA to run this check)")

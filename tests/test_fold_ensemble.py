@@ -28,10 +28,9 @@ VIEWS = ("none", "hflip")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(demo_dir, tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("fold_ensemble") / "run")
-    run_tiny(demo_dir, run_dir, epochs=1)
-    return run_dir
+def tiny_run(tiny_run_1_epoch):
+    """The session's 1-epoch tiny run (conftest); the tests here copy it before writing."""
+    return tiny_run_1_epoch
 
 
 def _parent(root, runs) -> str:

@@ -142,11 +142,10 @@ def test_submission_round_trips_through_rle_decode(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(demo_dir, tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("predict") / "run")
-    run_tiny(demo_dir, run_dir, epochs=1)
-    assert os.path.isfile(os.path.join(run_dir, "export", "model.json"))
-    return run_dir
+def tiny_run(tiny_run_1_epoch):
+    """The session's 1-epoch tiny run (conftest); the tests here only read it."""
+    assert os.path.isfile(os.path.join(tiny_run_1_epoch, "export", "model.json"))
+    return tiny_run_1_epoch
 
 
 def _main(argv, capsys):

@@ -1,5 +1,6 @@
 """Reliability: bad input gets one clear line and writes nothing; faults lose at most the current work."""
 
+import concurrent.futures
 import os
 import random
 import shutil
@@ -21,8 +22,8 @@ from salt_tf import checkpoints, determinism, records, rundir, train
 from salt_tf import flags as salt_flags
 from salt_tf.data import kaggle
 from salt_tf.stop_signals import StopSignals
-from train_helpers import (REPO_ROOT, assert_bit_identical, read_until, run_tiny, tiny_argv, train_process,
-                           wait_ok)
+from train_helpers import (REPO_ROOT, assert_bit_identical, read_until, run_tiny, selected, tiny_argv,
+                           train_process, wait_ok)
 
 FLAGS = flags.FLAGS
 
@@ -248,25 +249,77 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, demo_dir):
     assert f"--init_checkpoint={trainer.run_dir}" in message
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, demo_dir):
-    model_dir = str(tmp_path_factory.mktemp("reference") / "run")
+def stop_at(process, needle, stop):
+    """Reads the process's output until a line containing needle, then stops it with `stop(process)`; returns
+    everything it wrote."""
+    try:
+        lines = read_until(process, needle)
+        stop(process)
+        rest, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+    return "".join(lines) + rest
+
+
+def reference_process(demo_dir, model_dir):
     wait_ok(train_process(demo_dir, model_dir))
     return model_dir
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_is_bit_identical(tmp_path, demo_dir, reference_run):
-    model_dir = str(tmp_path / "run")
+def sigterm_and_resume(demo_dir, model_dir):
+    """SIGTERM inside epoch 1, then the same command again: what test_sigterm_... checks, in between and after."""
     process = train_process(demo_dir, model_dir, progress_every=1)
-    read_until(process, "epoch 1 step 5/")
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
-    assert "stopped by SIGTERM at epoch 1 step" in output
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    assert latest is not None and not latest.endswith("step-16")  # mid-epoch, not an epoch's end
+    output = stop_at(process, "epoch 1 step 5/", lambda p: p.send_signal(signal.SIGTERM))
+    stopped = dict(model_dir=model_dir, returncode=process.returncode, output=output,
+                   latest=tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")))
     wait_ok(train_process(demo_dir, model_dir))
-    assert_bit_identical(reference_run, model_dir)
+    return stopped
+
+
+def sigkill_and_resume(demo_dir, model_dir):
+    """SIGKILL at a seeded random step of epoch 2, then the same command again."""
+    step = random.Random(1234).randint(1, 15)  # a seeded random step of epoch 2
+    stop_at(train_process(demo_dir, model_dir, progress_every=1), f"epoch 2 step {step}/", lambda p: p.kill())
+    # Everything in the run directory is whole: it reads back, and the run resumes from it.
+    killed = dict(model_dir=model_dir, metrics_rows=len(records.read_metrics(model_dir)))
+    rundir.read_json(os.path.join(model_dir, "record.json"))
+    killed["resumed_output"] = wait_ok(train_process(demo_dir, model_dir))
+    return killed
+
+
+SIGTERM_TEST = "test_sigterm_writes_a_checkpoint_and_resume_is_bit_identical"
+SIGKILL_TEST = "test_sigkill_at_a_random_step_loses_at_most_the_epoch"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stopped_runs(request, tmp_path_factory, demo_dir):
+    """An uninterrupted reference run, a run stopped by SIGTERM and one killed, each resumed: processes all,
+    started when this module starts. A tiny run keeps about one core busy (start-up and tracing are
+    single-threaded, its ops small), so the three run side by side, and beside this module's in-process tests,
+    rather than one after the other (only those of the selected tests). Yields {name: Future}: a test's
+    .result() waits for the runs it checks and raises whatever went wrong in them."""
+    root = tmp_path_factory.mktemp("stopped")
+    chains = {name: chain for name, chain, tests in (("reference", reference_process, (SIGTERM_TEST, SIGKILL_TEST)),
+                                                      ("sigterm", sigterm_and_resume, (SIGTERM_TEST,)),
+                                                      ("sigkill", sigkill_and_resume, (SIGKILL_TEST,)))
+              if selected(request, *tests)}
+    pool = concurrent.futures.ThreadPoolExecutor(max(len(chains), 1))
+    try:
+        yield {name: pool.submit(chain, demo_dir, str(root / name)) for name, chain in chains.items()}
+    finally:
+        pool.shutdown(wait=True)
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_is_bit_identical(stopped_runs):
+    stopped = stopped_runs["sigterm"].result()
+    output = stopped["output"]
+    assert stopped["returncode"] == 128 + signal.SIGTERM, output[-2000:]
+    assert "stopped by SIGTERM at epoch 1 step" in output
+    latest = stopped["latest"]
+    assert latest is not None and not latest.endswith("step-16")  # mid-epoch, not an epoch's end
+    assert_bit_identical(stopped_runs["reference"].result(), stopped["model_dir"])
 
 
 def test_a_second_interrupt_stops_at_once_with_one_line(tmp_path, demo_dir, capsys, monkeypatch):
@@ -340,19 +393,11 @@ def test_an_interrupt_during_start_up_is_one_line(tmp_path, demo_dir):
     assert len([l for l in output.splitlines() if l.startswith("stopped:")]) == 1, output[-2000:]
 
 
-def test_sigkill_at_a_random_step_loses_at_most_the_epoch(tmp_path, demo_dir, reference_run):
-    model_dir = str(tmp_path / "run")
-    step = random.Random(1234).randint(1, 15)  # a seeded random step of epoch 2
-    process = train_process(demo_dir, model_dir, progress_every=1)
-    read_until(process, f"epoch 2 step {step}/")
-    process.kill()
-    process.wait(timeout=60)
-    # Everything in the run directory is whole: it reads back, and the run resumes from it.
-    assert len(records.read_metrics(model_dir)) == 1
-    rundir.read_json(os.path.join(model_dir, "record.json"))
-    output = wait_ok(train_process(demo_dir, model_dir))
-    assert "resumed from" in output
-    assert_bit_identical(reference_run, model_dir)
+def test_sigkill_at_a_random_step_loses_at_most_the_epoch(stopped_runs):
+    killed = stopped_runs["sigkill"].result()  # raises if the killed run's files did not read back
+    assert killed["metrics_rows"] == 1
+    assert "resumed from" in killed["resumed_output"]
+    assert_bit_identical(stopped_runs["reference"].result(), killed["model_dir"])
 
 
 def test_process_exit_status_for_bad_data(tmp_path, demo_dir):
@@ -444,11 +489,10 @@ def test_one_writer_per_run_directory(tmp_path, demo_dir, capsys, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_reference(tmp_path_factory, demo_dir):
-    """An uninterrupted tiny run in this process (16 steps per epoch, 2 epochs)."""
-    model_dir = str(tmp_path_factory.mktemp("tiny_reference") / "run")
-    run_tiny(demo_dir, model_dir)
-    return model_dir
+def tiny_reference(tiny_run_2_epochs):
+    """An uninterrupted tiny run in this process (16 steps per epoch, 2 epochs): the session's (conftest), which
+    the tests here copy before changing anything."""
+    return tiny_run_2_epochs
 
 
 TIMING_COLUMNS = ["train_seconds", "eval_seconds", "train_images_per_second"]
@@ -626,7 +670,7 @@ def test_legal_flag_changes_resume_bit_identically_and_are_recorded(tmp_path, de
     changes = rundir.read_json(os.path.join(model_dir, rundir.RECORD_FILE))["flag_changes"]
     assert len(changes) == 1 and changes[0]["checkpoint"] == "step-16", changes
     assert changes[0]["changed"] == {"epochs": ["1", "2"], "progress_every": ["0", "5"],
-                                     "summary_every_steps": ["100", "7"], "keep_checkpoints": ["2", "3"]}
+                                     "summary_every_steps": ["0", "7"], "keep_checkpoints": ["2", "3"]}
     # Resuming from flags.cfg is the same run: nothing more is recorded.
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()

@@ -26,12 +26,14 @@ import pytest
 
 from salt_tf import curve_plot, records, run_table, rundir, runs
 from salt_tf.data import kaggle
-from train_helpers import TINY, reference_weights_sha256, tiny_argv
+from train_helpers import TINY, read_until, reference_weights_sha256, tiny_argv
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = str(TINY["learning_rate"])
 EDITED_LR = str(TINY["learning_rate"] * 2)
 FIXED_COLUMNS = ["name", "started", "best_val_metric", "best_epoch", "epochs_completed"]
+# The train command's log line after it has read the whole data set (train.py), as `reproduce` relays it.
+DATA_LOADED = "] data: "
 
 
 def start(*args):
@@ -87,9 +89,16 @@ def lab(tmp_path_factory, demo_dir):
 
     # Both read the untouched data, so they may run side by side.
     same, changed_flag = start("salt_tf.runs", "reproduce", a), start("salt_tf.runs", "reproduce", edited)
-    results = {"same": finish(same), "changed_flag": finish(changed_flag)}
+    # Their trainings have read (and fingerprinted) every image once they log the data line: from then on the
+    # data may change under them, and the third reproduction runs alongside instead of after them.
+    read = {name: "".join(read_until(process, DATA_LOADED))
+            for name, process in (("same", same), ("changed_flag", changed_flag))}
     change_one_training_image(data, a)
-    results["changed_data"] = finish(start("salt_tf.runs", "reproduce", a))
+    changed_data = start("salt_tf.runs", "reproduce", a)
+    results = {}
+    for name, process in (("same", same), ("changed_flag", changed_flag), ("changed_data", changed_data)):
+        status, output = finish(process)
+        results[name] = (status, read.get(name, "") + output)
     return Lab(root=root, data=data, code_changed=records.code_version() != code_before, results=results)
 
 

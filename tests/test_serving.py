@@ -2,6 +2,7 @@
 probabilities (TTA, ensemble mean, stacked meta-model, depth input, padded deep-supervised models) and masks
 at the run's threshold. And the quiet start: no CUDA lines on a machine without a GPU, real errors kept."""
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -16,10 +17,12 @@ import pytest
 from salt_tf import (checkpoints, ensemble, exports, model as model_lib, pipeline, postprocess, rundir, serving,
                      tfstart, tta)
 from salt_tf.data import kaggle
-from train_helpers import REPO_ROOT
+from train_helpers import REPO_ROOT, selected
 
 S = 101
-TINY = dict(base_width=2, depth=2, blocks_per_level=1)
+# Depth 1 (one pooling): the fewest layers, and what a SavedModel costs to write grows with them (7.0 -> 4.4 s for
+# three padded deep-supervised models); nothing checked here depends on the depth.
+TINY = dict(base_width=2, depth=1, blocks_per_level=1)
 # Padded input (101 -> 104, reflect) and deep supervision (side logits + image head): the SavedModel must
 # give the full-size mask logits of such a model too.
 PADDED_DEEP = dict(TINY, input_size=104, deep_supervision=True)
@@ -274,27 +277,48 @@ def test_startup_filter_drops_only_the_no_cuda_notices_and_info():
     assert "To enable the following instructions" in everything and "cuInit" not in everything
 
 
+QUIET_START_TEST = "test_commands_start_without_cuda_lines_on_a_cpu_machine"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet_start_commands(request, tmp_path_factory):
+    """The commands test_commands_start_without_cuda_lines_on_a_cpu_machine checks, started when this module
+    starts: three independent processes, mostly TensorFlow's single-threaded start-up, so they run side by side
+    and beside the in-process tests here. Yields {name: Future of the CompletedProcess} (None with a driver, or
+    when that test is not selected)."""
+    if tfstart.nvidia_driver_present() or not selected(request, QUIET_START_TEST):
+        yield None
+        return
+    work = tmp_path_factory.mktemp("quiet_start")
+    commands = {
+        "train_help": [sys.executable, "-m", "salt_tf.train", "--help"],
+        # The README's demo command, cut to one short epoch: its whole output.
+        "demo": [sys.executable, "-m", "salt_tf.train", "--flagfile=flags/demo.cfg", "--epochs=1", "--demo_images=48",
+                 "--val_images=16", "--batch_size=8", "--base_width=2", "--depth=2", f"--model_dir={work / 'run'}",
+                 f"--data_dir={work / 'data'}"],
+        "start": [sys.executable, "-c", "from salt_tf import tfstart; print(tfstart.device_summary())"],
+    }
+    pool = concurrent.futures.ThreadPoolExecutor(len(commands))
+    try:
+        yield {name: pool.submit(subprocess.run, command, cwd=REPO_ROOT, env=_quiet_env(), capture_output=True,
+                                 text=True, timeout=300) for name, command in commands.items()}
+    finally:
+        pool.shutdown(wait=True)
+
+
 @pytest.mark.skipif(tfstart.nvidia_driver_present(), reason="the machine has an NVIDIA driver")
-def test_commands_start_without_cuda_lines_on_a_cpu_machine(tmp_path):
-    train_help = subprocess.run([sys.executable, "-m", "salt_tf.train", "--help"], cwd=REPO_ROOT,
-                                env=_quiet_env(), capture_output=True, text=True, timeout=300)
+def test_commands_start_without_cuda_lines_on_a_cpu_machine(quiet_start_commands):
+    train_help, demo, start = (quiet_start_commands[name].result() for name in ("train_help", "demo", "start"))
     output = train_help.stdout + train_help.stderr
     assert train_help.returncode in (0, 1), output[-2000:]  # absl's --help exits with status 1
     assert "--flagfile" in output and "--model_dir" in output
     assert not [line for line in output.splitlines() if any(n in line for n in NO_CUDA)], output[:3000]
 
-    # The README's demo command, cut to one short epoch: its whole output.
-    demo = subprocess.run([sys.executable, "-m", "salt_tf.train", "--flagfile=flags/demo.cfg", "--epochs=1",
-                           "--demo_images=48", "--val_images=16", "--batch_size=8", "--base_width=2", "--depth=2",
-                           f"--model_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}"],
-                          cwd=REPO_ROOT, env=_quiet_env(), capture_output=True, text=True, timeout=300)
     output = demo.stdout + demo.stderr
     assert demo.returncode == 0, output[-3000:]
     assert not [line for line in output.splitlines() if any(n in line for n in NO_CUDA)], output[:3000]
     assert "devices: CPU:0" in output and "done: best val_metric" in output
 
-    start = subprocess.run([sys.executable, "-c", "from salt_tf import tfstart; print(tfstart.device_summary())"],
-                           cwd=REPO_ROOT, env=_quiet_env(), capture_output=True, text=True, timeout=300)
     assert start.returncode == 0, start.stderr[-2000:]
     assert start.stdout.strip() == "devices: CPU:0 (no GPU: no NVIDIA driver on this machine)"
     assert not any(n in start.stdout + start.stderr for n in NO_CUDA), start.stderr

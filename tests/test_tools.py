@@ -1,20 +1,59 @@
 """Smoke tests of the benchmark commands: they run and report every figure (no timing assertions)."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
+from train_helpers import selected
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_reports_every_figure(tmp_path, demo_dir):
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "bench.py"), f"--data_dir={demo_dir}",
-         "--base_width=4", "--depth=2", "--blocks_per_level=1", "--batch_size=8", "--steps=2", "--repeats=1",
-         f"--json={out}"], capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+@pytest.fixture(scope="module")
+def commands(request, tmp_path_factory, demo_dir):
+    """bench.py, perf_variants.py and profile_step.py, started together when the module starts: each runs its
+    measuring children one after the other, and those are mostly single-threaded TensorFlow start-up and tracing,
+    so the three commands (and this module's in-process test) share the 2 cores instead of waiting in turn. No
+    figure is checked for speed. Returns {name: (Future of the CompletedProcess, its --json path or None)}; a
+    test's .result() waits for its command."""
+    out = tmp_path_factory.mktemp("tools")
+    # bench.py times whole epochs and validations of its data: 48 images (39 training, 9 validation) report
+    # every figure as 160 do, in 4 steps an epoch instead of 16.
+    from salt_tf.data import synthetic
+
+    small = str(out / "data48")
+    synthetic.generate(small, num_images=48, seed=0)
+    tool = lambda name: os.path.join(REPO_ROOT, "tools", name)  # noqa: E731
+    model = ["--base_width=4", "--depth=2", "--blocks_per_level=1"]
+    runs = {
+        "bench": ([sys.executable, tool("bench.py"), f"--data_dir={small}", *model, "--batch_size=8", "--steps=2",
+                   "--repeats=1", "--matmul_size=128", f"--json={out / 'bench.json'}"], out / "bench.json", 600),
+        "perf_variants": ([sys.executable, tool("perf_variants.py"), f"--data_dir={demo_dir}",
+                           "--variants=baseline,keras_bn,steps_per_loop", *model, "--batch_size=4", "--steps=4",
+                           "--repeats=1", f"--json={out / 'variants.json'}"], out / "variants.json", 600),
+        # A child process: the profiler and determinism's thread settings want a fresh TensorFlow.
+        "profile_step": ([sys.executable, tool("profile_step.py"), f"--data_dir={demo_dir}", *model, "--batch_size=4",
+                          "--steps=2", "--top=40"], None, 300),
+    }
+    tests = {"bench": "test_bench_reports_every_figure", "perf_variants": "test_perf_variants_reports_each_variant",
+             "profile_step": "test_profile_step_lists_the_convolutions"}
+    runs = {name: run for name, run in runs.items() if selected(request, tests[name])}  # those of the selected tests
+    pool = concurrent.futures.ThreadPoolExecutor(max(len(runs), 1))
+    try:
+        yield {name: (pool.submit(subprocess.run, command, capture_output=True, text=True, timeout=timeout,
+                                  env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")), json_path)
+               for name, (command, json_path, timeout) in runs.items()}
+    finally:
+        pool.shutdown(wait=True)
+
+
+def test_bench_reports_every_figure(commands):
+    future, out = commands["bench"]
+    result = future.result()
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report["on"]["applied"]["inter_op_threads"] == 1 and "inter_op_threads" not in report["off"]["applied"]
@@ -35,13 +74,9 @@ def test_bench_pipeline_reports(demo_dir, capsys):
     assert "pipeline_images_per_second" in capsys.readouterr().out
 
 
-def test_perf_variants_reports_each_variant(tmp_path, demo_dir):
-    out = tmp_path / "variants.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "perf_variants.py"), f"--data_dir={demo_dir}",
-         "--variants=baseline,keras_bn,steps_per_loop", "--base_width=4", "--depth=2", "--blocks_per_level=1",
-         "--batch_size=4", "--steps=4", "--repeats=1", f"--json={out}"],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+def test_perf_variants_reports_each_variant(commands):
+    future, out = commands["perf_variants"]
+    result = future.result()
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())["results"]
     assert set(report) == {"baseline", "keras_bn", "steps_per_loop"}
@@ -50,12 +85,8 @@ def test_perf_variants_reports_each_variant(tmp_path, demo_dir):
         assert name in result.stdout
 
 
-def test_profile_step_lists_the_convolutions(demo_dir):
-    # A child process: the profiler and determinism's thread settings want a fresh TensorFlow.
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "profile_step.py"), f"--data_dir={demo_dir}",
-         "--base_width=4", "--depth=2", "--blocks_per_level=1", "--batch_size=4", "--steps=2", "--top=40"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+def test_profile_step_lists_the_convolutions(commands):
+    result = commands["profile_step"][0].result()
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
     conv_rows = [r for r in rows if "Conv2D" in r[0]]

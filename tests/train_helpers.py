@@ -12,8 +12,11 @@ from salt_tf import train
 
 FLAGS = flags.FLAGS
 
+# summary_every_steps=0: no per-variable statistics on step 0 (the default of 100 makes step 0 of every run a summary
+# step, whose two extra compiled functions cost ~1 s of tracing per tiny run, ~40 times in the suite). Tests of the
+# summary steps set it themselves (test_summaries, test_determinism's summaries-on run, test_distribute).
 TINY = dict(base_width=4, depth=2, blocks_per_level=1, se_ratio=2, batch_size=8, eval_batch_size=16,
-            val_images=32, learning_rate=0.01, epochs=2, progress_every=0, translate=4)
+            val_images=32, learning_rate=0.01, epochs=2, progress_every=0, translate=4, summary_every_steps=0)
 
 
 def tiny_argv(data_dir, model_dir, **overrides):
@@ -112,3 +115,10 @@ def read_until(process, needle, limit=2000):
         if needle in line:
             return lines
     raise AssertionError(f"{needle!r} not seen in output:\n{''.join(lines[-30:])}")
+
+
+def selected(request, *test_names):
+    """Whether this session runs any of the named tests of the requesting module (after -k, -m, node ids): a
+    module fixture that starts processes for some tests early starts only those of the selected ones."""
+    return any(getattr(item, "module", None) is request.module and getattr(item, "originalname", item.name) in
+               test_names for item in request.session.items)

@@ -66,6 +66,8 @@ def define_flags() -> None:
     define_common_flags()
     flags.DEFINE_integer("eval_batch_size", 64, "Validation and predict batch size.", lower_bound=1)
     flags.DEFINE_integer("deterministic", 1, "(internal) the child's --deterministic setting.")
+    flags.DEFINE_integer("matmul_size", 4096, "Side of the float32 matmul whose rate is the GFLOP/s ceiling (as "
+                         "tools/torch_twin.py's --matmul_size; a small one for smoke tests).", lower_bound=1)
 
 
 def load_arrays(data_dir, synthetic_images: int = 800):
@@ -194,9 +196,10 @@ def child(args) -> dict:
 
         # Matmul ceiling: the best float32 GFLOP/s this machine's TensorFlow reaches.
         # In the step's compute dtype: a bfloat16 step is measured against a bfloat16 matmul.
-        a = tf.cast(tf.random.normal([4096, 4096]), tf.bfloat16 if args.precision == "mixed_bfloat16" else tf.float32)
+        n = args.matmul_size
+        a = tf.cast(tf.random.normal([n, n]), tf.bfloat16 if args.precision == "mixed_bfloat16" else tf.float32)
         matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
-        results["matmul_gflops_per_second"] = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats) * 2 * 4096 ** 3 / 1e9
+        results["matmul_gflops_per_second"] = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats) * 2 * n ** 3 / 1e9
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
 
