@@ -1,6 +1,6 @@
 """Reliability: bad input gets one clear line and writes nothing; faults lose at most the current work."""
 
-import concurrent.futures
+import functools
 import os
 import random
 import shutil
@@ -22,8 +22,8 @@ from salt_tf import checkpoints, determinism, records, rundir, train
 from salt_tf import flags as salt_flags
 from salt_tf.data import kaggle
 from salt_tf.stop_signals import StopSignals
-from train_helpers import (REPO_ROOT, assert_bit_identical, read_until, run_tiny, selected, tiny_argv,
-                           train_process, wait_ok)
+from train_helpers import (REPO_ROOT, assert_bit_identical, read_until, run_tiny, selected, side_by_side,
+                           tiny_argv, train_process, wait_ok)
 
 FLAGS = flags.FLAGS
 
@@ -305,11 +305,9 @@ def stopped_runs(request, tmp_path_factory, demo_dir):
                                                       ("sigterm", sigterm_and_resume, (SIGTERM_TEST,)),
                                                       ("sigkill", sigkill_and_resume, (SIGKILL_TEST,)))
               if selected(request, *tests)}
-    pool = concurrent.futures.ThreadPoolExecutor(max(len(chains), 1))
-    try:
-        yield {name: pool.submit(chain, demo_dir, str(root / name)) for name, chain in chains.items()}
-    finally:
-        pool.shutdown(wait=True)
+    with side_by_side({name: functools.partial(chain, demo_dir, str(root / name))
+                       for name, chain in chains.items()}) as futures:
+        yield futures
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_is_bit_identical(stopped_runs):

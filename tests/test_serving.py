@@ -2,8 +2,8 @@
 probabilities (TTA, ensemble mean, stacked meta-model, depth input, padded deep-supervised models) and masks
 at the run's threshold. And the quiet start: no CUDA lines on a machine without a GPU, real errors kept."""
 
-import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -17,7 +17,7 @@ import pytest
 from salt_tf import (checkpoints, ensemble, exports, model as model_lib, pipeline, postprocess, rundir, serving,
                      tfstart, tta)
 from salt_tf.data import kaggle
-from train_helpers import REPO_ROOT, selected
+from train_helpers import REPO_ROOT, selected, side_by_side
 
 S = 101
 # Depth 1 (one pooling): the fewest layers, and what a SavedModel costs to write grows with them (7.0 -> 4.4 s for
@@ -298,12 +298,10 @@ def quiet_start_commands(request, tmp_path_factory):
                  f"--data_dir={work / 'data'}"],
         "start": [sys.executable, "-c", "from salt_tf import tfstart; print(tfstart.device_summary())"],
     }
-    pool = concurrent.futures.ThreadPoolExecutor(len(commands))
-    try:
-        yield {name: pool.submit(subprocess.run, command, cwd=REPO_ROOT, env=_quiet_env(), capture_output=True,
-                                 text=True, timeout=300) for name, command in commands.items()}
-    finally:
-        pool.shutdown(wait=True)
+    with side_by_side({name: functools.partial(subprocess.run, command, cwd=REPO_ROOT, env=_quiet_env(),
+                                               capture_output=True, text=True, timeout=300)
+                       for name, command in commands.items()}) as futures:
+        yield futures
 
 
 @pytest.mark.skipif(tfstart.nvidia_driver_present(), reason="the machine has an NVIDIA driver")

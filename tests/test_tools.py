@@ -1,6 +1,6 @@
 """Smoke tests of the benchmark commands: they run and report every figure (no timing assertions)."""
 
-import concurrent.futures
+import functools
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from train_helpers import selected
+from train_helpers import selected, side_by_side
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,13 +42,10 @@ def commands(request, tmp_path_factory, demo_dir):
     tests = {"bench": "test_bench_reports_every_figure", "perf_variants": "test_perf_variants_reports_each_variant",
              "profile_step": "test_profile_step_lists_the_convolutions"}
     runs = {name: run for name, run in runs.items() if selected(request, tests[name])}  # those of the selected tests
-    pool = concurrent.futures.ThreadPoolExecutor(max(len(runs), 1))
-    try:
-        yield {name: (pool.submit(subprocess.run, command, capture_output=True, text=True, timeout=timeout,
-                                  env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")), json_path)
-               for name, (command, json_path, timeout) in runs.items()}
-    finally:
-        pool.shutdown(wait=True)
+    with side_by_side({name: functools.partial(subprocess.run, command, capture_output=True, text=True,
+                                               timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+                       for name, (command, _, timeout) in runs.items()}) as futures:
+        yield {name: (futures[name], json_path) for name, (_, json_path, _) in runs.items()}
 
 
 def test_bench_reports_every_figure(commands):

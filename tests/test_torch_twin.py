@@ -1,7 +1,7 @@
 """The PyTorch twin of tools/torch_twin.py against salt_tf's model: parameters, output shape, the function computed
 with the same weights, and the loss against a float64 NumPy reference. Skipped when torch is not installed."""
 
-import concurrent.futures
+import functools
 import json
 import os
 import subprocess
@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="the torch twin needs PyTorch: pip i
 import keras  # noqa: E402
 
 from salt_tf import model as model_lib  # noqa: E402
-from train_helpers import selected  # noqa: E402
+from train_helpers import selected, side_by_side  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
@@ -134,16 +134,14 @@ def command(request, tmp_path_factory, demo_dir):
     # The timing runs in the command's child processes only: in one process with TensorFlow loaded, creating a
     # torch optimizer crashed (segmentation fault, torch 2.14.1 + TF 2.21), and the command never mixes them.
     out = tmp_path_factory.mktemp("torch_twin") / "twin.json"
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        yield pool.submit(
-            subprocess.run,
-            [sys.executable, os.path.join(REPO_ROOT, "tools", "torch_twin.py"), f"--data_dir={demo_dir}",
-             "--systems=tf,eager", "--base_width=2", "--depth=1", "--blocks_per_level=1", "--batch_size=2", "--steps=1",
-             "--repeats=1", "--warmup=1", "--matmul_size=128", "--isa=0", f"--json={out}"],
-            capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")), out
-    finally:
-        pool.shutdown(wait=True)
+    twin = functools.partial(
+        subprocess.run,
+        [sys.executable, os.path.join(REPO_ROOT, "tools", "torch_twin.py"), f"--data_dir={demo_dir}",
+         "--systems=tf,eager", "--base_width=2", "--depth=1", "--blocks_per_level=1", "--batch_size=2", "--steps=1",
+         "--repeats=1", "--warmup=1", "--matmul_size=128", "--isa=0", f"--json={out}"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    with side_by_side({"twin": twin}) as futures:
+        yield futures["twin"], out
 
 
 def test_command_reports_the_table(command):

@@ -1,5 +1,7 @@
 """Running salt_tf.train in-process on tiny configurations, for the end-to-end tests."""
 
+import concurrent.futures
+import contextlib
 import os
 import subprocess
 import sys
@@ -122,3 +124,15 @@ def selected(request, *test_names):
     module fixture that starts processes for some tests early starts only those of the selected ones."""
     return any(getattr(item, "module", None) is request.module and getattr(item, "originalname", item.name) in
                test_names for item in request.session.items)
+
+
+@contextlib.contextmanager
+def side_by_side(calls):
+    """Starts every zero-argument callable of {name: call} in its own thread at once (independent processes that
+    mostly wait on single-threaded start-up share the 2 cores better side by side) and yields {name: Future}; a
+    test's .result() waits for its call and raises what went wrong in it. On exit, waits for all of them."""
+    pool = concurrent.futures.ThreadPoolExecutor(max(len(calls), 1))
+    try:
+        yield {name: pool.submit(call) for name, call in calls.items()}
+    finally:
+        pool.shutdown(wait=True)
