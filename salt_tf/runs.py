@@ -4,11 +4,13 @@
                                          [--csv]
     python -m salt_tf.runs diff RUN_A RUN_B [--plot=ab.png]
     python -m salt_tf.runs reproduce RUN [--into=DIR]
+    python -m salt_tf.runs release RUN --into=models/NAME [--model=swa] [--max_mb=25] [--replace]
 
 `list` tables every run under a folder with only the flags that differ between them; `diff` puts two runs
 side by side (flags, code, data, environment, weights, metric curves); `reproduce` re-runs a run from its
 flags.cfg in a fresh process and says whether the weights came out bit-identical, and if not, why identity
-could not be expected. Exit status: 0 done / PASS, 1 reproduction FAIL, 2 unusable path or arguments.
+could not be expected; `release` copies a finished run's model with its record, model card and SHA-256 sums
+into a folder of its own (salt_tf.release), the form in which a trained model is shared. Exit status: 0 done / PASS, 1 reproduction FAIL, 2 unusable path or arguments.
 
 This module is the command (absl subcommands, salt_tf.cli) and the reproduction; loading runs and rendering
 the list and the diff are salt_tf.run_table's, the chart of `diff --plot` salt_tf.curve_plot's. It reads run
@@ -29,7 +31,7 @@ from typing import Iterable
 import pandas as pd
 from absl import flags
 
-from salt_tf import cli, records, rundir
+from salt_tf import cli, records, release, rundir
 from salt_tf.curve_plot import plot_curves
 from salt_tf.run_table import (IGNORED_FLAGS, SORT_KEYS, Run, RunError, describe_weights, diff_runs, differences,
                                differing_flags, find_runs, load_run, parse_where, render_diff, render_table,
@@ -362,6 +364,36 @@ def command_reproduce(fv: flags.FlagValues, run: str) -> int:
     return reproduce(run, fv.into)
 
 
+# ------------------------------------------------------------------------------------------------ release
+
+
+def define_release_flags(flag_values: flags.FlagValues) -> None:
+    """The flags of `runs release`."""
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_string("into", None, "The release folder, e.g. models/<name>: must not exist, be empty, or "
+                        "(with --replace) hold a release.", **fv)
+    flags.DEFINE_string("model", rundir.EXPORT_DIR, "Which model of the run: an export folder inside it (export, "
+                        "swa, snapshots/snapshot-K), released as export/; or 'snapshots' for all of them.", **fv)
+    flags.DEFINE_float("max_mb", release.DEFAULT_MAX_MB, "Refuse a release larger than this, in MB (10^6 bytes).",
+                       lower_bound=0.0, **fv)
+    flags.DEFINE_boolean("replace", False, "Replace the release already in --into (whole).", **fv)
+
+
+def command_release(fv: flags.FlagValues, run: str) -> int:
+    """`runs release RUN --into=DIR` (release.release); prints what it wrote. Returns 0."""
+    if not fv.into:
+        raise release.ReleaseError("--into is required: the release folder, e.g. --into=models/<name>")
+    done = release.release(run, fv.model, fv.into, fv.max_mb, fv.replace)
+    models = ", ".join(f"{name} (the run's {source})" for name, source in done["models"].items())
+    print(f"released {models} of {run} into {done['into']}: {len(done['sha256'])} files, "
+          f"{done['bytes'] / 1e6:.1f} MB; check with: (cd {done['into']} && sha256sum -c {release.CHECKSUMS_FILE})")
+    if not done["choice"]:
+        evaluated = run if fv.model == release.SNAPSHOTS else os.path.join(run, fv.model)
+        print(f"note: no ensemble.json fitted on that model; `python -m salt_tf.predict evaluate "
+              f"--model_dir={evaluated}` before releasing carries its threshold and post-processing over")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 PROGRAM = cli.Program(
@@ -375,8 +407,11 @@ PROGRAM = cli.Program(
                        "RUN_A RUN_B [--plot=ab.png]", define_diff_flags, command_diff, arguments=("RUN_A", "RUN_B")),
         cli.Subcommand("reproduce", "re-run a run from its flags.cfg and compare the weights bit for bit",
                        "RUN [--into=DIR]", define_reproduce_flags, command_reproduce, arguments=("RUN",)),
+        cli.Subcommand("release", "copy a finished run's model, record, model card and SHA-256 sums into a "
+                       "folder to share", "RUN --into=models/NAME [--model=swa] [--max_mb=25] [--replace]",
+                       define_release_flags, command_release, arguments=("RUN",)),
     ),
-    user_errors=(RunError,),
+    user_errors=(RunError, release.ReleaseError, rundir.RunDirError),
 )
 
 
