@@ -140,6 +140,23 @@ def _check_target(into: str, run_dir: str, replace: bool) -> None:
                            "folder")
     if not replace:
         raise ReleaseError(f"--into={into}: holds a release already; pass --replace to replace it with this one")
+    foreign = _not_released(into)
+    if foreign:
+        raise ReleaseError(f"--into={into}: {', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not as "
+                           f"released (added or changed since, e.g. by predict evaluate); move "
+                           f"{'it' if len(foreign) == 1 else 'them'} out of the folder before --replace")
+
+
+def _not_released(release_dir: str) -> list[str]:
+    """The files of a release folder that its SHA256SUMS does not list with their present content."""
+    listed = read_checksums(release_dir)
+    found = []
+    for root, _, files in os.walk(release_dir):
+        for name in files:
+            path = os.path.relpath(os.path.join(root, name), release_dir)
+            if path != CHECKSUMS_FILE and listed.get(path) != sha256_of_file(os.path.join(root, name)):
+                found.append(path)
+    return sorted(found)
 
 
 def _files_to_copy(run_dir: str, released: dict[str, str]) -> dict[str, str]:

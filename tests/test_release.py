@@ -180,3 +180,12 @@ def test_replace_swaps_a_release_whole(run_with_swa, tmp_path, capsys):
     assert not (into / "ensemble.json").exists()  # the old release's file went with it
     assert release.read_checksums(str(into))["export/weights.data-00000-of-00001"] == _sha256(weights)
     assert os.listdir(tmp_path / "models") == ["salt"]  # no staging or retired folder left
+
+    # What a person added to the release, or changed in it, is never replaced silently.
+    (into / "submission.csv").write_text("id,rle_mask\n")
+    with open(into / "flags.cfg", "a") as f:
+        f.write("--epochs=3\n")
+    status, out, err = _runs(["release", run_with_swa, f"--into={into}", "--replace"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "flags.cfg, submission.csv are not as released" in err and "move them out" in err
+    assert _sha256(into / "export" / "weights.data-00000-of-00001") == _sha256(weights)
