@@ -192,6 +192,16 @@ class PixelLossTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class LovaszTest(tf.test.TestCase, parameterized.TestCase):
+    def test_descending_order_and_its_inverse_match_numpy(self):
+        """The sort behind the weights: pixels by decreasing error, ties to the lower index (a stable sort of
+        the negated errors), and the rank of each pixel (NumPy's argsort of the order)."""
+        rng = np.random.default_rng(53)
+        errors = np.round(rng.standard_normal((4, 257)) * 2.0).astype(np.float32)  # many ties
+        order, inverse = (t.numpy() for t in losses._descending_order(tf.constant(errors)))
+        want = np.argsort(-errors.astype(np.float64), axis=1, kind="stable")
+        np.testing.assert_array_equal(order, want)
+        np.testing.assert_array_equal(inverse, np.argsort(want, axis=1))
+
     @parameterized.parameters(False, True)
     def test_matches_reference_port(self, elu_plus_one):
         for seed, (h, w) in enumerate([(7, 7), (4, 9), (101, 101)]):
@@ -375,6 +385,22 @@ class SymmetricLovaszTest(tf.test.TestCase, parameterized.TestCase):
             want = 0.5 * (np_lovasz(labels, logits, elu_plus_one) + np_lovasz(1.0 - labels, -logits, elu_plus_one))
             got = losses.lovasz_symmetric(labels, logits, elu_plus_one=elu_plus_one)
             self.assertAllClose(got, want, rtol=2e-5, atol=1e-6)
+
+    @parameterized.parameters(False, True)
+    def test_one_shared_sort_gives_the_bits_of_a_sort_per_term(self, elu_plus_one):
+        """Both terms rank pixels by the same errors, so lovasz_symmetric sorts once: its loss and gradient must
+        be the very bits of the two hinges each sorting on its own (a run resumed across this change went on
+        bit for bit). Logits rounded to quarters make many ties, where the order of equal errors matters."""
+        rng = np.random.default_rng(52)
+        labels, logits = make_batch(rng, 101, 101)
+        for z in (logits, np.round(logits * 4.0) / 4.0):
+            shared = tf.function(lambda y, x: losses.lovasz_symmetric(y, x, elu_plus_one))
+            separate = tf.function(lambda y, x: 0.5 * (losses.lovasz_hinge(y, x, elu_plus_one)
+                                                       + losses.lovasz_hinge(1.0 - y, -x, elu_plus_one)))
+            got, got_grad = value_and_grad(shared, labels, z)
+            want, want_grad = value_and_grad(separate, labels, z)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+            np.testing.assert_array_equal(got_grad.view(np.uint32), want_grad.view(np.uint32))
 
     def test_symmetric_in_the_classes(self):
         labels, logits = make_batch(np.random.default_rng(50))
