@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from salt_tf import ensemble, oof, postprocess, rundir, tfstart, tta
+from salt_tf import ensemble, oof, postprocess, release, rundir, tfstart, tta
 
 
 class ExportError(ValueError):
@@ -101,8 +101,13 @@ def restore(entry: LoadedModel) -> LoadedModel:
         The same entry, its `model` set.
 
     Raises:
-        ExportError: a model configuration this code cannot build, or weights that do not restore into it.
+        ExportError: a released model whose files differ from its release's SHA256SUMS, a model configuration
+            this code cannot build, or weights that do not restore into it.
     """
+    try:  # a released model's files are checked against its SHA256SUMS before they are used
+        release.check_model_files(entry.path)
+    except release.ReleaseError as e:
+        raise ExportError(str(e)) from None
     tf = tfstart.import_tensorflow()  # the first TensorFlow import of a command: no CUDA noise on a CPU
 
     from salt_tf import checkpoints, model as model_lib

@@ -223,6 +223,35 @@ def release(run_dir: str, model: str, into: str, max_mb: float = DEFAULT_MAX_MB,
             "bytes": size, "sha256": sums, "choice": choice is not None}
 
 
+def release_of(export_dir: str) -> str | None:
+    """The release folder an export folder belongs to (export/ or snapshots/snapshot-K of a folder with
+    SHA256SUMS), or None when it is not part of a release (a run's export)."""
+    root = rundir.source_run_dir(export_dir)
+    return root if os.path.isfile(os.path.join(root, CHECKSUMS_FILE)) else None
+
+
+def check_model_files(export_dir: str) -> None:
+    """Checks a released model's files against its release's SHA256SUMS before they are used; nothing to
+    check for a model that is not part of a release.
+
+    Raises:
+        ReleaseError: a model file missing from SHA256SUMS or with other bytes than it lists (one line naming
+            the file and the fix).
+    """
+    root = release_of(export_dir)
+    if root is None:
+        return
+    listed = read_checksums(root)
+    for name in sorted(os.listdir(export_dir)):
+        if name != rundir.EXPORT_CONFIG and not name.startswith(rundir.EXPORT_WEIGHTS + "."):
+            continue
+        path = os.path.relpath(os.path.join(export_dir, name), root)
+        if listed.get(path) != sha256_of_file(os.path.join(export_dir, name)):
+            why = "is not listed in" if path not in listed else "does not have the SHA-256 listed in"
+            raise ReleaseError(f"{os.path.join(export_dir, name)}: {why} {os.path.join(root, CHECKSUMS_FILE)}; "
+                               "the copy is damaged or was changed: fetch the release again")
+
+
 def read_checksums(release_dir: str) -> dict[str, str]:
     """{path: hex SHA-256} of a release's SHA256SUMS (the `sha256sum` format: hash, two spaces, path)."""
     with open(os.path.join(release_dir, CHECKSUMS_FILE), encoding="utf-8") as f:

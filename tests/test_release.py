@@ -94,6 +94,17 @@ def test_a_release_is_a_checked_byte_copy_that_predict_uses_like_the_run(run_wit
     capsys.readouterr()
     assert (tmp_path / "rel.csv").read_text() == (tmp_path / "run.csv").read_text()
 
+    # A damaged copy of the weights (one bit) is refused before predict uses it, in one line naming the file.
+    weights = into / "export" / "weights.data-00000-of-00001"
+    intact = weights.read_bytes()
+    weights.write_bytes(bytes([intact[0] ^ 1]) + intact[1:])
+    status = predict.main(["predict", "submit", f"--model_dir={into}", f"--images={images}",
+                           f"--output={tmp_path / 'damaged.csv'}"])
+    err = capsys.readouterr().err
+    assert status == 2 and not (tmp_path / "damaged.csv").exists()
+    assert f"{weights}: does not have the SHA-256 listed in {into / 'SHA256SUMS'}" in err and err.count("\n") == 1
+    weights.write_bytes(intact)
+
     # The card names the weights' SHA-256 and the cross-validated score of ensemble.json.
     card = (into / "MODEL_CARD.md").read_text()
     assert _sha256(into / "export" / "weights.data-00000-of-00001") in card
