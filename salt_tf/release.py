@@ -116,6 +116,9 @@ def _check_run(run_dir: str) -> dict:
     """The run's record.json, after checking that `run_dir` is a finished run with the files a release copies."""
     if not os.path.isdir(run_dir):
         raise ReleaseError(f"{run_dir}: not found; pass a run directory")
+    if rundir.is_cv_parent(run_dir):
+        raise ReleaseError(f"{run_dir}: a cross-validation parent; a release holds the models of one run: release "
+                           f"one fold's run ({os.path.join(run_dir, rundir.FOLD_PREFIX)}k)")
     missing = [name for name in RUN_FILES if not os.path.isfile(os.path.join(run_dir, name))]
     if missing:
         raise ReleaseError(f"{run_dir}: not a run directory with a finished epoch (no {', '.join(missing)}); pass "

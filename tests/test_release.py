@@ -152,6 +152,7 @@ def _unfinished(run):
     ("a release", ["--into={old}"], "holds a release already; pass --replace"),
     ("inside the run", ["--into={run}/release"], "inside the run"),
     ("no --into", [], "--into is required"),
+    ("a CV parent", ["--into={into}"], "a cross-validation parent; a release holds the models of one run"),
 ])
 def test_what_cannot_be_released_is_one_line_and_nothing_is_written(run_with_swa, tmp_path, capsys, case, argv,
                                                                    expected):
@@ -159,6 +160,10 @@ def test_what_cannot_be_released_is_one_line_and_nothing_is_written(run_with_swa
     shutil.copytree(run_with_swa, run)
     if case == "unfinished":
         _unfinished(run)
+    if case == "a CV parent":  # the run becomes fold 0 of a parent
+        os.makedirs(tmp_path / "parent")
+        shutil.move(run, tmp_path / "parent" / "fold-0")
+        run = str(tmp_path / "parent")
     user = tmp_path / "user"
     user.mkdir()
     (user / "notes.txt").write_text("mine")
@@ -171,7 +176,7 @@ def test_what_cannot_be_released_is_one_line_and_nothing_is_written(run_with_swa
     assert status == 2 and expected in err and err.count("\n") == 1, err
     assert not into.exists()
     assert {"run": _tree(run), "user": _tree(user), "old": _tree(old)} == before
-    assert sorted(os.listdir(tmp_path)) == ["old", "run", "user"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["old", "user", os.path.basename(run)])
 
 
 def test_replace_swaps_a_release_whole(run_with_swa, tmp_path, capsys):
