@@ -353,17 +353,19 @@ def test_subcommands_have_their_own_help_and_one_line_errors(tmp_path, capsys):
     status, out, _ = cli(capsys, "--help")
     assert status == 0
     assert [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()] == \
-        ["list", "diff", "reproduce"]
-    for command, own in [("list", {"sort", "where", "csv"}), ("diff", {"plot"}), ("reproduce", {"into"})]:
+        ["list", "diff", "reproduce", "release"]
+    for command, own in [("list", {"sort", "where", "csv"}), ("diff", {"plot"}), ("reproduce", {"into"}),
+                         ("release", {"into", "model", "max_mb", "replace"})]:
         status, out, _ = cli(capsys, command, "--help")
         assert status == 0 and out.startswith(f"usage: python -m salt_tf.runs {command} ")
         assert set(re.findall(r"^  --(?:\[no\])?(\w+):", out, flags=re.M)) == own | {"flagfile", "undefok"}
-    for argv, expected in [([], "a command is needed; the commands are list, diff, reproduce"),
+    for argv, expected in [([], "a command is needed; the commands are list, diff, reproduce, release"),
                            (["lst", tmp_path], "unknown command 'lst'"),
                            (["--csv", "list", tmp_path], "the command comes before the flags (--csv)"),
                            (["list"], "python -m salt_tf.runs list needs LOG_ROOT"),
                            (["diff", tmp_path], "python -m salt_tf.runs diff needs RUN_B"),
                            (["reproduce", tmp_path, "extra"], "unexpected arguments: extra"),
+                           (["release"], "python -m salt_tf.runs release needs RUN"),
                            (["list", tmp_path, "--sort=size"], "--sort"),
                            (["list", tmp_path / "none"], "none: no such directory"),
                            (["diff", tmp_path, tmp_path, "--plots=x.png"], "Unknown command line flag 'plots'")]:
