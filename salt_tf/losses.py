@@ -82,6 +82,11 @@ def _descending_order(errors):
     return order, inverse
 
 
+def _hinge_errors(labels, logits):
+    """1 - logit * (2y - 1) per pixel: below 0 once a pixel is on the right side with a margin above 1."""
+    return 1.0 - logits * (2.0 * labels - 1.0)
+
+
 def _lovasz_weights(labels, order, inverse):
     """Per-pixel weights of the Lovász extension of the Jaccard loss, in the *unsorted* pixel order.
 
@@ -118,7 +123,7 @@ def lovasz_hinge(labels, logits, elu_plus_one=False, order=None):
     ``order``: the (order, inverse) of these errors (_descending_order), when the caller has it already.
     """
     labels, logits = _flatten(labels, logits)
-    errors = 1.0 - logits * (2.0 * labels - 1.0)
+    errors = _hinge_errors(labels, logits)
     if order is None:
         order = _descending_order(tf.stop_gradient(errors))
     weights = tf.stop_gradient(_lovasz_weights(labels, *order))
@@ -142,7 +147,7 @@ def lovasz_symmetric(labels, logits, elu_plus_one=False):
     labels = tf.cast(labels, tf.float32)
     logits = tf.cast(logits, tf.float32)
     flat_labels, flat_logits = _flatten(labels, tf.stop_gradient(logits))
-    order = _descending_order(1.0 - flat_logits * (2.0 * flat_labels - 1.0))
+    order = _descending_order(_hinge_errors(flat_labels, flat_logits))
     return 0.5 * (lovasz_hinge(labels, logits, elu_plus_one, order)
                   + lovasz_hinge(1.0 - labels, -logits, elu_plus_one, order))
 
