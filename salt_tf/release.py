@@ -61,26 +61,16 @@ def released_models(run_dir: str, model: str) -> dict[str, str]:
         ReleaseError: no such export in the run (one line listing the ones it has).
     """
     if model == SNAPSHOTS:
-        dirs = rundir.export_dirs(run_dir) if os.path.isdir(os.path.join(run_dir, SNAPSHOTS)) else []
-        found = {os.path.relpath(d, run_dir): d for d in dirs if os.path.basename(os.path.dirname(d)) == SNAPSHOTS}
+        found = {os.path.relpath(d, run_dir): d for d in rundir.snapshot_dirs(run_dir)}
     else:
         path = os.path.join(run_dir, model)
         found = {rundir.EXPORT_DIR: path} if rundir.is_export(path) else {}
     if not found:
-        have = [os.path.relpath(d, run_dir) for d in _all_exports(run_dir)]
+        have = [os.path.relpath(d, run_dir) for d in rundir.run_exports(run_dir)]
         raise ReleaseError(f"{os.path.join(run_dir, model)}: no exported model there; --model is one of "
                            f"{', '.join(have + ([SNAPSHOTS] if any(h.startswith(SNAPSHOTS) for h in have) else []))}"
                            if have else f"{run_dir}: no exported model; train the run to its end first")
     return found
-
-
-def _all_exports(run_dir: str) -> list[str]:
-    """Every export folder of a run: export/, swa/ and each snapshot."""
-    candidates = [os.path.join(run_dir, rundir.EXPORT_DIR), os.path.join(run_dir, rundir.SWA_DIR)]
-    root = os.path.join(run_dir, SNAPSHOTS)
-    if os.path.isdir(root):
-        candidates += [os.path.join(root, n) for n in sorted(os.listdir(root))]
-    return [d for d in candidates if rundir.is_export(d)]
 
 
 def carried_choice(run_dir: str, model: str, released: dict[str, str]) -> dict | None:
@@ -314,15 +304,14 @@ def _scores_lines(choice: dict | None, into: str) -> list[str]:
 def model_card(name: str, run_dir: str, model: str, released: dict[str, str], record: dict,
                choice: dict | None, sums: dict[str, str], into: str) -> str:
     """MODEL_CARD.md of a release: the model, its training and data, validation scores, use, checks, origin."""
-    first = next(iter(released.values()))
-    config = rundir.read_json(os.path.join(first, rundir.EXPORT_CONFIG))
+    configs = {n: rundir.read_json(os.path.join(s, rundir.EXPORT_CONFIG)) for n, s in released.items()}
+    config = next(iter(configs.values()))
     code, data = record.get("code") or {}, record.get("data") or {}
     summary, env = record.get("summary") or {}, record.get("environment") or {}
     weights = [(path, digest) for path, digest in sorted(sums.items()) if os.path.basename(path).startswith(
         rundir.EXPORT_WEIGHTS + ".data")]
-    models = "; ".join(f"`{n}` = the run's `{os.path.relpath(s, run_dir)}` (epoch {_epoch(s)}, validation "
-                       f"metric {rundir.read_json(os.path.join(s, rundir.EXPORT_CONFIG)).get('val_metric')})"
-                       for n, s in released.items())
+    models = "; ".join(f"`{n}` = the run's `{os.path.relpath(s, run_dir)}` (epoch {configs[n].get('epoch')}, "
+                       f"validation metric {configs[n].get('val_metric')})" for n, s in released.items())
     dirty = " with uncommitted changes (record.json holds the diff)" if code.get("dirty") else ""
     lines = [
         f"# {name}", "",

@@ -229,6 +229,20 @@ def _snapshot_index(name: str) -> int | None:
     return int(number) if name.startswith(SNAPSHOT_PREFIX) and number.isdigit() else None
 
 
+def snapshot_dirs(run_dir: str) -> list[str]:
+    """The run's snapshots/snapshot-K folders that hold an export, in K order (none: an empty list)."""
+    root = os.path.join(run_dir, SNAPSHOTS_DIR)
+    indices = sorted(i for i in map(_snapshot_index, os.listdir(root) if os.path.isdir(root) else [])
+                     if i is not None and is_export(snapshot_dir(run_dir, i)))
+    return [snapshot_dir(run_dir, i) for i in indices]
+
+
+def run_exports(run_dir: str) -> list[str]:
+    """Every export folder of a run directory: export/, swa/, then each snapshot in K order (those that exist)."""
+    return [d for d in (os.path.join(run_dir, EXPORT_DIR), os.path.join(run_dir, SWA_DIR)) if is_export(d)] + \
+        snapshot_dirs(run_dir)
+
+
 def export_dirs(path: str) -> list[str]:
     """The export folders `path` stands for, in order.
 
@@ -248,10 +262,7 @@ def export_dirs(path: str) -> list[str]:
         raise RunDirError(f"{path}: is a file; pass a run directory or an export folder")
     if is_export(path):
         return [path]
-    root = os.path.join(path, SNAPSHOTS_DIR)
-    indices = sorted(i for i in map(_snapshot_index, os.listdir(root) if os.path.isdir(root) else [])
-                     if i is not None and is_export(snapshot_dir(path, i)))
-    dirs = [snapshot_dir(path, i) for i in indices]
+    dirs = snapshot_dirs(path)
     if not dirs and is_export(os.path.join(path, EXPORT_DIR)):
         dirs = [os.path.join(path, EXPORT_DIR)]
     if not dirs:
