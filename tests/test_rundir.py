@@ -189,6 +189,20 @@ def test_export_dirs_of_a_run_prefers_snapshots_in_numeric_order(tmp_path):
     assert rundir.export_dirs(run) == [os.path.join(run, "snapshots", f"snapshot-{k}") for k in (0, 2, 10)]
 
 
+def test_run_exports_lists_export_swa_then_snapshots_in_numeric_order(tmp_path):
+    run = str(tmp_path / "run")
+    for k in (10, 2):
+        make_export(rundir.snapshot_dir(run, k))
+    make_export(os.path.join(run, "swa"))
+    make_export(os.path.join(run, "snapshots", "snapshot-7.tmp123"))   # a staging folder: ignored
+    os.makedirs(os.path.join(run, "export"))                           # no model.json: not an export
+    assert rundir.run_exports(run) == [os.path.join(run, "swa")] + [
+        os.path.join(run, "snapshots", f"snapshot-{k}") for k in (2, 10)]
+    make_export(os.path.join(run, "export"))
+    assert rundir.run_exports(run)[:2] == [os.path.join(run, "export"), os.path.join(run, "swa")]
+    assert rundir.run_exports(str(tmp_path / "empty")) == []
+
+
 def test_export_dirs_of_a_run_without_snapshots_is_its_export(tmp_path):
     run = str(tmp_path / "run")
     make_export(os.path.join(run, "export"))
