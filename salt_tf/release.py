@@ -73,15 +73,16 @@ def released_models(run_dir: str, model: str) -> dict[str, str]:
     return found
 
 
-def carried_choice(run_dir: str, model: str, released: dict[str, str]) -> dict | None:
+def carried_choice(run_dir: str, model: str, released: dict[str, str], configs: dict[str, dict]) -> dict | None:
     """The ensemble.json the release carries: the run's choice fitted on exactly the released models (names and
     epochs, in order), its model names changed to their names in the release; None when the run has none.
+    `configs` holds each released model's model.json (by its name in the release), read once by `release`.
 
     `predict evaluate --model_dir=RUN/swa` writes RUN/swa/ensemble.json, its one model named "swa"; evaluate on
     the run directory writes RUN/ensemble.json, its models "export" or "snapshots/snapshot-K". The weights are
     copied byte for byte, so a choice fitted on them holds for the copy under its new name.
     """
-    wanted = [(os.path.relpath(source, run_dir), _epoch(source)) for source in released.values()]
+    wanted = [(os.path.relpath(source, run_dir), configs[name].get("epoch")) for name, source in released.items()]
     candidates = [(os.path.join(run_dir, rundir.ENSEMBLE_FILE), lambda name: name)]
     if model != SNAPSHOTS:  # an export folder's own choice names its one model by the folder's base name
         candidates.insert(0, (os.path.join(run_dir, model, rundir.ENSEMBLE_FILE),
@@ -96,10 +97,6 @@ def carried_choice(run_dir: str, model: str, released: dict[str, str]) -> dict |
                 entry["name"] = name
             return choice
     return None
-
-
-def _epoch(export_dir: str):
-    return rundir.read_json(os.path.join(export_dir, rundir.EXPORT_CONFIG)).get("epoch")
 
 
 def _check_run(run_dir: str) -> dict:
@@ -191,7 +188,8 @@ def release(run_dir: str, model: str, into: str, max_mb: float = DEFAULT_MAX_MB,
         raise ReleaseError(f"{os.path.join(run_dir, model)}: the release would be {total / 1e6:.1f} MB, more than "
                            f"--max_mb={max_mb:g}; release one model (--model=swa, export or snapshots/snapshot-K) "
                            "or raise --max_mb")
-    choice = carried_choice(run_dir, model, released)
+    configs = {name: rundir.read_json(os.path.join(source, rundir.EXPORT_CONFIG)) for name, source in released.items()}
+    choice = carried_choice(run_dir, model, released, configs)
     sources = {path: sha256_of_file(source) for path, source in files.items()}
     with rundir.staged_dir(into) as stage:
         for path, source in files.items():
@@ -204,7 +202,7 @@ def release(run_dir: str, model: str, into: str, max_mb: float = DEFAULT_MAX_MB,
         if changed:
             raise ReleaseError(f"{run_dir}: {', '.join(changed)} changed while being copied; is the run still "
                                "being written? Release it when nothing writes to it")
-        card = model_card(os.path.basename(os.path.normpath(into)), run_dir, model, released, record, choice,
+        card = model_card(os.path.basename(os.path.normpath(into)), run_dir, released, configs, record, choice,
                           sums, into)
         rundir.write_text(os.path.join(stage, CARD_FILE), card)
         for extra in ([rundir.ENSEMBLE_FILE] if choice is not None else []) + [CARD_FILE]:
@@ -301,10 +299,10 @@ def _scores_lines(choice: dict | None, into: str) -> list[str]:
     return lines
 
 
-def model_card(name: str, run_dir: str, model: str, released: dict[str, str], record: dict,
+def model_card(name: str, run_dir: str, released: dict[str, str], configs: dict[str, dict], record: dict,
                choice: dict | None, sums: dict[str, str], into: str) -> str:
-    """MODEL_CARD.md of a release: the model, its training and data, validation scores, use, checks, origin."""
-    configs = {n: rundir.read_json(os.path.join(s, rundir.EXPORT_CONFIG)) for n, s in released.items()}
+    """MODEL_CARD.md of a release: the model, its training and data, validation scores, use, checks, origin.
+    `configs` holds each released model's model.json by its name in the release."""
     config = next(iter(configs.values()))
     code, data = record.get("code") or {}, record.get("data") or {}
     summary, env = record.get("summary") or {}, record.get("environment") or {}
