@@ -508,7 +508,7 @@ def _report_choice(rows: list[ensemble.Row], chosen: ensemble.Ensemble, what: st
     _say(f"@0.50: threshold 0.5.  tuned/thr: best threshold on these same images (optimistic).  cv: threshold, "
          f"meta-model and post-processing fitted on {chosen.scores['folds'] - 1} folds of the images, scored on "
          "the held-out fold.")
-    cv = chosen.scores[f"cv_{chosen.combine}_postprocessed"]
+    cv = chosen.scores["cv_chosen"]
     weights = ""
     if chosen.stacker is not None:
         weights = "; weights " + ", ".join(f"{n} {w:+.3f}" for n, w in zip(names, chosen.stacker.weights)) + \

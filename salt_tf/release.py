@@ -293,7 +293,7 @@ def _scores_lines(choice: dict | None, into: str) -> list[str]:
              f"{len(choice.get('models', []))} model(s), {', '.join(rules)}.", "",
              "| score (competition metric: mean precision over IoU 0.50-0.95) | value |", "|---|---|",
              f"| {scores.get('folds')}-fold cross-validated over the images, thresholds and rules chosen on the "
-             f"other folds (the honest figure) | **{number(scores.get('cv_mean_postprocessed'))}** |",
+             f"other folds (the honest figure) | **{number(scores.get('cv_chosen', scores.get('cv_mean_postprocessed')))}** |",
              f"| the same, threshold only | {number(scores.get('cv_mean'))} |",
              f"| with the choice fitted on all of them (optimistic) | {number((pp.get('scores') or {}).get('final'))} |"]
     return lines
