@@ -390,9 +390,9 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
     if m >= 2:
         scores.update(cv_stacked=float(stacked_scores.mean()),
                       cv_stacked_postprocessed=float(stacked_pp_scores.mean()))
-    candidates = [("mean", threshold_only(mean_choice), mean_row.cv_scores), ("mean", mean_choice, mean_pp_scores)]
+    candidates = [("mean", mean_choice.without_rules(), mean_row.cv_scores), ("mean", mean_choice, mean_pp_scores)]
     if m >= 2:
-        candidates += [("stacked", threshold_only(stacked_choice), stacked_scores),
+        candidates += [("stacked", stacked_choice.without_rules(), stacked_scores),
                        ("stacked", stacked_choice, stacked_pp_scores)]
     combine, postprocessing, chosen_scores = candidates[0]
     for candidate in candidates[1:]:
@@ -405,12 +405,6 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
     final = Ensemble(models=info, tta=list(tta), combine=combine, postprocessing=postprocessing, stacker=stacker,
                      scores=scores)
     return rows, final
-
-
-def threshold_only(choice: postprocess.PostProcessing) -> postprocess.PostProcessing:
-    """The post-processing `choice` with its rules off: its threshold alone (the best one on the same images)."""
-    return postprocess.PostProcessing(threshold=choice.threshold, scores={
-        "threshold_only": choice.scores["threshold_only"], "final": choice.scores["threshold_only"]})
 
 
 def error_breakdown(truth: np.ndarray, masks: np.ndarray) -> dict:

@@ -59,6 +59,12 @@ class PostProcessing:
                    min_salt=int(payload.get("min_salt", 0)), min_has_salt=float(payload.get("min_has_salt", 0.0)),
                    scores=dict(payload.get("scores", {})))
 
+    def without_rules(self) -> "PostProcessing":
+        """This choice with its rules off: the threshold alone, with the score it had alone on the same images
+        (`scores["threshold_only"]`, which `choose_postprocessing` records) as its final score."""
+        alone = self.scores["threshold_only"]
+        return PostProcessing(threshold=self.threshold, scores={"threshold_only": alone, "final": alone})
+
     def describe(self) -> str:
         parts = [f"threshold {self.threshold:.2f}"]
         parts.append(f"components < {self.min_component} px removed" if self.min_component else

@@ -262,6 +262,19 @@ def test_empty_rule_and_apply():
     assert postprocess.PostProcessing.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
 
 
+def test_without_rules_keeps_the_threshold_and_its_score_alone():
+    # A choice with every rule on; without them it must mask exactly like "p > threshold" (NumPy by hand) and
+    # carry the score the threshold had alone, not the score with the rules.
+    choice = postprocess.PostProcessing(threshold=0.3, min_component=50, min_salt=400, min_has_salt=0.9,
+                                        scores={"threshold_only": 0.61, "final": 0.64})
+    bare = choice.without_rules()
+    assert (bare.threshold, bare.min_component, bare.min_salt, bare.min_has_salt) == (0.3, 0, 0, 0.0)
+    assert bare.scores == {"threshold_only": 0.61, "final": 0.61}
+    probabilities = np.random.default_rng(3).random((4, 10, 10)).astype(np.float32)
+    np.testing.assert_array_equal(postprocess.apply(probabilities, bare, has_salt=np.zeros(4)), probabilities > 0.3)
+    assert not postprocess.apply(probabilities, choice, has_salt=np.zeros(4)).any()
+
+
 def test_rules_at_their_exact_boundaries():
     # p == threshold is not salt (p > t), a mask of exactly K pixels survives "empty if < K", a component of
     # exactly N pixels survives "remove if < N": each hand-built.
