@@ -124,7 +124,9 @@ def define_flags() -> None:
                          "in a row stop the run (the last checkpoint stays intact).", lower_bound=1)
     flags.DEFINE_integer("epochs", loop_defaults.epochs,
                          "Epochs to train in all (a resumed run continues to this; a resume may "
-                         "raise it, except with --lr_schedule=cosine or --swa_epochs).",
+                         "raise it: with --lr_schedule=cosine only with --snapshot_cycles raised in "
+                         "step, more cycles of the same length; with --swa_epochs only so far that the "
+                         "averaged epochs all come after the run's old end).",
                          lower_bound=1)
     flags.DEFINE_integer("batch_size", loop_defaults.batch_size,
                          "Training batch size: the global batch, split evenly over the "
@@ -467,9 +469,10 @@ RESUME_MAY_CHANGE = (
     "max_bad_steps",         # only when non-finite steps stop the run; a stopped run resumes where it was
     "extra_data_dir",        # where the extra training data lives: its fingerprint (in record.json) is compared
 )
-# --epochs may grow (more epochs; never fewer), unless it defines the schedule of the epochs already trained:
-# with --lr_schedule=cosine it sets the cycle length, with --swa_epochs the epochs averaged. See epochs_note.
-GROWABLE = "epochs"
+# --epochs may grow (more epochs; never fewer), as long as the epochs already trained keep their schedule: with
+# --lr_schedule=cosine, --snapshot_cycles grows in step (more cycles of the same length: a snapshot ensemble
+# gains snapshots); with --swa_epochs, the new averaging window starts after the old end. See growth_refusals.
+GROWABLE = ("epochs", "snapshot_cycles")
 # Instructions for one start, not settings of the run: left out of flags.cfg, so a later rerun from it (the
 # way to resume) never restarts a run on its own.
 NOT_RECORDED = ("restart_from_scratch",)
@@ -500,25 +503,35 @@ def _same(flag, recorded: str | None) -> bool:
         return False
 
 
-def epochs_note(recorded: str, given: int) -> str | None:
-    """Why an --epochs change cannot resume the run (None: it can)."""
+def growth_refusals(recorded: dict[str, str]) -> dict[str, str]:
+    """Why the --epochs and --snapshot_cycles given cannot resume the run whose flags.cfg is `recorded`:
+    {flag name: reason}, empty when they can (both as recorded, or grown without changing what the epochs
+    already trained were trained with, so the grown run is bit for bit the run the new flags start fresh)."""
     try:
-        before = int(recorded)
+        epochs, cycles = (int(recorded.get(name, FLAGS[name].default)) for name in GROWABLE)
     except ValueError:
-        return "not a number in flags.cfg"
-    if given < before:
-        return "may only grow"
-    if FLAGS.lr_schedule == "cosine":
-        return "sets the cosine cycle length"
-    if FLAGS.swa_epochs:
-        return "sets the epochs --swa_epochs averages"
-    return None
+        return {name: "not a number in flags.cfg" for name in GROWABLE}
+    refusals = {}
+    if FLAGS.epochs < epochs:
+        refusals["epochs"] = "may only grow"
+    elif FLAGS.lr_schedule != "cosine" and FLAGS.snapshot_cycles != cycles:
+        refusals["snapshot_cycles"] = "changes only with --lr_schedule=cosine, in step with --epochs"
+    elif FLAGS.lr_schedule == "cosine" and FLAGS.epochs * cycles != epochs * FLAGS.snapshot_cycles:
+        refusals["epochs" if FLAGS.epochs != epochs else "snapshot_cycles"] = (
+            f"sets the cosine cycle length: keep {epochs // cycles} epochs per cycle, e.g. "
+            f"--epochs={epochs // cycles * (cycles + 1)} --snapshot_cycles={cycles + 1}")
+    if "epochs" not in refusals and FLAGS.epochs > epochs and FLAGS.swa_epochs and \
+            FLAGS.epochs - FLAGS.swa_epochs < epochs:
+        refusals["epochs"] = (f"sets the epochs --swa_epochs averages: the {FLAGS.swa_epochs} averaged must come "
+                              f"after epoch {epochs}, so --epochs={epochs + FLAGS.swa_epochs} or more")
+    return refusals
 
 
 def resume_changes(recorded: dict[str, str]) -> tuple[dict[str, list[str]], list[str]]:
     """Compares the flags given now with a run's flags.cfg (`recorded`, parsed). Returns the changes a resume
     may make, {name: [recorded, given]}, and one 'name: recorded -> given' text for each it may not."""
     allowed, refused, ignored = {}, [], without_effect()
+    growth = growth_refusals(recorded)
     for flag in sorted(run_flags(), key=lambda f: f.name):
         if flag.name in ignored:
             continue
@@ -527,10 +540,8 @@ def resume_changes(recorded: dict[str, str]) -> tuple[dict[str, list[str]], list
             continue
         shown_was = was if was is not None else f"{_text(flag, flag.default)} (default; not in flags.cfg)"
         now = _text(flag, flag.value) if flag.value is not None else "(none)"
-        note = None
-        if flag.name == GROWABLE:
-            note = epochs_note(was if was is not None else str(flag.default), flag.value)
-        if flag.name in RESUME_MAY_CHANGE or (flag.name == GROWABLE and note is None):
+        note = growth.get(flag.name)
+        if flag.name in RESUME_MAY_CHANGE or (flag.name in GROWABLE and note is None):
             allowed[flag.name] = [was, now]
         else:
             refused.append(f"{flag.name}: {shown_was} -> {now}" + (f" ({note})" if note else ""))

@@ -233,10 +233,18 @@ class ExportWeightAverage:
     def __init__(self, run_dir: str, export_config: dict):
         self.directory, self.export_config = os.path.join(run_dir, rundir.SWA_DIR), export_config
 
-    def exported(self) -> dict | None:
-        """The export's config if an earlier session wrote it (a rerun after the last checkpoint), else None."""
-        if rundir.is_export(self.directory):
-            return checkpoints_lib.read_export_config(self.directory)
+    def exported(self, epoch: int) -> dict | None:
+        """The export's config if an earlier session wrote it at `epoch` (a rerun after the last checkpoint),
+        else None. An export of an earlier epoch is the average of a run since grown (--epochs raised): it is
+        kept, moved to rundir.retired_swa_dir, and None returned."""
+        if not rundir.is_export(self.directory):
+            return None
+        config = checkpoints_lib.read_export_config(self.directory)
+        if config.get("epoch") == epoch:
+            return config
+        retired = rundir.retired_swa_dir(os.path.dirname(self.directory), config.get("epoch"))
+        os.replace(self.directory, retired)
+        logging.info("the run grew: its weight average until epoch %s moved to %s", config.get("epoch"), retired)
         return None
 
     def __call__(self, model: tf.Module, epoch: int, results: dict, count: int) -> None:
@@ -340,6 +348,18 @@ class Trainer:
             summary.update(self._export_weight_average())
         return summary
 
+    def _drop_stale_weight_average(self, first_epoch: int) -> None:
+        """A run resumed with more --epochs (flags.growth_refusals: its new averaging window starts after the
+        old end) holds the sums of its old window in the checkpoint; they are dropped, so the average is that
+        of the last --swa_epochs of the grown run, as a fresh run of the same flags averages."""
+        average = self.state.weight_average
+        if average is not None and int(average.count.numpy()) and \
+                first_epoch <= self.config.epochs - self.config.swa_epochs:
+            logging.info("--epochs grew to %d: the weight average of %d epochs before epoch %d is dropped; the "
+                         "last %d epochs are averaged", self.config.epochs, int(average.count.numpy()), first_epoch,
+                         self.config.swa_epochs)
+            average.reset()
+
     def _start(self) -> int:
         """Restores the resumed checkpoint, or starts fresh (--init_checkpoint's weights, the step-0
         checkpoint); returns the epochs already completed."""
@@ -350,6 +370,7 @@ class Trainer:
         self.history.resume(first_epoch)
         if restored:
             logging.info("resumed from %s at epoch %d", restored, first_epoch)
+            self._drop_stale_weight_average(first_epoch)
         else:
             if self.init_weights:
                 checkpoints_lib.restore_exported_weights(self.init_weights, self.step.model)
@@ -557,7 +578,8 @@ class Trainer:
         were. Done again by a rerun if a crash came between the last checkpoint and this export."""
         average, model = self.state.weight_average, self.step.model
         count = int(average.count.numpy())
-        exported = self.weight_average_export.exported() if self.weight_average_export else None
+        epoch = int(self.state.epoch.numpy())
+        exported = self.weight_average_export.exported(epoch) if self.weight_average_export else None
         if exported is not None:
             return {"swa_epochs_averaged": count, "swa_val_metric": exported.get("val_metric")}
         with average.applied(model):
@@ -565,7 +587,7 @@ class Trainer:
                 self.train_images, self.train_masks, batch_size=self.config.batch_size)))
             results, _, _ = self.evaluate()
             if self.weight_average_export:
-                self.weight_average_export(model, int(self.state.epoch.numpy()), results, count)
+                self.weight_average_export(model, epoch, results, count)
         self.summaries.weight_average(results["val_metric"], self.global_step())
         self.summaries.flush()
         logging.info("weight average of the last %d epochs (batch norm recomputed on %d images): val_metric %.4f "

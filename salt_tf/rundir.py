@@ -13,6 +13,7 @@
       export/            EXPORT_DIR        an export: model.json (EXPORT_CONFIG) + weights.* (EXPORT_WEIGHTS)
       snapshots/         SNAPSHOTS_DIR     snapshot-K/ (snapshot_dir), each an export
       swa/               SWA_DIR           the weight average, an export
+      swa-until-epoch-N/ retired_swa_dir   the weight average of a run since grown (more --epochs), an export
       events/            EVENTS_DIR        TensorBoard
 
 Every writer here writes a temporary file next to its target (`<name>.tmp<pid>`), fsyncs it, renames it over
@@ -217,6 +218,12 @@ def staged_dir(final: str) -> Iterator[str]:
 def is_export(path: str) -> bool:
     """Whether `path` is an export folder (holds model.json)."""
     return os.path.isfile(os.path.join(path, EXPORT_CONFIG))
+
+
+def retired_swa_dir(run_dir: str, epoch: int) -> str:
+    """<run_dir>/swa-until-epoch-<epoch>: where the weight average a run exported at `epoch` is kept once the
+    run has grown past it (resumed with more --epochs); swa/ then holds the grown run's."""
+    return os.path.join(run_dir, f"{SWA_DIR}-until-epoch-{epoch}")
 
 
 def snapshot_dir(run_dir: str, index: int) -> str:

@@ -38,6 +38,12 @@ class WeightAverage(tf.Module):
             total.assign_add(tf.cast(variable, tf.float64))
         self.count.assign_add(1)
 
+    def reset(self) -> None:
+        """Empties the average (a grown run: the sums belong to the averaging window of its old length)."""
+        for total in self.sums:
+            total.assign(tf.zeros_like(total))
+        self.count.assign(0)
+
     def means(self) -> list[tf.Tensor]:
         count = tf.cast(self.count, tf.float64)
         return [total / count for total in self.sums]

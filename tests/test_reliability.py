@@ -630,9 +630,17 @@ RESUME_REFUSED = {
     "fewer epochs": ({}, dict(epochs=1), ["epochs: 2 -> 1 (may only grow)"]),
     "more epochs of a cosine schedule": (dict(lr_schedule="cosine", snapshot_cycles=1),
                                          dict(lr_schedule="cosine", snapshot_cycles=1, epochs=4),
-                                         ["epochs: 2 -> 4 (sets the cosine cycle length)"]),
-    "more epochs with --swa_epochs": (dict(swa_epochs=1), dict(swa_epochs=1, epochs=4),
-                                      ["epochs: 2 -> 4 (sets the epochs --swa_epochs averages)"]),
+                                         ["epochs: 2 -> 4 (sets the cosine cycle length: keep 2 epochs per cycle, "
+                                          "e.g. --epochs=4 --snapshot_cycles=2)"]),
+    "more cosine cycles of another length": (dict(lr_schedule="cosine", snapshot_cycles=1),
+                                             dict(lr_schedule="cosine", snapshot_cycles=2, epochs=6),
+                                             ["epochs: 2 -> 6 (sets the cosine cycle length: keep 2 epochs per cycle"]),
+    "snapshot cycles of a plateau schedule": ({}, dict(snapshot_cycles=2),
+                                              ["snapshot_cycles: 4 -> 2 (changes only with --lr_schedule=cosine"]),
+    "more epochs inside the --swa_epochs window": (
+        dict(swa_epochs=2), dict(swa_epochs=2, epochs=3),
+        ["epochs: 2 -> 3 (sets the epochs --swa_epochs averages: the 2 averaged must come after epoch 2, so "
+         "--epochs=4 or more)"]),
     "flag newer than the run, set": (dict(contrast=None), dict(contrast=0.1),
                                      ["contrast: 0.0 (default; not in flags.cfg) -> 0.1"]),
 }
@@ -675,6 +683,33 @@ def test_legal_flag_changes_resume_bit_identically_and_are_recorded(tmp_path, de
         FLAGS(["train", f"--flagfile={os.path.join(model_dir, rundir.FLAGS_FILE)}"])
         assert train.run()["epochs_completed"] == 2
     assert len(rundir.read_json(os.path.join(model_dir, rundir.RECORD_FILE))["flag_changes"]) == 1
+
+
+def test_a_snapshot_ensemble_grows_by_whole_cycles_into_the_run_the_new_flags_train_fresh(tmp_path, demo_dir):
+    """A finished cosine run with --swa_epochs, resumed with --epochs and --snapshot_cycles raised in step (the
+    same cycle length), trains the epochs a fresh run of the new flags trains, bit for bit: every epoch's
+    weights, the training state, the new snapshot and the new weight average (of the grown run's last epoch,
+    not of the old window); the old average is kept in swa-until-epoch-2/, not lost."""
+    grown_flags = dict(lr_schedule="cosine", snapshot_cycles=2, epochs=4, swa_epochs=1)
+    fresh, grown = str(tmp_path / "fresh"), str(tmp_path / "grown")
+    run_tiny(demo_dir, fresh, **grown_flags)
+    run_tiny(demo_dir, grown, **dict(grown_flags, snapshot_cycles=1, epochs=2))
+    first_average = records.files_sha256(os.path.join(grown, rundir.SWA_DIR), rundir.EXPORT_WEIGHTS)
+    summary = run_tiny(demo_dir, grown, **grown_flags)
+    assert summary["epochs_completed"] == 4 and summary["swa_epochs_averaged"] == 1
+    assert_bit_identical(fresh, grown, epochs=(1, 2, 3, 4))
+    pd.testing.assert_frame_equal(records.read_metrics(grown).drop(columns=TIMING_COLUMNS),
+                                  records.read_metrics(fresh).drop(columns=TIMING_COLUMNS))
+    for folder in (rundir.SWA_DIR, rundir.EXPORT_DIR, "snapshots/snapshot-0", "snapshots/snapshot-1"):
+        assert records.files_sha256(os.path.join(grown, folder), rundir.EXPORT_WEIGHTS) == \
+            records.files_sha256(os.path.join(fresh, folder), rundir.EXPORT_WEIGHTS), folder
+    assert checkpoints.read_export_config(os.path.join(grown, rundir.SWA_DIR))["epoch"] == 4
+    retired = rundir.retired_swa_dir(grown, 2)
+    assert records.files_sha256(retired, rundir.EXPORT_WEIGHTS) == first_average != \
+        records.files_sha256(os.path.join(grown, rundir.SWA_DIR), rundir.EXPORT_WEIGHTS)
+    assert not os.path.exists(rundir.retired_swa_dir(fresh, 2))
+    changes = rundir.read_json(os.path.join(grown, rundir.RECORD_FILE))["flag_changes"]
+    assert [c["changed"] for c in changes] == [{"epochs": ["2", "4"], "snapshot_cycles": ["1", "2"]}]
 
 
 def test_resume_follows_moved_data_but_not_other_data(tmp_path, demo_dir, tiny_reference, capsys):
