@@ -226,10 +226,30 @@ def check_before(run: Run) -> dict:
     return {"data_dir": data_dir, "override_data_dir": override, "data_fingerprint": now, "problems": problems}
 
 
-def reproduce_command(run: Run, target: str, epochs: int, before: dict) -> list[str]:
+# The flags reproduce_schedule may set, so compare_reproduction does not count them as differences.
+SCHEDULE_FLAGS = ("epochs", "snapshot_cycles", "swa_epochs")
+
+
+def reproduce_schedule(run_flags: dict[str, str], epochs: int) -> dict[str, int]:
+    """The schedule flags that train the run's first `epochs` epochs as the run trained them. --epochs=epochs,
+    except that a cosine schedule's --epochs sets its cycle length: a reproduction then trains whole cycles of
+    the run's length, to the end of the cycle epoch `epochs` is in (a cosine run is its first k cycles, bit
+    for bit; flags.growth_refusals). --swa_epochs, which changes no trained weight, at most the epochs run."""
+    schedule = {"epochs": epochs}
+    if run_flags.get("lr_schedule") == "cosine":
+        per_cycle = int(run_flags["epochs"]) // int(run_flags["snapshot_cycles"])
+        cycles = -(-epochs // per_cycle)
+        schedule = {"epochs": cycles * per_cycle, "snapshot_cycles": cycles}
+    if int(run_flags.get("swa_epochs", 0)) > schedule["epochs"]:
+        schedule["swa_epochs"] = schedule["epochs"]
+    return schedule
+
+
+def reproduce_command(run: Run, target: str, schedule: dict[str, int], before: dict) -> list[str]:
     # absl applies flags in order, so these overrides win over the values inside the flagfile.
     command = [sys.executable, "-m", "salt_tf.train", f"--flagfile={os.path.join(run.path, rundir.FLAGS_FILE)}",
-               f"--model_dir={target}", f"--epochs={epochs}"]
+               f"--model_dir={target}"]
+    command += [f"--{name}={value}" for name, value in schedule.items()]
     if before["override_data_dir"]:
         command.append(f"--data_dir={before['data_dir']}")
     init = run.record.get("init_checkpoint")
@@ -306,7 +326,11 @@ def reproduce(path: str, into: str | None = None, out=None) -> int:
         raise RunError(f"{target}: exists and is not empty; a reproduction must start from scratch")
     print(f"reproducing {path} ({epochs} epoch{'s' * (epochs != 1)}) into {target}", file=out)
     before = _report_before(run, out)
-    command = reproduce_command(run, target, epochs, before)
+    schedule = reproduce_schedule(run.flags, epochs)
+    if schedule["epochs"] != epochs:
+        print(f"note: a cosine schedule's cycle length is its --epochs: the reproduction trains whole cycles, to "
+              f"epoch {schedule['epochs']}, and compares epochs 1..{epochs}", file=out)
+    command = reproduce_command(run, target, schedule, before)
     print("running: " + " ".join(shlex.quote(c) for c in command), file=out)
     out.flush()
     status = _stream(command, out)
@@ -332,7 +356,7 @@ def _report_before(run: Run, out) -> dict:
 
 def _verdict(run: Run, copy: Run, epochs: int, before: dict, out) -> int:
     """Prints the weights' comparison and PASS or FAIL with the reasons; returns the exit status (0 PASS)."""
-    after = compare_reproduction(run, copy, overridden=("epochs", "data_dir"))
+    after = compare_reproduction(run, copy, overridden=SCHEDULE_FLAGS + ("data_dir",))
     weights = after["weights"]
     print(describe_weights(weights), file=out)
     for key, (va, vb) in after["environment"].items():

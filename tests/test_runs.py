@@ -132,6 +132,27 @@ def test_reproduce_of_an_untouched_run_is_bit_identical(lab):
     assert {k for k in flags_a if flags_a[k] != flags_b.get(k)} == {"model_dir"}
 
 
+REPRODUCE_SCHEDULES = [
+    # (the run's flags.cfg, epochs completed, the schedule flags its reproduction must run with)
+    (dict(lr_schedule="plateau", epochs="50"), 7, {"epochs": 7}),
+    (dict(lr_schedule="plateau", epochs="50", swa_epochs="6"), 3, {"epochs": 3, "swa_epochs": 3}),
+    (dict(lr_schedule="cosine", epochs="120", snapshot_cycles="3"), 88, {"epochs": 120, "snapshot_cycles": 3}),
+    (dict(lr_schedule="cosine", epochs="120", snapshot_cycles="3"), 40, {"epochs": 40, "snapshot_cycles": 1}),
+    (dict(lr_schedule="cosine", epochs="120", snapshot_cycles="3", swa_epochs="6"), 41,
+     {"epochs": 80, "snapshot_cycles": 2}),
+    (dict(lr_schedule="cosine", epochs="12", snapshot_cycles="3", swa_epochs="6"), 2,
+     {"epochs": 4, "snapshot_cycles": 1, "swa_epochs": 4}),
+]
+
+
+@pytest.mark.parametrize("run_flags, completed, expected", REPRODUCE_SCHEDULES)
+def test_reproduce_trains_whole_cosine_cycles_of_the_runs_length(run_flags, completed, expected):
+    """A cosine schedule's --epochs sets its cycle length, so an unfinished cosine run is reproduced by its
+    first whole cycles (the same schedule, bit for bit: test_reliability's growth test), not by --epochs=the
+    epochs completed, which would anneal on another cycle length and diverge at epoch 1."""
+    assert runs.reproduce_schedule(run_flags, completed) == expected
+
+
 def test_reproduce_reports_an_edited_flag(lab):
     status, output = lab.results["changed_flag"]
     assert status == 1, output[-3000:]
