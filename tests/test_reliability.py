@@ -689,8 +689,11 @@ def test_a_snapshot_ensemble_grows_by_whole_cycles_into_the_run_the_new_flags_tr
     """A finished cosine run with --swa_epochs, resumed with --epochs and --snapshot_cycles raised in step (the
     same cycle length), trains the epochs a fresh run of the new flags trains, bit for bit: every epoch's
     weights, the training state, the new snapshot and the new weight average (of the grown run's last epoch,
-    not of the old window); the old average is kept in swa-until-epoch-2/, not lost."""
-    grown_flags = dict(lr_schedule="cosine", snapshot_cycles=2, epochs=4, swa_epochs=1)
+    not of the old window); the old average is kept in swa-until-epoch-2/, not lost. With the components of
+    flags/recipe.cfg, whose 40-epoch first cycle is grown this way into the 120-epoch recipe."""
+    recipe = dict(se_type="scse", hypercolumn=True, deep_supervision=True, loss="bce:1,lovasz_sym_elu:1", zoom=1.2,
+                  brightness=0.1, contrast=0.1)
+    grown_flags = dict(recipe, lr_schedule="cosine", snapshot_cycles=2, epochs=4, swa_epochs=1)
     fresh, grown = str(tmp_path / "fresh"), str(tmp_path / "grown")
     run_tiny(demo_dir, fresh, **grown_flags)
     run_tiny(demo_dir, grown, **dict(grown_flags, snapshot_cycles=1, epochs=2))
