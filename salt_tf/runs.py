@@ -245,11 +245,11 @@ def reproduce_schedule(run_flags: dict[str, str], epochs: int) -> dict[str, int]
     return schedule
 
 
-def reproduce_command(run: Run, target: str, schedule: dict[str, int], before: dict) -> list[str]:
+def reproduce_command(run: Run, target: str, epochs: int, before: dict) -> list[str]:
     # absl applies flags in order, so these overrides win over the values inside the flagfile.
     command = [sys.executable, "-m", "salt_tf.train", f"--flagfile={os.path.join(run.path, rundir.FLAGS_FILE)}",
                f"--model_dir={target}"]
-    command += [f"--{name}={value}" for name, value in schedule.items()]
+    command += [f"--{name}={value}" for name, value in reproduce_schedule(run.flags, epochs).items()]
     if before["override_data_dir"]:
         command.append(f"--data_dir={before['data_dir']}")
     init = run.record.get("init_checkpoint")
@@ -330,7 +330,7 @@ def reproduce(path: str, into: str | None = None, out=None) -> int:
     if schedule["epochs"] != epochs:
         print(f"note: a cosine schedule's cycle length is its --epochs: the reproduction trains whole cycles, to "
               f"epoch {schedule['epochs']}, and compares epochs 1..{epochs}", file=out)
-    command = reproduce_command(run, target, schedule, before)
+    command = reproduce_command(run, target, epochs, before)
     print("running: " + " ".join(shlex.quote(c) for c in command), file=out)
     out.flush()
     status = _stream(command, out)
