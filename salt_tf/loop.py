@@ -64,6 +64,10 @@ class LoopConfig:
     loss_switch_epochs: tuple[int, ...] = ()  # plateau: epochs at which the next loss stage starts
     swa_epochs: int = 0             # average the weights of the last N epochs into <run_dir>/swa; 0 = off
 
+    def averages(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (1-based) is one of the last --swa_epochs, whose weights are averaged."""
+        return epoch > self.epochs - self.swa_epochs
+
 
 class TrainingStopped(Exception):
     """The run stopped early on purpose; the message is one line for the user, `exit_code` the status."""
@@ -353,8 +357,7 @@ class Trainer:
         old end) holds the sums of its old window in the checkpoint; they are dropped, so the average is that
         of the last --swa_epochs of the grown run, as a fresh run of the same flags averages."""
         average = self.state.weight_average
-        if average is not None and int(average.count.numpy()) and \
-                first_epoch <= self.config.epochs - self.config.swa_epochs:
+        if average is not None and int(average.count.numpy()) and not self.config.averages(first_epoch):
             logging.info("--epochs grew to %d: the weight average of %d epochs before epoch %d is dropped; the "
                          "last %d epochs are averaged", self.config.epochs, int(average.count.numpy()), first_epoch,
                          self.config.swa_epochs)
@@ -404,7 +407,7 @@ class Trainer:
         row["eval_seconds"] = time.perf_counter() - eval_start
         outcome = schedule.end_epoch(epoch + 1, row["val_metric"], optimizer.learning_rate)
         self.state.epoch.assign(epoch + 1)
-        if self.state.weight_average is not None and epoch + 1 > self.config.epochs - self.config.swa_epochs:
+        if self.state.weight_average is not None and self.config.averages(epoch + 1):
             self.state.weight_average.add(self.step.model)
         return row, outcome, cycle, (probabilities, image_scores)
 
