@@ -436,16 +436,18 @@ def format_breakdown(named: Sequence[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def format_score(value: float | None) -> str:
+    """A score as the reports print it (evaluate's table, the release's model card): 4 decimals, "n/a" where
+    it does not apply. Stored scores keep the float's own digits (0.8360000000000001)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """The evaluation rows as an aligned text table (n/a where a number does not apply)."""
     width = max(len("model"), *(len(r.name) for r in rows))
-
-    def number(v):
-        return "n/a" if v is None else f"{v:.4f}"
-
     lines = [f"{'model':<{width}}  {'@0.50':>6}  {'tuned':>6}  {'thr':>4}  {'cv':>6}"]
     for r in rows:
         thr = "n/a" if r.threshold is None else f"{r.threshold:.2f}"
-        lines.append(f"{r.name:<{width}}  {number(r.at_half):>6}  {number(r.tuned):>6}  {thr:>4}  "
-                     f"{number(r.cv):>6}")
+        lines.append(f"{r.name:<{width}}  {format_score(r.at_half):>6}  {format_score(r.tuned):>6}  {thr:>4}  "
+                     f"{format_score(r.cv):>6}")
     return "\n".join(lines)

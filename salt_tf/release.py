@@ -27,7 +27,7 @@ import hashlib
 import os
 import shutil
 
-from salt_tf import rundir
+from salt_tf import ensemble, rundir
 
 RUN_FILES = (rundir.FLAGS_FILE, rundir.RECORD_FILE, rundir.SPLIT_FILE, rundir.METRICS_FILE)
 CARD_FILE = "MODEL_CARD.md"
@@ -270,11 +270,6 @@ def _architecture(config: dict) -> str:
     return ", ".join(parts)
 
 
-def _figure(value: float | None) -> str:
-    """A score as the card prints it: 4 decimals (model.json keeps the float's own digits, 0.8360000000000001)."""
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def _scores_lines(choice: dict | None, into: str) -> list[str]:
     """The validation section of the card: what ensemble.json chose and its scores."""
     if choice is None:
@@ -282,6 +277,7 @@ def _scores_lines(choice: dict | None, into: str) -> list[str]:
                 f"--model_dir={into}` chooses the threshold, TTA and post-processing on the run's validation "
                 "images (the `val` rows of split.csv) and writes ensemble.json; `predict submit` then applies it."]
     pp, scores = choice.get("postprocessing") or {}, choice.get("scores") or {}
+    score = ensemble.format_score
 
     rules = [f"threshold {pp.get('threshold')}"]
     if pp.get("min_component"):
@@ -295,9 +291,9 @@ def _scores_lines(choice: dict | None, into: str) -> list[str]:
              f"{len(choice.get('models', []))} model(s), {', '.join(rules)}.", "",
              "| score (competition metric: mean precision over IoU 0.50-0.95) | value |", "|---|---|",
              f"| {scores.get('folds')}-fold cross-validated over the images, thresholds and rules chosen on the "
-             f"other folds (the honest figure) | **{_figure(scores.get('cv_chosen', scores.get('cv_mean_postprocessed')))}** |",
-             f"| the same, threshold only | {_figure(scores.get('cv_mean'))} |",
-             f"| with the choice fitted on all of them (optimistic) | {_figure((pp.get('scores') or {}).get('final'))} |"]
+             f"other folds (the honest figure) | **{score(scores.get('cv_chosen', scores.get('cv_mean_postprocessed')))}** |",
+             f"| the same, threshold only | {score(scores.get('cv_mean'))} |",
+             f"| with the choice fitted on all of them (optimistic) | {score((pp.get('scores') or {}).get('final'))} |"]
     return lines
 
 
@@ -311,7 +307,8 @@ def model_card(name: str, run_dir: str, released: dict[str, str], configs: dict[
     weights = [(path, digest) for path, digest in sorted(sums.items()) if os.path.basename(path).startswith(
         rundir.EXPORT_WEIGHTS + ".data")]
     models = "; ".join(f"`{n}` = the run's `{os.path.relpath(s, run_dir)}` (epoch {configs[n].get('epoch')}, "
-                       f"validation metric {_figure(configs[n].get('val_metric'))})" for n, s in released.items())
+                       f"validation metric {ensemble.format_score(configs[n].get('val_metric'))})"
+                       for n, s in released.items())
     dirty = " with uncommitted changes (record.json holds the diff)" if code.get("dirty") else ""
     lines = [
         f"# {name}", "",
