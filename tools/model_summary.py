@@ -2,7 +2,7 @@
 
     python tools/model_summary.py --base_width=16 --depth=4 --blocks_per_level=2 \
         [--se|--nose] [--se_ratio=4] [--use_depth] [--hypercolumn] [--deep_supervision] ... \
-        [--bench_steps=3 --bench_repeats=5 --batch_size=32 | --nobench]
+        [--bench_steps=3 --bench_repeats=5 --batch_size=32 | --nobench] [--init_scale]
 
 The model flags are the train command's own (salt_tf.flags.define_model_flags), built into a ModelConfig by
 salt_tf.configs.model_config, so a flagfile's model lines describe the same model here.
@@ -12,6 +12,9 @@ levels, head) with their parameter counts and output shapes, the total parameter
 the analytical forward GFLOPs per 101x101 image, and -- unless --nobench -- the median
 forward+backward throughput (images/s) of a tf.function GradientTape step with a sigmoid
 BCE loss and a plain SGD update. Warm-up steps (tracing) are excluded from the timing.
+With --init_scale, also how the freshly initialised model treats a batch (the benchmark's random-normal images
+and random masks, training mode): each block's output standard deviation and the sigmoid BCE loss's gradient
+norm -- how the scSE and cSE models differ before any training (docs/results.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ flags.DEFINE_integer("bench_warmup", 2, "Untimed warm-up steps (includes tracing
 flags.DEFINE_integer("bench_steps", 3, "Timed steps per repeat.")
 flags.DEFINE_integer("bench_repeats", 5, "Timed repeats; the median is reported.")
 flags.DEFINE_integer("seed", 0, "Seed for weights and benchmark data.")
+flags.DEFINE_bool("init_scale", False, "Print each block's output std and the BCE gradient norm at initialisation.")
 
 
 def _fmt_shape(shape) -> str:
@@ -62,11 +66,30 @@ def print_summary(config: ModelConfig, model) -> None:
           f"{forward_flops_per_image(config) / 1e9:.4f} (2 x MACs of conv/transposed conv/dense)")
 
 
+def benchmark_batch(config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """--batch_size random-normal images and random {0, 1} masks drawn from --seed."""
+    rng = tf.random.Generator.from_seed(FLAGS.seed)
+    images = rng.normal([FLAGS.batch_size, IMAGE_SIZE, IMAGE_SIZE, config.input_channels])
+    masks = tf.cast(rng.uniform([FLAGS.batch_size, IMAGE_SIZE, IMAGE_SIZE, 1]) > 0.5, tf.float32)
+    return images, masks
+
+
+def print_init_scale(config: ModelConfig, model) -> None:
+    """Each block's output std in training mode, and the BCE gradient norm, of the model as initialised."""
+    images, masks = benchmark_batch(config)
+    print("at initialisation, training mode, batch of " + str(FLAGS.batch_size) + " random-normal images:")
+    for name, _, out in model.trace(images, training=True):
+        print(f"  {name:<18} output std {float(tf.math.reduce_std(tf.cast(out, tf.float32))):.3f}")
+    with tf.GradientTape() as tape:
+        logits = model(images, training=True)
+        loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=masks, logits=logits))
+    gradients = tape.gradient(loss, model.trainable_variables)
+    print(f"  BCE {float(loss):.4f}, gradient norm {float(tf.linalg.global_norm(gradients)):.4f}")
+
+
 def benchmark(config: ModelConfig, model) -> None:
     batch = FLAGS.batch_size
-    rng = tf.random.Generator.from_seed(FLAGS.seed)
-    images = rng.normal([batch, IMAGE_SIZE, IMAGE_SIZE, config.input_channels])
-    masks = tf.cast(rng.uniform([batch, IMAGE_SIZE, IMAGE_SIZE, 1]) > 0.5, tf.float32)
+    images, masks = benchmark_batch(config)
     variables = model.trainable_variables
     learning_rate = 1e-3
 
@@ -102,6 +125,8 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)
     model = build_model(config, precision=FLAGS.precision)
     print_summary(config, model)
+    if FLAGS.init_scale:
+        print_init_scale(config, model)
     if FLAGS.bench:
         benchmark(config, model)
 
