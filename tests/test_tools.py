@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def commands(request, tmp_path_factory, demo_dir):
-    """bench.py, perf_variants.py and profile_step.py, started together when the module starts: each runs its
+    """bench.py, perf_variants.py, profile_step.py and model_summary.py, started together when the module starts: each runs its
     measuring children one after the other, and those are mostly single-threaded TensorFlow start-up and tracing,
     so the three commands (and this module's in-process test) share the 2 cores instead of waiting in turn. No
     figure is checked for speed. Returns {name: (Future of the CompletedProcess, its --json path or None)}; a
@@ -38,9 +39,12 @@ def commands(request, tmp_path_factory, demo_dir):
         # A child process: the profiler and determinism's thread settings want a fresh TensorFlow.
         "profile_step": ([sys.executable, tool("profile_step.py"), f"--data_dir={demo_dir}", *model, "--batch_size=4",
                           "--steps=2", "--top=40"], None, 300),
+        "model_summary": ([sys.executable, tool("model_summary.py"), *model, "--se_type=scse", "--nobench",
+                           "--init_scale", "--batch_size=4"], None, 300),
     }
     tests = {"bench": "test_bench_reports_every_figure", "perf_variants": "test_perf_variants_reports_each_variant",
-             "profile_step": "test_profile_step_lists_the_convolutions"}
+             "profile_step": "test_profile_step_lists_the_convolutions",
+             "model_summary": "test_model_summary_init_scale_covers_every_block"}
     runs = {name: run for name, run in runs.items() if selected(request, tests[name])}  # those of the selected tests
     with side_by_side({name: functools.partial(subprocess.run, command, capture_output=True, text=True,
                                                timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
@@ -89,3 +93,19 @@ def test_profile_step_lists_the_convolutions(commands):
     conv_rows = [r for r in rows if "Conv2D" in r[0]]
     assert conv_rows, result.stdout
     assert all(float(r[1]) > 0 for r in conv_rows)
+
+
+def test_model_summary_init_scale_covers_every_block(commands):
+    """--init_scale prints one finite, positive output std for each block of the summary table, in its order,
+    and the loss's gradient norm."""
+    result = commands["model_summary"][0].result()
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("at initialisation"))
+    table = lines[lines.index("-" * 52) + 1:]
+    blocks = [line.split()[0] for line in table[:table.index("-" * 52)]]
+    scales = [line.split() for line in lines[start + 1:start + 1 + len(blocks)]]
+    assert [row[0] for row in scales] == blocks, result.stdout
+    assert all(0 < float(row[-1]) < 100 for row in scales), result.stdout
+    bce, norm = re.fullmatch(r"\s*BCE ([0-9.]+), gradient norm ([0-9.]+)", lines[start + 1 + len(blocks)]).groups()
+    assert float(bce) > 0 and float(norm) > 0, result.stdout
