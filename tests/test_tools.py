@@ -16,11 +16,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def commands(request, tmp_path_factory, demo_dir):
-    """bench.py, perf_variants.py, profile_step.py and model_summary.py, started together when the module starts: each runs its
-    measuring children one after the other, and those are mostly single-threaded TensorFlow start-up and tracing,
-    so the three commands (and this module's in-process test) share the 2 cores instead of waiting in turn. No
-    figure is checked for speed. Returns {name: (Future of the CompletedProcess, its --json path or None)}; a
-    test's .result() waits for its command."""
+    """bench.py, perf_variants.py, profile_step.py and model_summary.py, started together when the module starts:
+    each runs its measuring children one after the other, and those are mostly single-threaded TensorFlow start-up
+    and tracing, so the four commands (and this module's in-process test) share the 2 cores instead of waiting in
+    turn. No figure is checked for speed. Returns {name: (Future of the CompletedProcess, its --json path or
+    None)}; a test's .result() waits for its command."""
     out = tmp_path_factory.mktemp("tools")
     # bench.py times whole epochs and validations of its data: 48 images (39 training, 9 validation) report
     # every figure as 160 do, in 4 steps an epoch instead of 16.

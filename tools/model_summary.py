@@ -74,16 +74,21 @@ def benchmark_batch(config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
     return images, masks
 
 
+def bce(masks, logits):
+    """The sigmoid BCE both the benchmark step and --init_scale differentiate."""
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=masks, logits=logits))
+
+
 def print_init_scale(config: ModelConfig, model) -> None:
     """Each block's output std in training mode, and the BCE gradient norm, of the model as initialised."""
     images, masks = benchmark_batch(config)
-    print("at initialisation, training mode, batch of " + str(FLAGS.batch_size) + " random-normal images:")
-    for name, _, out in model.trace(images, training=True):
-        print(f"  {name:<18} output std {float(tf.math.reduce_std(tf.cast(out, tf.float32))):.3f}")
     with tf.GradientTape() as tape:
-        logits = model(images, training=True)
-        loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=masks, logits=logits))
+        record = model.trace(images, training=True)  # its last entry is the head's: the mask logits
+        loss = bce(masks, record[-1][2])
     gradients = tape.gradient(loss, model.trainable_variables)
+    print(f"at initialisation, training mode, batch of {FLAGS.batch_size} random-normal images:")
+    for name, _, out in record:
+        print(f"  {name:<18} output std {float(tf.math.reduce_std(tf.cast(out, tf.float32))):.3f}")
     print(f"  BCE {float(loss):.4f}, gradient norm {float(tf.linalg.global_norm(gradients)):.4f}")
 
 
@@ -96,8 +101,7 @@ def benchmark(config: ModelConfig, model) -> None:
     @tf.function
     def train_step(x, y):
         with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
+            loss = bce(y, model(x, training=True))
         grads = tape.gradient(loss, variables)
         for v, g in zip(variables, grads):
             v.assign_sub(learning_rate * g)
