@@ -19,6 +19,7 @@ happen, resume, signals and profiling; it is given the `TrainStep` (what one ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -75,6 +76,26 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class StopAfterEpoch(Exception):
+    """Raised by an epoch-end action to end the run after this epoch (a sweep's pruned trial): the loop still
+    commits the epoch (metrics row, summaries, checkpoint), then raises it out of `Trainer.run`."""
+
+
+# Extra epoch-end actions of every run_dir_trainer made inside `extra_epoch_end` (a sweep trial's report to
+# its study): the train command's own code runs, and the run's bits do not depend on them.
+_EXTRA_EPOCH_END: list = []
+
+
+@contextlib.contextmanager
+def extra_epoch_end(action: Callable[["EpochEnd"], None]):
+    """Adds `action` after the run directory's own epoch-end actions of the trainers made in this block."""
+    _EXTRA_EPOCH_END.append(action)
+    try:
+        yield action
+    finally:
+        _EXTRA_EPOCH_END.remove(action)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -423,8 +444,12 @@ class Trainer:
         if outcome.improved and self.checkpoints is not None:
             self.checkpoints.save_best(step)
         end = EpochEnd(epoch=epoch, cycle=cycle, stage=self.stage, row=row, outcome=outcome, model=self.step.model)
+        stop = None
         for action in self.epoch_end:
-            action(end)
+            try:
+                action(end)
+            except StopAfterEpoch as e:  # raised after the epoch is committed below
+                stop = e
         self.history.add(row, fingerprints)
         self.summaries.epoch(row, float(self.state.schedule.best.numpy()), step)
         self.summaries.validation_images(self.validation.images.numpy()[..., 0], self.validation.truth,
@@ -432,6 +457,8 @@ class Trainer:
         self.summaries.flush()
         self._save(step)
         self._log_epoch(row, outcome.improved)
+        if stop is not None:
+            raise stop
 
     # ---------------------------------------------------------------------------------- one epoch
 
@@ -667,7 +694,7 @@ def run_dir_trainer(step: TrainStep, config: LoopConfig, train_arrays, val_array
     return Trainer(step, config, train_arrays, Validation(*val_arrays, batch_size=config.eval_batch_size),
                    state=state, checkpoints=checkpoints, summaries=summaries,
                    epoch_end=[ExportBest(run_dir, export_config),
-                              ExportSnapshot(run_dir, export_config, config.lr_schedule)],
+                              ExportSnapshot(run_dir, export_config, config.lr_schedule), *_EXTRA_EPOCH_END],
                    history=RunHistory(run_dir),
                    weight_average_export=ExportWeightAverage(run_dir, export_config) if config.swa_epochs else None,
                    resume_checkpoint=resume_checkpoint, init_weights=init_weights, stop_signals=stop_signals)
