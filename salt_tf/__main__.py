@@ -22,6 +22,8 @@ COMMANDS = (
     ("python -m salt_tf.cv compare", "two cross-validation parents image by image: mean difference, interval"),
     ("python -m salt_tf.cv pseudo", "pseudo-labels: the confident predictions of unlabelled images as a "
                                     "labelled folder"),
+    ("python -m salt_tf.competition", "the whole competition pipeline, resumable: folds, OOF, leak-free "
+                                      "pseudo-labels, a second round, the choice, the submission, a release"),
     ("python -m salt_tf.serving", "a run's models as a TensorFlow SavedModel for serving"),
     ("python -m salt_tf.data.synthetic", "write the synthetic demo data set in the Kaggle layout"),
 )

@@ -26,6 +26,7 @@ train command). Exit status: 0 done, 1 a fold's training failed or a write faile
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -178,9 +179,16 @@ def check_train_arguments(train_args: Sequence[str]) -> None:
                           f"drop --{name}")
 
 
+FOLD_FIELD = "{fold}"
+
+
 def fold_arguments(train_args: Sequence[str], parent: str, fold: int) -> list[str]:
-    """The train command's arguments for fold `fold` (after the user's: absl lets the later value win)."""
-    return [*train_args, f"--fold={fold}", f"--model_dir={rundir.fold_dir(parent, fold)}"]
+    """The train command's arguments for fold `fold`: the user's, each `{fold}` in them replaced by k (a
+    per-fold path, e.g. --extra_data_dir=pl/fold-{fold} for leak-free pseudo-labels or
+    --init_checkpoint=round1/fold-{fold} to fine-tune each fold from its own earlier model), then --fold and
+    --model_dir (after the user's: absl lets the later value win)."""
+    return [*(arg.replace(FOLD_FIELD, str(fold)) for arg in train_args), f"--fold={fold}",
+            f"--model_dir={rundir.fold_dir(parent, fold)}"]
 
 
 def fold_status(run_dir: str, changes: dict | None) -> str:
@@ -218,10 +226,15 @@ def plan_folds(parent: str, train_args: Sequence[str]) -> tuple[int, dict[int, s
         folds, k = None, 0
         while folds is None or k < folds:
             flags.FLAGS.unparse_flags()
-            train.parse_train_argv(["train", *fold_arguments(train_args, parent, k)])
+            try:
+                train.parse_train_argv(["train", *fold_arguments(train_args, parent, k)])
+            except flags.Error:
+                _require_folds()  # a missing --folds first: without it the other flags' checks mislead
+                raise
             folds = flags.FLAGS.folds
-            if folds < 2:
-                raise CVError(f"cv train needs --folds=K with K >= 2 (got --folds={folds})")
+            _require_folds()
+            if k == 0:
+                _check_whole_kfold()
             fold_run = rundir.fold_dir(parent, k)
             try:
                 plan[k] = fold_status(fold_run, train.check_resume_flags(fold_run))
@@ -229,6 +242,70 @@ def plan_folds(parent: str, train_args: Sequence[str]) -> tuple[int, dict[int, s
                 raise CVError(str(e)) from None
             k += 1
     return folds, plan
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldBudget:
+    """What one K-fold of a train command line costs, from its parsed flags (fold_budget)."""
+    folds: int          # K
+    epochs: int         # per fold
+    gflop: float        # forward GFLOP per image (model.forward_flops_per_image)
+    data_dir: str       # the labelled folder
+    models: int         # the models each fold leaves for prediction: its snapshots, else its export/
+
+
+def fold_budget(train_args: Sequence[str]) -> FoldBudget:
+    """Parses fold 0's train command line (every check of the flags alone, as plan_folds does) and returns what
+    each fold trains and leaves.
+
+    Raises:
+        flags.Error (one line): a bad flag.
+        CVError: no --folds=K with K >= 2.
+    """
+    from absl.testing import flagsaver
+
+    _train_flags()
+    from salt_tf import configs, model, train
+
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        train.parse_train_argv(["train", *fold_arguments(train_args, "parent", 0)])
+        f = flags.FLAGS
+        if f.folds < 2:
+            raise CVError(f"a K-fold needs --folds=K with K >= 2 (got --folds={f.folds})")
+        snapshots = f.snapshot_cycles if f.lr_schedule == "cosine" else 0
+        return FoldBudget(folds=f.folds, epochs=f.epochs, data_dir=f.data_dir, models=max(1, snapshots),
+                          gflop=model.forward_flops_per_image(configs.model_config(f)) / 1e9)
+
+
+def _require_folds() -> None:
+    """Raises CVError unless the parsed (or half-parsed: absl sets every value before it validates) train flags
+    give --folds=K with K >= 2."""
+    folds = flags.FLAGS["folds"].value
+    if not folds or folds < 2:
+        raise CVError(f"cv train needs --folds=K with K >= 2 (got --folds={folds}), e.g. --folds=5")
+
+
+def _check_whole_kfold() -> None:
+    """Every fold of the K-fold the parsed train flags describe validates on at least one image and trains on
+    at least one batch (splits.check_folds), before the first fold starts; the labelled images are counted in
+    train.csv (each fold checks its own split again, with --nostrict's skipped images left out).
+
+    Raises:
+        CVError: one line naming --folds (or --batch_size) and the fix.
+    """
+    from salt_tf.data import kaggle, splits
+
+    f = flags.FLAGS
+    train_csv = os.path.join(f.data_dir, kaggle.TRAIN_FILE)
+    if f.dataset == "demo" and not os.path.isfile(train_csv):
+        images = f.demo_images
+    else:
+        images = len(kaggle.read_train_csv(f.data_dir))
+    try:
+        splits.check_folds(images, f.folds, f.batch_size)
+    except kaggle.DataError as e:
+        raise CVError(f"{e}; no fold was started") from None
 
 
 class _Stopped(Exception):
@@ -339,7 +416,8 @@ def train_flags_help() -> str:
     """What `cv train --help` shows after its own flags: the train command's flags, which it passes on."""
     salt_flags = _train_flags()
     return ("Every other argument goes to each fold's `python -m salt_tf.train` (--flagfile=F, --folds=K and any "
-            "train flag below); cv sets --fold and --model_dir.\n\n" + flags.FLAGS.module_help(salt_flags.__name__))
+            "train flag below); cv sets --fold and --model_dir, and replaces {fold} in any argument by the fold's "
+            "number k (e.g. --extra_data_dir=pl/fold-{fold}).\n\n" + flags.FLAGS.module_help(salt_flags.__name__))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -516,7 +594,8 @@ def run_pseudo(fv: flags.FlagValues) -> int:
 
 TRAIN_HELP = """\
 Trains fold k of --folds=K into <parent>/fold-k with `python -m salt_tf.train` (one process per fold, --parallel
-at a time, output prefixed [fold-k]), after checking every fold's flags; skips finished folds, resumes the
+at a time, output prefixed [fold-k]; `{fold}` in any train argument becomes k, e.g.
+--extra_data_dir=pl/fold-{fold}), after checking every fold's flags; skips finished folds, resumes the
 others, then runs collect. A failed fold: exit 1, naming it. Ctrl-C or SIGTERM: every running fold writes a
 checkpoint and stops; exit 130 or 143; the same command resumes."""
 

@@ -99,7 +99,8 @@ def write_bytes(path: str, data: bytes) -> None:
         data: the whole new content.
 
     Raises:
-        OSError: the write failed; the old file (if any) is intact and no temporary file is left.
+        OSError: the write failed (its filename the target's when the failing call named none); the old file
+            (if any) is intact and no temporary file is left.
     """
     tmp = _temporary(path)
     try:
@@ -108,9 +109,11 @@ def write_bytes(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a full disk's write() names no file: name the target
+            raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
     _fsync_dir(os.path.dirname(path))
 
@@ -398,6 +401,13 @@ def data_dir(run_dir: str, must_exist: bool = True) -> str:
 FOLD_PREFIX = "fold-"
 OOF_FILE = "oof.npz"
 OOF_SUMMARY = "oof.json"
+
+# A pipeline's folder (python -m salt_tf.competition --parent=P): its stages' folders (round1/, pseudo/, round2/:
+# CV parents and pseudo-label folders), the status of every stage, and each stage's output.
+#   <P>/pipeline.json    PIPELINE_FILE     the plan: each stage's command, status, attempts, seconds, FLOP budget
+#   <P>/logs/<stage>.log PIPELINE_LOGS     what each stage printed, appended at every attempt
+PIPELINE_FILE = "pipeline.json"
+PIPELINE_LOGS = "logs"
 
 
 def fold_dir(parent: str, fold: int) -> str:
