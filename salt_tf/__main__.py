@@ -24,6 +24,10 @@ COMMANDS = (
                                     "labelled folder"),
     ("python -m salt_tf.competition", "the whole competition pipeline, resumable: folds, OOF, leak-free "
                                       "pseudo-labels, a second round, the choice, the submission, a release"),
+    ("python -m salt_tf.sweep run", "one hyperparameter-sweep worker: Optuna trials, each a run directory, until "
+                                    "the study's budget is used"),
+    ("python -m salt_tf.sweep report", "a sweep's trials table, its best trial's flags as a flagfile, importances, "
+                                       "a plot"),
     ("python -m salt_tf.serving", "a run's models as a TensorFlow SavedModel for serving"),
     ("python -m salt_tf.data.synthetic", "write the synthetic demo data set in the Kaggle layout"),
 )

@@ -44,7 +44,8 @@ def program_and_flags(words: list[str]) -> tuple[list[str], list[str], list[str]
         program, rest = [sys.executable, "-m", words[2]], words[3:]
     else:  # python tools/x.py, bash tools/x.sh
         program, rest = [sys.executable if words[0] == "python" else "bash", words[1]], words[2:]
-    if rest and re.fullmatch(r"[a-z_]+", rest[0]) and words[2] in ("salt_tf.runs", "salt_tf.predict", "salt_tf.cv"):
+    if rest and re.fullmatch(r"[a-z_]+", rest[0]) and words[2] in ("salt_tf.runs", "salt_tf.predict", "salt_tf.cv",
+                                                                                "salt_tf.sweep"):
         program, rest = program + [rest[0]], rest[1:]
     named = [re.match(r"--(?:no)?([\w]+)", w).group(1) for w in rest if w.startswith("--")]
     return program, named, rest
