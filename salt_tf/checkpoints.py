@@ -108,15 +108,24 @@ def newest_intact(checkpoint_dir: str) -> tuple[str | None, list[tuple[str, str]
     state = tf.train.get_checkpoint_state(checkpoint_dir)
     damaged = []
     for path in reversed(list(state.all_model_checkpoint_paths) if state else []):
-        try:
-            reader = tf.train.load_checkpoint(path)
-            for name in reader.get_variable_to_shape_map():
-                reader.get_tensor(name)
-        except (tf.errors.OpError, IndexError, ValueError) as e:  # truncated, corrupt or missing files
-            damaged.append((path, (getattr(e, "message", None) or str(e)).splitlines()[0]))
+        reason = unreadable(path)
+        if reason:
+            damaged.append((path, reason))
             continue
         return path, damaged
     return None, damaged
+
+
+def unreadable(path: str) -> str | None:
+    """Why the checkpoint at prefix `path` (a checkpoint or an export's weights) does not read back whole, in one
+    line; None when every tensor reads."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, IndexError, ValueError) as e:  # truncated, corrupt or missing files
+        return (getattr(e, "message", None) or str(e)).splitlines()[0]
+    return None
 
 
 def has_history(run_dir: str) -> bool:
@@ -190,7 +199,17 @@ def init_export_dir(path: str) -> str:
 def check_init_compatible(export_dir: str, source_flag: str, model_config: dict) -> dict:
     """The export's config, if its model has the same variables as `model_config`; else one line that
     names each setting that differs."""
-    source = read_export_config(export_dir)
+    try:
+        source = read_export_config(export_dir)
+    except ValueError as e:  # a cut-short model.json
+        raise InitCheckpointError(f"--init_checkpoint={source_flag}: {os.path.join(export_dir, rundir.EXPORT_CONFIG)} "
+                                  f"is not readable JSON ({e}); give another export of that run or copy it again"
+                                  ) from None
+    damage = unreadable(os.path.join(export_dir, rundir.EXPORT_WEIGHTS))
+    if damage:
+        raise InitCheckpointError(f"--init_checkpoint={source_flag}: the weights in {export_dir} are damaged "
+                                  f"({damage}); give another export of that run (e.g. a snapshots/snapshot-K "
+                                  "folder) or copy the run again")
     # An export written before a model setting existed was built with that setting's default.
     trained = dict(dataclasses.asdict(model_lib.ModelConfig()), **source.get("model", {}))
     differ = [name for name, value in model_config.items()

@@ -256,8 +256,9 @@ def run_reporting(body: Callable[[], int], user_errors: tuple[type, ...],
     except OSError as e:
         if output is None:
             raise
-        error(f"cannot write {e.filename or output()}: {e.strerror or e}; check the folder's permissions and "
-              "free space")
+        where = e.filename or output()
+        error(f"cannot write{' ' + str(where) if where else ''}: {e.strerror or e}; check the folder's permissions "
+              "and free space")
         return 1
 
 

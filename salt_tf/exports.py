@@ -45,7 +45,16 @@ class LoadedModel:
         return bool(self.config.get("use_depth", False))
 
     def info(self) -> dict:
-        return {"name": self.name, "epoch": self.config.get("epoch"), "val_metric": self.config.get("val_metric")}
+        """What a saved choice (ensemble.json, oof.json) records of the model it was fitted on: its name, epoch,
+        validation metric and the SHA-256 of its weight files (_check_fitted compares them)."""
+        return {"name": self.name, "epoch": self.config.get("epoch"), "val_metric": self.config.get("val_metric"),
+                "weights_sha256": self.weights_sha256()}
+
+    def weights_sha256(self) -> str | None:
+        """records.files_sha256 of the export's weights.* files (None: no weight files)."""
+        from salt_tf import records
+
+        return records.files_sha256(self.path, rundir.EXPORT_WEIGHTS)
 
 
 def _read_config(export_dir: str) -> dict:
@@ -323,3 +332,10 @@ def _check_fitted(file: str, models: list[dict], path: str, entries: list[Loaded
         raise ExportError(
             f"{file}: fitted on models {', '.join(f'{n} (epoch {e})' for n, e in fitted)} but {path} now has "
             f"{', '.join(f'{n} (epoch {e})' for n, e in now)}; {fix}")
+    # Same names and epochs, other weights (another seed's run, a retrained run): files written before the
+    # hashes were recorded have none and are not checked.
+    other = [e.name for m, e in zip(models, entries)
+             if m.get("weights_sha256") and m["weights_sha256"] != e.weights_sha256()]
+    if other:
+        raise ExportError(f"{file}: fitted on other weights than those of {', '.join(other)} in {path} (same "
+                          f"names and epochs, another SHA-256: another run's file, or the run was retrained); {fix}")

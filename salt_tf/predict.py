@@ -223,6 +223,29 @@ def _check_output(fv: flags.FlagValues) -> None:
         raise PredictError(f"--output={fv.output}: folder {output_parent} does not exist")
     if os.path.isdir(fv.output):
         raise PredictError(f"--output={fv.output}: is a folder; give a file name such as submission.csv")
+    _check_not_an_input(fv)
+
+
+def _check_not_an_input(fv: flags.FlagValues) -> None:
+    """Refuses outputs that would overwrite an input: --masks_dir naming the --images folder (each mask <id>.png
+    would replace image <id>.png); --output naming an existing file of the --images folder or the depths CSV.
+
+    Raises:
+        PredictError: one line naming the flag and the fix; nothing written.
+    """
+    images = os.path.realpath(fv.images)  # realpath: a symlink or ../ to the same folder counts as the same
+    if fv.masks_dir and os.path.realpath(fv.masks_dir) == images:
+        raise PredictError(f"--masks_dir={fv.masks_dir} is the --images folder: each mask <id>.png would overwrite "
+                           "the image it was predicted from; give another folder, e.g. --masks_dir=masks")
+    if not os.path.isfile(fv.output):
+        return
+    output = os.path.realpath(fv.output)
+    if output.startswith(images + os.sep):
+        raise PredictError(f"--output={fv.output} is a file of --images={fv.images}: the submission would "
+                           "overwrite it; give a new file name outside that folder, e.g. --output=submission.csv")
+    if output == os.path.realpath(fv.depths or kaggle.depths_file_of_images(fv.images)):
+        raise PredictError(f"--output={fv.output} is the depths CSV of the images: the submission would overwrite "
+                           "it; give a new file name, e.g. --output=submission.csv")
 
 
 def _ensemble_and_views(fv: flags.FlagValues, entries: list[exports.LoadedModel]):
@@ -451,7 +474,23 @@ def _evaluation_data(fv: flags.FlagValues, run_dir: str):
         which = "validation ids of split.csv"
     else:
         ids, which = None, "all labelled images"
-    return kaggle.load_labelled(data_dir, ids), data_dir, which
+    data = kaggle.load_labelled(data_dir, ids)
+    _warn_if_other_data(run_dir, data_dir)
+    return data, data_dir, which
+
+
+def _warn_if_other_data(run_dir: str, data_dir: str) -> None:
+    """Warns when the labelled images of data_dir are not those the run trained on (the data fingerprint in its
+    record.json): same ids, other pixels or masks, and the scores are not the run's validation scores. Runs
+    that skipped bad examples (--nostrict) fingerprinted fewer ids: not compared."""
+    path = os.path.join(run_dir, rundir.RECORD_FILE)
+    recorded = (rundir.read_json(path).get("data") or {}) if os.path.isfile(path) else {}
+    expected = recorded.get("labelled_fingerprint") or recorded.get("fingerprint")
+    if not expected or recorded.get("skipped_examples"):
+        return
+    if kaggle.fingerprint(data_dir, kaggle.train_ids(data_dir)) != expected:
+        _warn(f"{data_dir} holds other images or masks than the run in {run_dir} trained on (its data fingerprint "
+              f"in {rundir.RECORD_FILE} differs): these scores are not its validation scores")
 
 
 def _predict_validation(fv: flags.FlagValues, entries: list[exports.LoadedModel], data: kaggle.LabelledSet,

@@ -81,6 +81,40 @@ def remove_temporary_files(run_dir: str) -> list[str]:
     return removed
 
 
+class DamagedRunFile(ValueError):
+    """record.json or fingerprints.json of a run does not read back (cut short, edited); one line."""
+
+
+def check_run_files(run_dir: str) -> dict:
+    """Before a resume writes anything: record.json and fingerprints.json, where present, are whole JSON objects
+    (a resume rewrites both, so a damaged one would be half replaced, or crash the run midway).
+
+    Returns:
+        The record ({} when the run has none).
+
+    Raises:
+        DamagedRunFile: one line naming the file and the fix.
+    """
+    record = {}
+    for name, fix in ((rundir.RECORD_FILE, "restore it from a copy of the run, or start a new run from its "
+                                           f"weights (--init_checkpoint={run_dir} and a new --model_dir)"),
+                      (rundir.FINGERPRINTS_FILE, "restore it from a copy of the run, or delete it to resume "
+                                                 "without the fingerprints of the epochs trained so far")):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            content = rundir.read_json(path)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DamagedRunFile(f"{path} is damaged (not readable JSON: {str(e).splitlines()[0]}), so the run "
+                                 f"cannot resume and nothing was written; {fix}") from None
+        if not isinstance(content, dict):
+            raise DamagedRunFile(f"{path} is damaged (not a JSON object), so the run cannot resume and nothing "
+                                 f"was written; {fix}")
+        record = content if name == rundir.RECORD_FILE else record
+    return record
+
+
 def update_record(run_dir: str, **fields: Any) -> dict:
     """Merges fields into record.json (created if absent) and returns the whole record."""
     path = os.path.join(run_dir, rundir.RECORD_FILE)

@@ -36,11 +36,14 @@ FLAGS = flags.FLAGS
 
 def prepare_run_dir(run_dir: str) -> None:
     """Creates the run directory and writes the effective flagfile: the values this run uses (a resume may have
-    changed only what check_resume_flags allows)."""
-    from salt_tf import rundir
+    changed only what check_resume_flags allows). record.json's "flags" gets the same values first, so a later
+    hand edit of flags.cfg, which a resume could not apply, is seen (check_flags_cfg_edits)."""
+    from salt_tf import records, rundir
 
     os.makedirs(run_dir, exist_ok=True)
-    rundir.write_text(os.path.join(run_dir, rundir.FLAGS_FILE), salt_flags.flagfile_text())
+    text = salt_flags.flagfile_text()
+    records.update_record(run_dir, flags=rundir.parse_flagfile(text))
+    rundir.write_text(os.path.join(run_dir, rundir.FLAGS_FILE), text)
 
 
 def holds_run(run_dir: str) -> bool:
@@ -64,15 +67,23 @@ def check_resume_flags(run_dir: str) -> dict | None:
     flags.cfg, up to the changes a resume may make (salt_tf.flags.RESUME_MAY_CHANGE, more --epochs). Returns
     those changes, {name: [recorded, given]}, or None when run_dir holds no run (a fresh start); raises
     ResumeError with one line naming every other difference and the two ways forward."""
-    from salt_tf import checkpoints, rundir
+    from salt_tf import checkpoints, records, rundir
 
     recorded = rundir.read_flagfile(run_dir) if holds_run(run_dir) else None
     if recorded is None:
+        check_new_run_dir(run_dir)
         return None
+    try:
+        record = records.check_run_files(run_dir)
+    except records.DamagedRunFile as e:
+        raise checkpoints.ResumeError(str(e)) from None
+    check_flags_cfg_edits(run_dir, recorded, record.get("flags"))
     allowed, refused = salt_flags.resume_changes(recorded)
     if not refused:
         return allowed
     flagfile = os.path.join(run_dir, rundir.FLAGS_FILE)
+    if not same_folder(recorded.get("model_dir"), run_dir):  # a copied or moved run: its flags.cfg names the old
+        flagfile += f" --model_dir={run_dir}"
     changed = {line.split(":")[0] for line in refused}
     model_changed = sorted(model_shape_flags() & changed)
     if changed & {"fold", "folds"}:
@@ -87,6 +98,92 @@ def check_resume_flags(run_dir: str) -> dict | None:
     raise checkpoints.ResumeError(
         f"--model_dir={run_dir} holds a run made with other flags ({'; '.join(refused)}); nothing was "
         f"written. To resume it, rerun with its recorded flags: --flagfile={flagfile}; {other}")
+
+
+def check_new_run_dir(run_dir: str) -> None:
+    """A new run's --model_dir must not be a folder of something else it would write into: an exported model
+    (model.json), or the data folder (or a folder inside it).
+
+    Raises:
+        checkpoints.ResumeError: one line naming the folder and the fix.
+    """
+    from salt_tf import checkpoints, rundir
+    from salt_tf.data import kaggle
+
+    if not os.path.isdir(run_dir):
+        return
+    if rundir.is_export(run_dir):
+        raise checkpoints.ResumeError(
+            f"--model_dir={run_dir} is an exported model ({rundir.EXPORT_CONFIG}), not a run directory: a run "
+            f"written into it would mix with that model's files; give a new --model_dir (--init_checkpoint={run_dir} "
+            "starts from its weights)")
+    # The data folder itself or its image folders (a run folder next to the data, inside its parent, is fine).
+    folders = [os.path.join(FLAGS.data_dir, sub) for sub in ("train", "test")] if FLAGS.data_dir else []
+    target = os.path.realpath(run_dir) + os.sep
+    inside = same_folder(run_dir, FLAGS.data_dir) or any(target.startswith(os.path.realpath(f) + os.sep)
+                                                         for f in folders)
+    if inside or os.path.isfile(os.path.join(run_dir, kaggle.TRAIN_FILE)):
+        raise checkpoints.ResumeError(
+            f"--model_dir={run_dir} is a data folder ({'in --data_dir' if inside else 'it holds train.csv'}): a "
+            "run's files would mix with the data; give a new --model_dir outside it, e.g. runs/<name>")
+
+
+def same_folder(a: str | None, b: str | None) -> bool:
+    """Whether two paths name the same folder (symlinks and ../ resolved); False when either is None."""
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_flags_cfg_edits(run_dir: str, cfg: dict[str, str], recorded: dict[str, str] | None) -> None:
+    """A run's flags.cfg (`cfg`, parsed) must say what the run wrote into it (record.json's "flags", `recorded`;
+    None for runs older than that record: not checked). A hand edit there would be ignored by a resume (the
+    schedule, optimizer and split come from the run's checkpoint and files) and then mislead `runs reproduce`,
+    so it stops, except for the flags a resume may change anyway (salt_flags.RESUME_MAY_CHANGE: where the run
+    and its data live, logging).
+
+    Raises:
+        checkpoints.ResumeError: one line naming each edited flag and the ways forward.
+    """
+    from salt_tf import checkpoints, rundir
+
+    if recorded is None:
+        return
+    edited = sorted(name for name in set(cfg) | set(recorded)
+                    if name not in salt_flags.RESUME_MAY_CHANGE and cfg.get(name) != recorded.get(name))
+    if not edited:
+        return
+    changes = "; ".join(f"{name}: {recorded.get(name, '(none)')} -> {cfg.get(name, '(none)')}" for name in edited)
+    raise checkpoints.ResumeError(
+        f"{os.path.join(run_dir, rundir.FLAGS_FILE)} was edited after the run wrote it ({changes}); a resume "
+        f"cannot apply that (the run's values are \"flags\" in {rundir.RECORD_FILE}), so nothing was written: undo "
+        "the edit and give what a resume may change (more --epochs) on the command line, or start a new run with "
+        f"--init_checkpoint={run_dir} and a new --model_dir")
+
+
+def check_flagfile_model_dir(argv: list[str]) -> None:
+    """`--flagfile=B/flags.cfg` of a run copied or moved from A names --model_dir=A: without a --model_dir of its
+    own, that command would resume (and rewrite) A. Stops it when the flagfile is a run's flags.cfg, the command
+    line sets no --model_dir, and the flagfile's folder is not FLAGS.model_dir.
+
+    Args:
+        argv: the command line as given (flagfiles not expanded); FLAGS parsed from it.
+
+    Raises:
+        flags.IllegalFlagValueError: one line naming the flagfile and the --model_dir to add.
+    """
+    from salt_tf import rundir
+
+    named = {arg[2:].partition("=")[0] for arg in argv[1:] if arg.startswith("--")}
+    if "model_dir" in named:
+        return
+    for arg in argv[1:]:
+        path = arg.partition("=")[2] if arg.startswith("--flagfile=") else None
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if path and os.path.basename(path) == rundir.FLAGS_FILE and holds_run(folder) and \
+                not same_folder(folder, FLAGS.model_dir):
+            raise flags.IllegalFlagValueError(
+                f"--flagfile={path} belongs to the run in {folder} but names --model_dir={FLAGS.model_dir} (the run "
+                f"was copied or moved): add --model_dir={folder} to resume it there, or a new --model_dir to "
+                "train it again elsewhere")
 
 
 def check_resume_data(run_dir: str, data_fingerprint: str) -> None:
@@ -141,7 +238,7 @@ def load_extra_data(data, skipped: list | None):
 
     extras, seen = [], {i: FLAGS.data_dir for i in data.ids}
     for folder in FLAGS.extra_data_dir:
-        extra = kaggle.load_labelled(folder, skipped=skipped)
+        extra = kaggle.load_labelled(folder, skipped=skipped, flag="--extra_data_dir")
         clash = [i for i in extra.ids if i in seen]
         if clash:
             raise kaggle.DataError(
@@ -181,6 +278,7 @@ def new_split(data):
     from salt_tf.data import splits
 
     if FLAGS.folds:
+        splits.check_folds(len(data.ids), FLAGS.folds, FLAGS.batch_size)  # every fold, not only this one
         return splits.fold_split(list(data.ids), data.coverage(), FLAGS.folds, FLAGS.fold, FLAGS.split_seed)
     return splits.stratified_split(list(data.ids), data.coverage(), FLAGS.val_images, FLAGS.split_seed)
 
@@ -200,12 +298,46 @@ def split_data(data, run_dir: str):
         split = new_split_frame = new_split(data)
     train_ids = list(split.loc[split["role"] == "train", "id"])
     val_ids = list(split.loc[split["role"] == "val", "id"])
+    check_split_counts(run_dir, len(train_ids), len(val_ids), read_back=new_split_frame is None)
     if len(train_ids) < FLAGS.batch_size:
         raise kaggle.DataError(f"--batch_size={FLAGS.batch_size} is larger than the {len(train_ids)} training "
                                f"images ({len(val_ids)} of {len(split)} held out for validation); lower "
                                f"--batch_size to at most {len(train_ids)}" +
                                ("" if new_split_frame is None or FLAGS.folds else " or lower --val_images"))
     return data.subset(train_ids), data.subset(val_ids), new_split_frame
+
+
+def check_split_counts(run_dir: str, train: int, val: int, read_back: bool) -> None:
+    """A resumed run trains and validates on as many labelled images as record.json says it did (a split.csv
+    that lost or gained rows would silently change the run); nothing to check for a new run (holds_run).
+
+    Args:
+        run_dir: the run directory.
+        train, val: the split's training images (without --extra_data_dir's) and validation images.
+        read_back: the split was read from split.csv (else recomputed from the flags: the file was missing).
+
+    Raises:
+        DataError: one line naming split.csv, both counts and the fix.
+    """
+    from salt_tf import rundir
+    from salt_tf.data import kaggle
+
+    path = os.path.join(run_dir, rundir.RECORD_FILE)
+    if not holds_run(run_dir) or not os.path.isfile(path):
+        return
+    data = rundir.read_json(path).get("data") or {}
+    if "train_images" not in data:
+        return
+    recorded_train = data["train_images"] - sum(extra["images"] for extra in data.get("extra") or [])
+    if (train, val) == (recorded_train, data["val_images"]):
+        return
+    split = os.path.join(run_dir, rundir.SPLIT_FILE)
+    where = f"{split} has" if read_back else f"{split} is missing and the split recomputed from the flags has"
+    raise kaggle.DataError(
+        f"{where} {train} training and {val} validation images, but the run trained on {recorded_train} and "
+        f"validated on {data['val_images']} ({rundir.RECORD_FILE}); resuming would train another run: restore "
+        f"{rundir.SPLIT_FILE} from a copy of the run, or start a new run with --init_checkpoint={run_dir} and a "
+        "new --model_dir")
 
 
 def run(stop_signals: StopSignals | None = None) -> dict:
@@ -421,6 +553,7 @@ def parse_train_argv(argv: list[str]) -> list[str]:
                           "(--help lists them)")
     if FLAGS.model_dir is None:
         raise flags.IllegalFlagValueError("--model_dir is required: the run directory to write (or resume)")
+    check_flagfile_model_dir(argv)
     return remaining
 
 
@@ -484,8 +617,9 @@ def _main(stop_signals: StopSignals) -> None:
 
 
 def _fail(message: str, status: int, prefix: str = "error") -> None:
-    logging.error("%s", message)
-    print(f"{prefix}: {message}", file=sys.stderr)
+    """The one line of a stop, `<prefix>: message` on stderr (not also absl's E-line: the same text twice),
+    then exit `status`."""
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 

@@ -168,7 +168,14 @@ class LabelledSet:
 
 
 DEPTHS_FILE = "depths.csv"
+TRAIN_FILE = "train.csv"
 _CHECK_DATA_DIR = "is --data_dir the folder of the Kaggle download?"
+
+
+def _check_folder(flag: str) -> str:
+    """The fix a missing layout file names: check the folder `flag` gave."""
+    return _CHECK_DATA_DIR if flag == "--data_dir" else \
+        f"is {flag} a folder in the Kaggle layout (train.csv, depths.csv, train/images, train/masks)?"
 
 
 def _read_csv(path: str, columns: Iterable[str], missing_hint: str = _CHECK_DATA_DIR) -> pd.DataFrame:
@@ -243,18 +250,19 @@ def image_folder_depths(images_dir: str, given: str | None, required: bool) -> d
     return read_depths(path, missing_hint="pass --depths=<depths.csv> for a --use_depth model")
 
 
-def read_train_csv(root: str) -> pd.DataFrame:
-    """train.csv as a frame with columns id, rle_mask (strings; '' for no salt)."""
-    return _read_csv(os.path.join(root, "train.csv"), ("id", "rle_mask"))
+def read_train_csv(root: str, flag: str = "--data_dir") -> pd.DataFrame:
+    """train.csv as a frame with columns id, rle_mask (strings; '' for no salt); `flag` names the folder's flag
+    in the error of a missing file."""
+    return _read_csv(os.path.join(root, TRAIN_FILE), ("id", "rle_mask"), _check_folder(flag))
 
 
-def train_ids(root: str, skipped: list | None = None) -> list[str]:
+def train_ids(root: str, skipped: list | None = None, flag: str = "--data_dir") -> list[str]:
     """The labelled ids, in train.csv order, checked against the image and mask folders.
 
     With a `skipped` list (lenient mode), ids whose files are missing are left out and recorded there as
     (id, reason) instead of raising; image or mask files without a partner are ignored with a record too.
     """
-    ids = list(read_train_csv(root)["id"])
+    ids = list(read_train_csv(root, flag)["id"])
     on_disk = {}
     for folder in ("images", "masks"):
         directory = os.path.join(root, "train", folder)
@@ -287,19 +295,23 @@ def train_ids(root: str, skipped: list | None = None) -> list[str]:
     return ids
 
 
-def load_labelled(root: str, ids: Sequence[str] | None = None, skipped: list | None = None) -> LabelledSet:
-    """Loads images, masks and depths of the labelled set (all of train.csv, or `ids`).
+def load_labelled(root: str, ids: Sequence[str] | None = None, skipped: list | None = None,
+                  flag: str = "--data_dir") -> LabelledSet:
+    """Loads images, masks and depths of the labelled set (all of train.csv, or `ids`); `flag` is the flag that
+    named `root` (--data_dir, --extra_data_dir), for the errors.
 
     Every mask PNG is checked against its train.csv run-length string. Strict by default: the first bad
     file raises DataError. With a `skipped` list, bad examples are left out and recorded there as
     (id, reason) — the `--nostrict` mode.
     """
     if not os.path.isdir(root):
-        raise DataError(f"{root}: data folder not found; pass --data_dir=<Kaggle download> or --dataset=demo")
-    all_ids = train_ids(root, skipped)
+        fix = "--data_dir=<Kaggle download> or --dataset=demo" if flag == "--data_dir" else \
+            f"{flag}=<a folder in the Kaggle layout>"
+        raise DataError(f"{root}: data folder not found; pass {fix}")
+    all_ids = train_ids(root, skipped, flag)
     ids = all_ids if ids is None else list(ids)
-    depths = read_depths(os.path.join(root, DEPTHS_FILE))
-    rles = dict(zip(*[read_train_csv(root)[c] for c in ("id", "rle_mask")]))
+    depths = read_depths(os.path.join(root, DEPTHS_FILE), _check_folder(flag))
+    rles = dict(zip(*[read_train_csv(root, flag)[c] for c in ("id", "rle_mask")]))
     kept, images, masks = [], [], []
     for i in ids:
         try:

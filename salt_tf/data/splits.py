@@ -77,6 +77,23 @@ def kfold(ids: Sequence[str], coverage: np.ndarray, folds: int, seed: int) -> pd
     return pd.DataFrame({"id": list(ids), "fold": fold, "coverage_class": classes})
 
 
+def check_folds(images: int, folds: int, batch_size: int) -> None:
+    """Every fold of a K-fold of `images` images (kfold: fold sizes differ by at most one) validates on at least
+    one image (one batch, if a partial one) and trains on at least one full batch: checked for the whole K-fold
+    at once, so no fold starts when a later one could not run.
+
+    Raises:
+        DataError: one line naming --folds and the largest K that works.
+    """
+    if folds > images:
+        raise DataError(f"--folds={folds} with {images} labelled images leaves {folds - images} folds without a "
+                        f"validation image; give --folds={images} or fewer")
+    smallest_training = images - -(-images // folds)  # the folds holding ceil(images / K) images train on the rest
+    if smallest_training < batch_size:
+        raise DataError(f"--folds={folds} with {images} labelled images: a fold trains on only {smallest_training} "
+                        f"images, fewer than --batch_size={batch_size}; lower --batch_size or add images")
+
+
 def fold_split(ids: Sequence[str], coverage: np.ndarray, folds: int, fold: int, seed: int) -> pd.DataFrame:
     """The split of fold `fold` of a coverage-stratified K-fold (kfold): its images validate, the others train.
 

@@ -22,6 +22,11 @@ import pandas as pd
 from salt_tf import IMAGE_SIZE, rundir
 from salt_tf.data import kaggle
 
+# Written first into a folder `generate` fills: the folder holds the demo set (ensure_demo_data's permission to
+# write over it).
+MARKER_FILE = "DEMO_SET"
+MARKER_TEXT = "The synthetic demo set of salt_tf (python -m salt_tf.data.synthetic); regenerated at will.\n"
+
 
 def _smooth_noise(rng: np.random.Generator, sigma: float, shape=(IMAGE_SIZE, IMAGE_SIZE)) -> np.ndarray:
     """Gaussian-smoothed white noise scaled to unit standard deviation."""
@@ -89,6 +94,8 @@ def generate(out_dir: str, num_images: int = 800, seed: int = 0, num_test: int =
     rng = np.random.default_rng(seed)
     for folder in ("train/images", "train/masks", "test/images"):
         os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+    # First: even a half-written set is then known as the demo's, which ensure_demo_data may write over.
+    rundir.write_text(os.path.join(out_dir, MARKER_FILE), MARKER_TEXT)
     rows, depths = [], []
     ids = []
     for k in range(num_images + num_test):
@@ -107,13 +114,46 @@ def generate(out_dir: str, num_images: int = 800, seed: int = 0, num_test: int =
         ids.append(id_)
     rundir.write_csv(os.path.join(out_dir, kaggle.DEPTHS_FILE), pd.DataFrame(depths, columns=["id", "z"]))
     # train.csv is written last: its presence marks a complete data set (see ensure_demo_data).
-    rundir.write_csv(os.path.join(out_dir, "train.csv"), pd.DataFrame(rows, columns=["id", "rle_mask"]))
+    rundir.write_csv(os.path.join(out_dir, kaggle.TRAIN_FILE), pd.DataFrame(rows, columns=["id", "rle_mask"]))
     return ids
 
 
+def first_id(seed: int) -> str:
+    """The first id `generate` gives with this seed (its first draw), which marks a demo set written before
+    MARKER_FILE existed."""
+    return f"{np.random.default_rng(seed).integers(16 ** 10):010x}"
+
+
+def foreign_files(out_dir: str, seed: int) -> list[str]:
+    """The entries of out_dir that show it is not (only) a demo set `generate` may write over: none when the
+    folder is absent or empty, carries MARKER_FILE, or holds an older demo set (train.csv's first id is the
+    demo's); else the folder's entries, sorted."""
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir) or os.path.isfile(os.path.join(out_dir, MARKER_FILE)):
+        return []
+    train_csv = os.path.join(out_dir, kaggle.TRAIN_FILE)
+    try:
+        if os.path.isfile(train_csv) and str(pd.read_csv(train_csv, dtype=str, nrows=1)["id"].iloc[0]) == first_id(seed):
+            return []
+    except (ValueError, KeyError, IndexError, OSError):  # unreadable or another layout: not the demo's train.csv
+        pass
+    return sorted(os.listdir(out_dir))
+
+
 def ensure_demo_data(out_dir: str, num_images: int, seed: int) -> None:
-    """Generates the demo set into out_dir unless a complete one of the same size is already there."""
-    train_csv = os.path.join(out_dir, "train.csv")
+    """Generates the demo set into out_dir unless a complete one of the same size is already there.
+
+    Raises:
+        kaggle.DataError: out_dir holds anything but a demo set (e.g. the real Kaggle download): writing the
+            demo's train.csv, depths.csv and images into it would replace the user's files.
+    """
+    foreign = foreign_files(out_dir, seed)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise kaggle.DataError(
+            f"--dataset=demo --data_dir={out_dir}: that folder holds files that are not the demo set ({shown}), "
+            "which writing the demo set would replace; give --dataset=kaggle to train on them, or an empty or new "
+            "--data_dir for the demo set")
+    train_csv = os.path.join(out_dir, kaggle.TRAIN_FILE)
     if os.path.isfile(train_csv) and len(pd.read_csv(train_csv)) == num_images:
         return
     generate(out_dir, num_images=num_images, seed=seed, num_test=max(1, num_images // 8))
@@ -128,6 +168,10 @@ def main(argv=None) -> None:
     parser.add_argument("--num_test", type=int, default=100, help="unlabelled test images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    foreign = foreign_files(args.out, args.seed)
+    if foreign:
+        parser.error(f"--out={args.out} holds files that are not a demo set ({', '.join(foreign[:3])}); give an "
+                     "empty or new folder")
     ids = generate(args.out, args.num_images, args.seed, args.num_test)
     print(f"wrote {len(ids)} labelled and {args.num_test} test images to {args.out}")
 
