@@ -427,6 +427,16 @@ class ReportEpoch:
             raise loop.StopAfterEpoch(f"pruned after epoch {end.epoch}")
 
 
+def train_user_errors() -> tuple[type, ...]:
+    """The exceptions the train command reports as a user's mistake (one line, exit 2)."""
+    from salt_tf.checkpoints import InitCheckpointError, ResumeError
+    from salt_tf.data.kaggle import DataError
+    from salt_tf.distribute import StrategyError
+    from salt_tf.records import RunDirBusy
+
+    return DataError, StrategyError, InitCheckpointError, ResumeError, RunDirBusy
+
+
 def trial_value(run_dir: str, objective: str) -> float | None:
     """The best value of the objective column over the run's epochs (metrics.csv), None without epochs."""
     from salt_tf import records
@@ -472,6 +482,10 @@ def run_trial(trial, fv: flags.FlagValues, base_args: list[str], stop_signals: S
             if e.exit_code > 128:
                 raise
             state, outcome = optuna.trial.TrialState.FAIL, {"failed": str(e)}
+        except train_user_errors() as e:  # e.g. S/trial-n holds a run of other flags: nothing was trained
+            storage.set_trial_user_attr(trial._trial_id, sweep_report.FAILED_ATTR, str(e))
+            trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise SweepError(f"trial {trial.number}: {e}") from None
     value = trial_value(run_dir, fv.objective)
     if state == optuna.trial.TrialState.COMPLETE and value is None:
         state, outcome = optuna.trial.TrialState.FAIL, {"failed": "no epoch finished"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from absl import flags
@@ -83,23 +84,36 @@ def open_storage(url: str):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        if url.startswith(JOURNAL_SCHEME):
-            path = url[len(JOURNAL_SCHEME):]
-            if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-                raise OSError(f"no folder {os.path.dirname(os.path.abspath(path))}")
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
+    for attempt in range(10):
+        try:
+            return _open_storage(url, optuna)
+        except Exception as e:  # SQLAlchemy's and the drivers' errors have no common base worth naming
+            # Workers starting together on a new database race to create Optuna's tables: the loser's
+            # IntegrityError ("UNIQUE constraint failed", "duplicate key") goes away when it tries again.
+            if attempt < 9 and (type(e).__name__ == "IntegrityError" or "already exists" in str(e)):
+                time.sleep(0.5)
+                continue
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SweepError(f"--storage={shown_url(url)}: cannot open the study storage ({detail}); start the "
+                             "database or fix the URL (sqlite:///PATH, postgresql://USER@HOST:PORT/DB, "
+                             "journal:PATH)") from None
 
-            return JournalStorage(JournalFileBackend(path))
-        engine = {"pool_pre_ping": True}
-        if url.startswith("postgresql"):
-            engine["connect_args"] = {"connect_timeout": 10}
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except Exception as e:  # SQLAlchemy's and the drivers' errors have no common base worth naming
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SweepError(f"--storage={shown_url(url)}: cannot open the study storage ({detail}); start the "
-                         "database or fix the URL (sqlite:///PATH, postgresql://USER@HOST:PORT/DB, "
-                         "journal:PATH)") from None
+
+def _open_storage(url: str, optuna):
+    """open_storage's one attempt."""
+    if url.startswith(JOURNAL_SCHEME):
+        path = url[len(JOURNAL_SCHEME):]
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise OSError(f"no folder {os.path.dirname(os.path.abspath(path))}")
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(path))
+    engine = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        engine["connect_args"] = {"connect_timeout": 10}
+    elif url.startswith("sqlite"):  # workers wait for each other's writes (SQLite locks the whole file)
+        engine["connect_args"] = {"timeout": 60}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
 
 
 def load_study(storage, name: str):
