@@ -65,20 +65,31 @@ def test_dry_run_prints_the_plan_and_its_budget_by_hand_and_writes_nothing(demo_
                               "--round2_flag=--epochs=3", "--dry_run"))
     assert status == 0, out
     assert not os.path.exists(parent) and not os.path.exists(tmp_path / "rel")
+    assert "round1" in out and "<= " in out  # the table, with round 2's upper bound
     gflop = forward_flops_per_image(ModelConfig(base_width=4, depth=2, blocks_per_level=1, se_ratio=2)) / 1e9
     labelled, tests, views = 160, 8, 2   # the demo set; TTA identity + hflip
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line and not line.startswith(" ")}
     # round 1: 2 folds x 1 epoch x every labelled image (training or validation), then collect's 1 model x 2 views.
     expected = {"round1": (1 * 2 * labelled + labelled * views) * gflop / 1e3,
                 "pseudo-0": tests * views * gflop / 1e3, "pseudo-1": tests * views * gflop / 1e3,
                 # round 2: 3 epochs; the pseudo-labels are not made yet: every test image, an upper bound
                 "round2": (3 * (2 * labelled + 2 * tests) + labelled * views) * gflop / 1e3,
                 "compare": 0.0, "evaluate": 0.0, "submit": tests * views * 2 * gflop / 1e3, "release": 0.0}
-    assert list(rows)[1:list(rows).index("total")] == list(expected)  # after the header, before the total
-    for name, value in expected.items():
-        shown = rows[name][4] if rows[name][4] != "<=" else rows[name][5]
-        assert float(shown.replace(",", "")) == pytest.approx(value, abs=0.051), name
-    assert rows["round2"][4] == "<=" and rows["round1"][4] != "<="
+    options = competition.Options(parent=parent, recipe=recipe, test_images=os.path.join(demo_dir, "test", "images"),
+                                  stage_flags={"round2": ["--epochs=3"]}, release_into=str(tmp_path / "rel"))
+    stages = competition.plan(options)
+    assert [s.name for s in stages] == list(expected)
+    for stage in stages:
+        assert stage.tflop == pytest.approx(expected[stage.name], rel=1e-9, abs=1e-12), stage.name
+        assert stage.bound == (stage.name == "round2")
+    # Once a fold's pseudo-labels exist, round 2 counts them, not the bound: fold 0 keeps 3, fold 1 keeps 5.
+    for k, kept in ((0, 3), (1, 5)):
+        folder = os.path.join(parent, "pseudo", f"fold-{k}")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "train.csv"), "w") as f:
+            f.write("id,rle_mask\n" + "".join(f"i{j},\n" for j in range(kept)))
+    round2 = {s.name: s for s in competition.plan(options)}["round2"]
+    assert round2.tflop == pytest.approx((3 * (2 * labelled + 8) + labelled * views) * gflop / 1e3, rel=1e-9)
+    assert not round2.bound
     assert "--extra_data_dir=" + os.path.join(parent, "pseudo", "fold-{fold}") in out
     assert "--init_checkpoint=" + os.path.join(parent, "round1", "fold-{fold}") in out
 
