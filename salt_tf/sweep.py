@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import sys
 import time
@@ -593,9 +594,9 @@ def run_sweep(fv: flags.FlagValues, train_args: list[str]) -> int:
             finally:
                 held.release()
             done[state] = done.get(state, 0) + 1
-    except KeyboardInterrupt:
-        cli.error(f"interrupted; the same command resumes the study (the running trial from its checkpoint)")
-        return 130
+    except KeyboardInterrupt:  # a signal between trials, or a second one: no trial was left half-saved
+        cli.error("interrupted; the same command resumes the study (a running trial from its last checkpoint)")
+        return 128 + (stop_signals.signum or signal.SIGINT)
     finally:
         if installed_here:
             stop_signals.restore()
@@ -620,7 +621,7 @@ def run_command(fv: flags.FlagValues, train_args: list[str]) -> int:
     try:
         return run_sweep(fv, train_args)
     except loop.TrainingStopped as e:
-        cli.error(f"{e}; the same sweep command resumes the study and this trial")
+        cli.error(f"{e} (this sweep command: it resumes the study and this trial)")
         return e.exit_code
 
 
@@ -640,8 +641,8 @@ PROGRAM = cli.Program(
     module="salt_tf.sweep",
     overview=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
     commands=(
-        cli.Subcommand(name="run", summary="one sweep worker: trials of an Optuna study, each a run directory, "
-                       "until the budget is used", usage="--sweep_dir=DIR --space=SPACE.yaml --trials=N "
+        cli.Subcommand(name="run", summary="one hyperparameter-sweep worker: Optuna trials, each a run directory, "
+                       "until the study's budget is used", usage="--sweep_dir=DIR --space=SPACE.yaml --trials=N "
                        "[--storage=URL] [train flags]", define_flags=define_run_flags, run=run_command,
                        passes_on=train_flags_help),
         sweep_report.REPORT,

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 from absl import flags
@@ -198,7 +199,9 @@ def importances(study) -> dict[str, float] | None:
     import optuna
 
     try:
-        return dict(optuna.importance.get_param_importances(study))
+        with warnings.catch_warnings():  # PED-ANOVA warns that one parameter's importance is trivially 1
+            warnings.simplefilter("ignore", UserWarning)
+            return dict(optuna.importance.get_param_importances(study))
     except (RuntimeError, ValueError):  # fewer than two complete trials, or a single-valued parameter
         return None
 
@@ -234,6 +237,11 @@ def run_report(fv: flags.FlagValues) -> int:
     """`sweep report`: the trials table, the best trial's flagfile, the importances, optionally the plot."""
     if not fv.sweep_dir:
         raise SweepError("--sweep_dir is required: the sweep folder")
+    if not os.path.isdir(fv.sweep_dir):
+        raise SweepError(f"--sweep_dir={fv.sweep_dir}: no such folder")
+    if fv.storage is None and not os.path.isfile(os.path.join(fv.sweep_dir, STUDY_DB)):
+        raise SweepError(f"--sweep_dir={fv.sweep_dir}: no {STUDY_DB} in it; give the sweep's --storage=URL if its "
+                         "study lives elsewhere")
     study = load_study(open_storage(storage_url(fv.storage, fv.sweep_dir)),
                        fv.study or default_study_name(fv.sweep_dir))
     rows, columns = trial_rows(study, fv.sweep_dir)

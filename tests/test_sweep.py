@@ -158,6 +158,7 @@ def test_hopeless_trial_is_pruned_after_its_first_epoch(demo_dir, tmp_path):
     assert "step-16" in open(os.path.join(run_dir, rundir.CHECKPOINTS_DIR, rundir.CHECKPOINT_STATE)).read()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_rerun_resumes_that_trial(four_trials, demo_dir, tmp_path):
     sweep_dir = str(tmp_path / "killed")
     argv = sweep_argv(sweep_dir, space_file(str(tmp_path)), 2, demo_dir, epochs=2)
@@ -231,6 +232,7 @@ def postgres_url():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_two_workers_share_the_budget_and_never_run_a_trial_twice(database, four_trials, demo_dir, tmp_path,
                                                                   request):
@@ -299,3 +301,11 @@ def test_a_study_name_reused_with_another_space_is_refused(four_trials, demo_dir
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --study=lr already exists with another search space"), err
     assert sorted(os.listdir(four_trials)) == before and len(study_of(four_trials).get_trials()) == 4
+
+
+def test_report_of_a_folder_without_a_study_is_one_line(tmp_path, capsys):
+    assert sweep.main(["sweep", "report", f"--sweep_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: --sweep_dir={tmp_path}: no study.db in it; give the sweep's --storage=URL if its study "
+                   "lives elsewhere"]
+    assert os.listdir(tmp_path) == []  # no empty study.db made by opening it
