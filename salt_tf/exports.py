@@ -127,7 +127,10 @@ def restore(entry: LoadedModel) -> LoadedModel:
     except (TypeError, ValueError) as e:
         raise ExportError(f"{config_path}: bad model configuration ({e})") from None
     try:
-        checkpoints.restore_exported_weights(entry.path, model)
+        if entry.config.get(release.WEIGHTS_DTYPE, "float32") != "float32":  # a --float16 release
+            _restore_cast(entry.path, model)
+        else:
+            checkpoints.restore_exported_weights(entry.path, model)
     except (tf.errors.OpError, AssertionError, ValueError, IndexError) as e:
         # IndexError: TensorFlow's checkpoint reader on a weights file shorter than its index says.
         detail = (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()[0]
@@ -135,6 +138,26 @@ def restore(entry: LoadedModel) -> LoadedModel:
                            "incomplete or belongs to another model configuration") from None
     entry.model = model
     return entry
+
+
+def _restore_cast(export_dir: str, model) -> None:
+    """Restores an export whose weights are stored in another dtype than the model's float32 (a --float16
+    release: model.json's release.WEIGHTS_DTYPE): cast back to float32 (release.cast_weights) into TensorFlow's
+    in-memory file system, then restored from there as any export is, so the same checks apply."""
+    import uuid
+
+    import tensorflow as tf
+
+    from salt_tf import checkpoints
+
+    folder = f"ram://salt_tf_weights/{uuid.uuid4().hex}"
+    try:
+        release.cast_weights(os.path.join(export_dir, rundir.EXPORT_WEIGHTS),
+                             f"{folder}/{rundir.EXPORT_WEIGHTS}", "float32")
+        checkpoints.restore_exported_weights(folder, model)
+    finally:
+        if tf.io.gfile.exists(folder):
+            tf.io.gfile.rmtree(folder)
 
 
 def load_models(path: str) -> list[LoadedModel]:
@@ -333,9 +356,11 @@ def _check_fitted(file: str, models: list[dict], path: str, entries: list[Loaded
             f"{file}: fitted on models {', '.join(f'{n} (epoch {e})' for n, e in fitted)} but {path} now has "
             f"{', '.join(f'{n} (epoch {e})' for n, e in now)}; {fix}")
     # Same names and epochs, other weights (another seed's run, a retrained run): files written before the
-    # hashes were recorded have none and are not checked.
+    # hashes were recorded have none and are not checked, nor are the weights of a --float16 release (stored
+    # cast, so their bytes are not the bytes the choice was fitted on; release.check_model_files guards them).
     other = [e.name for m, e in zip(models, entries)
-             if m.get("weights_sha256") and m["weights_sha256"] != e.weights_sha256()]
+             if m.get("weights_sha256") and e.config.get(release.WEIGHTS_DTYPE, "float32") == "float32" and
+             m["weights_sha256"] != e.weights_sha256()]
     if other:
         raise ExportError(f"{file}: fitted on other weights than those of {', '.join(other)} in {path} (same "
                           f"names and epochs, another SHA-256: another run's file, or the run was retrained); {fix}")

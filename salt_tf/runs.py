@@ -4,13 +4,15 @@
                                          [--csv]
     python -m salt_tf.runs diff RUN_A RUN_B [--plot=ab.png]
     python -m salt_tf.runs reproduce RUN [--into=DIR]
-    python -m salt_tf.runs release RUN --into=models/NAME [--model=swa] [--max_mb=25] [--replace]
+    python -m salt_tf.runs release RUN|CV_PARENT --into=models/NAME [--model=swa] [--max_mb=25] [--float16]
+                                         [--replace]
 
 `list` tables every run under a folder with only the flags that differ between them; `diff` puts two runs
 side by side (flags, code, data, environment, weights, metric curves); `reproduce` re-runs a run from its
 flags.cfg in a fresh process and says whether the weights came out bit-identical, and if not, why identity
-could not be expected; `release` copies a finished run's model with its record, model card and SHA-256 sums
-into a folder of its own (salt_tf.release), the form in which a trained model is shared. Exit status: 0 done / PASS, 1 reproduction FAIL, 2 unusable path or arguments.
+could not be expected; `release` copies a finished run's model (or a CV parent's fold ensemble) with its record,
+model card and SHA-256 sums into a folder of its own (salt_tf.release), the form in which a trained model is
+shared. Exit status: 0 done / PASS, 1 reproduction FAIL, 2 unusable path or arguments.
 
 This module is the command (absl subcommands, salt_tf.cli) and the reproduction; loading runs and rendering
 the list and the diff are salt_tf.run_table's, the chart of `diff --plot` salt_tf.curve_plot's. It reads run
@@ -146,12 +148,19 @@ def current_data_fingerprint(data_dir: str) -> str:
 def flags_vs_record(run: Run) -> list[str]:
     """Where flags.cfg contradicts what the run itself recorded, i.e. flags.cfg was edited afterwards.
 
-    No hash of the flags is recorded, so only the flags the record also witnesses can be checked: the
-    initial learning rate (epoch 1 of metrics.csv), seed and determinism (record.json), data folder and
-    validation size (record.json). A change to any other flag shows up only as diverging weights.
+    Runs that record the flags they wrote (record.json's "flags", issue 38): every flag but where the run and
+    its data live (--model_dir, --data_dir: a moved run or data folder is no edit). Older runs: only the flags
+    the record also witnesses: the initial learning rate (epoch 1 of metrics.csv), seed and determinism
+    (record.json), data folder and validation size (record.json). A change to any other flag shows up only as
+    diverging weights.
     """
     problems = []
     flags, rows = run.flags, run.metrics
+    written = run.record.get("flags")
+    if written:
+        return [f"--{name}={flags.get(name, '(none)')}, but {rundir.RECORD_FILE} says {written.get(name, '(none)')}"
+                for name in sorted(set(flags) | set(written)) if name not in ("model_dir", "data_dir") and
+                flags.get(name) != written.get(name)]
 
     def check(name, recorded, where, same):
         value = flags.get(name)
@@ -400,25 +409,35 @@ def define_release_flags(flag_values: flags.FlagValues) -> None:
     fv = dict(flag_values=flag_values)
     flags.DEFINE_string("into", None, "The release folder, e.g. models/<name>: must not exist, be empty, or "
                         "(with --replace) hold a release.", **fv)
-    flags.DEFINE_string("model", rundir.EXPORT_DIR, "Which model of the run: an export folder inside it (export, "
-                        "swa, snapshots/snapshot-K), released as export/; or 'snapshots' for all of them.", **fv)
+    flags.DEFINE_string("model", None, "Which model of the run: an export folder inside it (export, swa, "
+                        "snapshots/snapshot-K), released as export/; or 'snapshots' for all of them. Default: "
+                        "export; for a CV parent, every model of each fold its oof.json and ensemble.json were made "
+                        "from (the same --model for every fold may only name those).", **fv)
     flags.DEFINE_float("max_mb", release.DEFAULT_MAX_MB, "Refuse a release larger than this, in MB (10^6 bytes).",
                        lower_bound=0.0, **fv)
+    flags.DEFINE_boolean("float16", False, "Store the weights as float16 (half the size), restored to float32 when "
+                         "loaded; refused unless every model's probabilities stay within "
+                         f"{release.FLOAT16_TOLERANCE:g} of the float32 model's on up to {release.FLOAT16_SAMPLE} "
+                         "validation images of its run.", **fv)
+    flags.DEFINE_string("data_dir", None, "With --float16: the labelled folder the runs trained on, if it moved "
+                        "(default: the one their records name).", **fv)
     flags.DEFINE_boolean("replace", False, "Replace the release already in --into (whole).", **fv)
 
 
 def command_release(fv: flags.FlagValues, run: str) -> int:
-    """`runs release RUN --into=DIR` (release.release); prints what it wrote. Returns 0."""
+    """`runs release RUN --into=DIR` (release.release; RUN a run or a CV parent); prints what it wrote. Returns 0."""
     if not fv.into:
         raise release.ReleaseError("--into is required: the release folder, e.g. --into=models/<name>")
-    done = release.release(run, fv.model, fv.into, fv.max_mb, fv.replace)
+    done = release.release(run, fv.model, fv.into, fv.max_mb, fv.replace, fv.float16, fv.data_dir)
     models = ", ".join(f"{name} (the run's {source})" for name, source in done["models"].items())
+    float16 = ("" if done["float16_difference"] is None else
+               f"; float16 weights, probabilities within {done['float16_difference']:.2g} of float32")
     print(f"released {models} of {run} into {done['into']}: {len(done['sha256'])} files, "
-          f"{done['bytes'] / 1e6:.1f} MB; check with: (cd {done['into']} && sha256sum -c {release.CHECKSUMS_FILE})")
+          f"{done['bytes'] / 1e6:.1f} MB{float16}; check with: (cd {done['into']} && sha256sum -c "
+          f"{release.CHECKSUMS_FILE})")
     if not done["choice"]:
-        evaluated = run if fv.model == release.SNAPSHOTS else os.path.join(run, fv.model)
         print(f"note: no ensemble.json fitted on that model; `python -m salt_tf.predict evaluate "
-              f"--model_dir={evaluated}` before releasing carries its threshold and post-processing over")
+              f"--model_dir={done['evaluate']}` before releasing carries its threshold and post-processing over")
     return 0
 
 
@@ -435,8 +454,9 @@ PROGRAM = cli.Program(
                        "RUN_A RUN_B [--plot=ab.png]", define_diff_flags, command_diff, arguments=("RUN_A", "RUN_B")),
         cli.Subcommand("reproduce", "re-run a run from its flags.cfg and compare the weights bit for bit",
                        "RUN [--into=DIR]", define_reproduce_flags, command_reproduce, arguments=("RUN",)),
-        cli.Subcommand("release", "copy a finished run's model, record, model card and SHA-256 sums into a "
-                       "folder to share", "RUN --into=models/NAME [--model=swa] [--max_mb=25] [--replace]",
+        cli.Subcommand("release", "copy a finished run's model (or a CV parent's fold ensemble), record, model "
+                       "card and SHA-256 sums into a folder to share",
+                       "RUN|CV_PARENT --into=models/NAME [--model=swa] [--max_mb=25] [--float16] [--replace]",
                        define_release_flags, command_release, arguments=("RUN",)),
     ),
     user_errors=(RunError, release.ReleaseError, rundir.RunDirError),

@@ -154,7 +154,7 @@ def _unfinished(run):
     ("a release", ["--into={old}"], "holds a release already; pass --replace"),
     ("inside the run", ["--into={run}/release"], "inside the run"),
     ("no --into", [], "--into is required"),
-    ("a CV parent", ["--into={into}"], "a cross-validation parent; a release holds the models of one run"),
+    ("a CV parent of no K-fold", ["--into={into}"], "fold-0: not a fold run (record.json has no --folds)"),
 ])
 def test_what_cannot_be_released_is_one_line_and_nothing_is_written(run_with_swa, tmp_path, capsys, case, argv,
                                                                    expected):
@@ -162,7 +162,7 @@ def test_what_cannot_be_released_is_one_line_and_nothing_is_written(run_with_swa
     shutil.copytree(run_with_swa, run)
     if case == "unfinished":
         _unfinished(run)
-    if case == "a CV parent":  # the run becomes fold 0 of a parent
+    if case == "a CV parent of no K-fold":  # the run becomes fold 0 of a parent (tests/test_release_folds.py: one)
         os.makedirs(tmp_path / "parent")
         shutil.move(run, tmp_path / "parent" / "fold-0")
         run = str(tmp_path / "parent")
