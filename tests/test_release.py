@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from salt_tf import predict, release, rundir, runs
+from salt_tf import exports, predict, release, rundir, runs
 
 
 def _sha256(path):
@@ -94,7 +94,8 @@ def test_a_release_is_a_checked_byte_copy_that_predict_uses_like_the_run(run_wit
     capsys.readouterr()
     assert (tmp_path / "rel.csv").read_text() == (tmp_path / "run.csv").read_text()
 
-    # A damaged copy of the weights (one bit) is refused before predict uses it, in one line naming the file.
+    # A damaged copy of the weights (one bit) is refused before predict uses it, in one line: ensemble.json's
+    # weights_sha256 notices first; the loader's own check against SHA256SUMS names the file.
     weights = into / "export" / "weights.data-00000-of-00001"
     intact = weights.read_bytes()
     weights.write_bytes(bytes([intact[0] ^ 1]) + intact[1:])
@@ -102,7 +103,10 @@ def test_a_release_is_a_checked_byte_copy_that_predict_uses_like_the_run(run_wit
                            f"--output={tmp_path / 'damaged.csv'}"])
     err = capsys.readouterr().err
     assert status == 2 and not (tmp_path / "damaged.csv").exists()
-    assert f"{weights}: does not have the SHA-256 listed in {into / 'SHA256SUMS'}" in err and err.count("\n") == 1
+    assert "fitted on other weights than those of export" in err and err.count("\n") == 1, err
+    with pytest.raises(exports.ExportError) as refused:
+        exports.load_models(str(into))
+    assert f"{weights}: does not have the SHA-256 listed in {into / 'SHA256SUMS'}" in str(refused.value)
     weights.write_bytes(intact)
 
     # The card names the weights' SHA-256 and the cross-validated score of ensemble.json.
