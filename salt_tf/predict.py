@@ -94,8 +94,10 @@ def define_submit_flags(flag_values: flags.FlagValues) -> None:
     _define_shared_flags(flag_values, "", combine=True)
     flags.DEFINE_string("images", None, "Folder of 101x101 PNG images to predict (e.g. <data>/test/images).",
                         **fv)
-    flags.DEFINE_string("output", None, "Submission CSV to write (id,rle_mask).", **fv)
-    flags.DEFINE_string("masks_dir", None, "Also write one mask PNG (0/255) per image into this folder.", **fv)
+    flags.DEFINE_string("output", None, "Submission CSV to write (id,rle_mask); never a file of --images or "
+                        "the depths CSV.", **fv)
+    flags.DEFINE_string("masks_dir", None, "Also write one mask PNG (0/255) per image into this folder (not the "
+                        "--images folder).", **fv)
     flags.DEFINE_boolean("skip_bad", False, "Predict the readable PNGs instead of stopping at an unreadable one "
                          "(each listed with a warning); see --bad_as_empty for the submission rows of the others.",
                          **fv)

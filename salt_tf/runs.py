@@ -148,19 +148,13 @@ def current_data_fingerprint(data_dir: str) -> str:
 def flags_vs_record(run: Run) -> list[str]:
     """Where flags.cfg contradicts what the run itself recorded, i.e. flags.cfg was edited afterwards.
 
-    Runs that record the flags they wrote (record.json's "flags", issue 38): every flag but where the run and
-    its data live (--model_dir, --data_dir: a moved run or data folder is no edit). Older runs: only the flags
-    the record also witnesses: the initial learning rate (epoch 1 of metrics.csv), seed and determinism
-    (record.json), data folder and validation size (record.json). A change to any other flag shows up only as
-    diverging weights.
+    The flags the record witnesses: the initial learning rate (epoch 1 of metrics.csv), seed and determinism
+    (record.json), data folder and validation size (record.json); in runs that record the flags they wrote
+    (record.json's "flags", issue 38) every other flag too but --model_dir (a moved run is no edit). In older
+    runs a change to any other flag shows up only as diverging weights.
     """
     problems = []
     flags, rows = run.flags, run.metrics
-    written = run.record.get("flags")
-    if written:
-        return [f"--{name}={flags.get(name, '(none)')}, but {rundir.RECORD_FILE} says {written.get(name, '(none)')}"
-                for name in sorted(set(flags) | set(written)) if name not in ("model_dir", "data_dir") and
-                flags.get(name) != written.get(name)]
 
     def check(name, recorded, where, same):
         value = flags.get(name)
@@ -185,6 +179,11 @@ def flags_vs_record(run: Run) -> list[str]:
     if data_dir and os.path.isabs(data_dir):
         check("data_dir", run.data.get("dir"), f"{rundir.RECORD_FILE}",
               lambda v, r: os.path.normpath(v) == os.path.normpath(r))
+    written = run.record.get("flags") or {}  # every other flag, where the run recorded what it wrote
+    named = {problem.split("=")[0][2:] for problem in problems} | {"model_dir", "data_dir"}
+    problems += [f"--{name}={flags.get(name, '(none)')}, but {rundir.RECORD_FILE} says {written.get(name, '(none)')}"
+                 for name in sorted(set(flags) | set(written)) if written and name not in named and
+                 flags.get(name) != written.get(name)]
     return problems
 
 

@@ -93,9 +93,10 @@ class Summaries:
         self.text(self.train, "weights_sha256", row["weights_sha256"], step)
 
     def validation_images(self, images: np.ndarray, truth: np.ndarray, probabilities: np.ndarray,
-                          image_scores: np.ndarray, step: int) -> None:
-        """Grids of validation images with the true (green) and predicted (red) outlines: the same images
-        every epoch, and the epoch's worst-scored ones.
+                          image_scores: np.ndarray, step: int, ids=None) -> None:
+        """Grids of validation images with the true (green) and predicted (red) outlines, each tile labelled
+        with its image's id and score (tile_label): the same images every epoch, and the epoch's worst-scored
+        ones; with each grid, a text summary listing its tiles' ids and scores in order.
 
         Args:
           images: [N, 101, 101] the validation images (first channel).
@@ -103,22 +104,43 @@ class Summaries:
           probabilities: [N, 101, 101] the model's probabilities (predicted = above 0.5).
           image_scores: [N] competition score of each image.
           step: the global step.
+          ids: [N] the images' ids; None: split.csv's validation ids of the run directory (the validation set is
+            in their order), else each image's position among them (#k).
         """
         if not self.enabled:
             return
         predicted = probabilities > 0.5
+        ids = ids if ids is not None else self._split_validation_ids(len(images))
+        names = [str(i) for i in ids] if ids is not None else [f"#{k}" for k in range(len(images))]
 
-        def tiles(indices):
-            return [overlay(images[i], truth[i], predicted[i]) for i in indices]
+        def show(tag, indices, description):
+            tiles = [tile_label(overlay(images[i], truth[i], predicted[i]), names[i], image_scores[i])
+                     for i in indices]
+            self.image(self.val, tag, grid(tiles), step, description)
+            self.text(self.val, f"{tag}_ids", "  \n".join(f"tile {n + 1}: {names[i]} score {image_scores[i]:.4f}"
+                                                          for n, i in enumerate(indices)), step)
 
         fixed = pick_display_indices(truth, self.images)
         if len(fixed):
-            self.image(self.val, "fixed_images", grid(tiles(fixed)), step,
-                       "the same validation images every epoch; green = truth, red = prediction")
+            show("fixed_images", fixed, "the same validation images every epoch; green = truth, red = prediction; "
+                 "each tile's id and score at its top")
         if self.worst_images:
             worst = np.argsort(image_scores, kind="stable")[:self.worst_images]
-            self.image(self.val, "worst_images", grid(tiles(worst)), step,
-                       "lowest competition score this epoch; green = truth, red = prediction")
+            show("worst_images", worst,
+                 "lowest competition score this epoch; green = truth, red = prediction; each tile's id and score "
+                 "at its top")
+
+    def _split_validation_ids(self, count: int) -> list[str] | None:
+        """The validation ids of the run directory's split.csv, in its order (the order train.split_data gives
+        the validation set); None when there is no split.csv or it lists another number than `count`."""
+        if not hasattr(self, "_val_ids"):
+            from salt_tf.data import splits
+
+            path = os.path.join(self.run_dir, rundir.SPLIT_FILE)
+            split = splits.read_split(path) if os.path.isfile(path) else None
+            self._val_ids = list(split.loc[split["role"] == "val", "id"]) if split is not None and \
+                "role" in split.columns else None
+        return self._val_ids if self._val_ids is not None and len(self._val_ids) == count else None
 
     def weight_average(self, metric: float, step: int) -> None:
         """The validation metric of the SWA weights (--swa_epochs)."""
@@ -271,6 +293,20 @@ def overlay(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> np.n
         edge = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_GRADIENT, kernel) > 0
         tile[edge] = colour
     return tile
+
+
+LABEL_HEIGHT = 20  # the top rows of a tile that tile_label covers: two lines of OpenCV's small plain font
+
+
+def tile_label(tile: np.ndarray, name: str, score: float) -> np.ndarray:
+    """The tile with its image's name (line 1) and score (line 2, 4 decimals) in white on black over its top
+    LABEL_HEIGHT rows (the grid keeps its size; the text names the image the pixels below belong to)."""
+    labelled = tile.copy()
+    labelled[:LABEL_HEIGHT] = 0
+    for line, text in enumerate((name, f"{score:.4f}")):
+        cv2.putText(labelled, text, (1, 8 + 10 * line), cv2.FONT_HERSHEY_PLAIN, 0.6, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+    return labelled
 
 
 def grid(tiles: list[np.ndarray], columns: int = 4, gap: int = 2) -> np.ndarray:

@@ -158,7 +158,8 @@ def test_cosine_cycle_arithmetic_by_hand():
     # 2 epochs per cycle, 6 steps per cycle: step s has lr0/2 (cos(pi (s mod 6) / 6) + 1).
     expected = [lr0 / 2 * (math.cos(math.pi * (s % 6) / 6) + 1) for s in range(18)]
     assert [schedule.step_learning_rate(s) for s in range(18)] == pytest.approx(expected, abs=1e-12)
-    assert schedule.step_learning_rate(6) == pytest.approx(lr0) and schedule.step_learning_rate(3) == pytest.approx(lr0 / 2)
+    assert schedule.step_learning_rate(6) == pytest.approx(lr0)  # the restart
+    assert schedule.step_learning_rate(3) == pytest.approx(lr0 / 2)
     assert [schedule.current_cycle(e) for e in range(6)] == [0, 0, 1, 1, 2, 2]   # 0-based epochs
     lr = tf.Variable(lr0)
     finished = [schedule.end_epoch(e, 0.1 * e, lr).finished_cycle for e in range(1, 7)]  # 1-based epochs
@@ -173,7 +174,7 @@ def test_per_fold_line_averages_each_folds_own_images():
     truth[[0, 3], :10] = True
     fold = np.array([0, 1, 0, 1, 1, 0])
     at_half = np.array([1.0, 0.0, 0.5, 0.2, 1.0, 0.0])
-    scored = {"scores_at_half": at_half, "scores_cv": at_half, "threshold": 0.5, "tuned": 0.45}
+    scored = {"scores_at_half": at_half, "scores_cv": 1 - at_half, "threshold": 0.5, "tuned": 0.45}
     summary = oof.summary(truth, scored, fold, ["none"])
     # By hand: fold 0 = images 0, 2, 5 -> (1 + 0.5 + 0) / 3; fold 1 = images 1, 3, 4 -> (0 + 0.2 + 1) / 3.
     assert summary["per_fold"] == {"0": {"images": 3, "at_half": pytest.approx(0.5)},

@@ -602,13 +602,20 @@ def test_history_without_a_readable_checkpoint_stops_unless_restarted(tmp_path, 
 # ------------------------------------------------------------------------------------------ resume and flags
 
 
-def edit_flagfile(model_dir, **values):
-    """Sets (or, with None, removes) flags in a run's flags.cfg, as a run of another code version wrote it."""
-    path = os.path.join(model_dir, rundir.FLAGS_FILE)
+def edit_flagfile(run_dir, /, **values):
+    """Sets (or, with None, removes) flags in a run's flags.cfg, as a run of another code version wrote it: in
+    record.json's "flags" too (what the run wrote), so the edit is no hand edit of flags.cfg (which a resume
+    refuses, tests/test_user_files.py)."""
+    path = os.path.join(run_dir, rundir.FLAGS_FILE)
     lines = [l for l in open(path).read().splitlines()
              if rundir.parse_flagfile(l).keys().isdisjoint(values)]
     lines += [f"--{name}={value}" for name, value in values.items() if value is not None]
     open(path, "w").write("\n".join(lines) + "\n")
+    record_path = os.path.join(run_dir, rundir.RECORD_FILE)
+    record = rundir.read_json(record_path) if os.path.isfile(record_path) else {}
+    if "flags" in record:
+        record["flags"] = rundir.parse_flagfile(open(path).read())
+        rundir.write_json(record_path, record)
 
 
 def directory_contents(model_dir):

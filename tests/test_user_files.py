@@ -3,7 +3,6 @@ could lose or silently change a user's file or run stops with one `error:` line,
 and nothing written, before TensorFlow trains anything."""
 
 import itertools
-import json
 import os
 import shutil
 import subprocess
@@ -15,24 +14,13 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from salt_tf import cv, ensemble, exports, postprocess, predict, records, rundir, train
+from salt_tf import cv, ensemble, exports, postprocess, predict, rundir, train
 from salt_tf import flags as salt_flags
 from salt_tf.data import kaggle, splits, synthetic
+from test_reliability import directory_contents as tree_bytes, edit_flagfile  # {path: bytes} but the lock
 from train_helpers import REPO_ROOT, run_tiny, tiny_argv
 
 FLAGS = flags.FLAGS
-
-
-def tree_bytes(root):
-    """{relative path: bytes} of every file under root (a run's lock file left out: taking the lock is no write)."""
-    contents = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            if name != rundir.LOCK_FILE:
-                path = os.path.join(folder, name)
-                with open(path, "rb") as f:
-                    contents[os.path.relpath(path, root)] = f.read()
-    return contents
 
 
 def run_train(argv, capsys):
@@ -155,12 +143,7 @@ def test_demo_data_process_prints_its_error_once(demo_dir, tmp_path):
 
 def set_run_model_dir(run_dir):
     """Makes a copied run's flags.cfg and record.json name run_dir, as if it had been trained there."""
-    path = os.path.join(run_dir, rundir.FLAGS_FILE)
-    lines = [l for l in open(path).read().splitlines() if not l.startswith("--model_dir=")]
-    open(path, "w").write("\n".join(lines + [f"--model_dir={run_dir}"]) + "\n")
-    record = rundir.read_json(os.path.join(run_dir, rundir.RECORD_FILE))
-    record["flags"]["model_dir"] = run_dir
-    rundir.write_json(os.path.join(run_dir, rundir.RECORD_FILE), record)
+    edit_flagfile(run_dir, model_dir=run_dir)  # record.json's "flags" too
 
 
 def test_split_that_lost_rows_is_not_resumed(tiny_run_1_epoch, demo_dir, tmp_path, capsys):
@@ -216,6 +199,13 @@ def test_hand_edited_flags_cfg_is_not_ignored(tiny_run_1_epoch, demo_dir, tmp_pa
     assert status == 2 and len(lines) == 1, lines
     assert f"{path} was edited after the run wrote it (learning_rate: 0.01 -> 0.001)" in lines[0], lines
     assert tree_bytes(run_dir) == before
+    from salt_tf import run_table, runs  # runs reproduce names the edit before it trains anything
+
+    assert runs.flags_vs_record(run_table.load_run(run_dir)) == [
+        "--learning_rate=0.001, but metrics.csv (epoch 1 trained at it) says 0.01"]
+    assert "--base_width=4\n" in text  # a flag only record.json's "flags" witnesses
+    open(path, "w").write(text.replace("--base_width=4\n", "--base_width=8\n"))
+    assert runs.flags_vs_record(run_table.load_run(run_dir)) == ["--base_width=8, but record.json says 4"]
     # What a resume may change anyway (where the data lives) is no edit to refuse.
     open(path, "w").write(text.replace(f"--data_dir={demo_dir}", f"--data_dir={os.path.join(demo_dir, '.')}"))
     assert train.check_flags_cfg_edits(run_dir, rundir.read_flagfile(run_dir),
@@ -385,11 +375,56 @@ def test_reproduce_on_moved_data_names_a_command_that_takes_the_new_folder(tiny_
 
     run_dir = copy_run(tiny_run_1_epoch, tmp_path / "run")
     gone = str(tmp_path / "moved-away")
-    path = os.path.join(run_dir, rundir.FLAGS_FILE)
-    lines = [l for l in open(path).read().splitlines() if not l.startswith("--data_dir=")]
-    open(path, "w").write("\n".join(lines + [f"--data_dir={gone}"]) + "\n")
+    edit_flagfile(run_dir, data_dir=gone)
     with pytest.raises(runs.RunError) as raised:
         runs.check_before(run_table.load_run(run_dir))
     message = str(raised.value)
     assert f"put the data back at {gone}" in message and "python -m salt_tf.train --flagfile=" in message
     assert "--data_dir=<new folder>" in message and "--data_dir the folder" not in message
+
+
+# ------------------------------------------------------------------------------------------ while there
+
+
+def test_validation_tiles_carry_each_images_id_and_score(tmp_path):
+    import tensorflow as tf
+
+    from salt_tf import summaries
+    from test_summaries import accumulate
+
+    images = np.stack([np.full((101, 101), 20 * (k + 1) / 255.0, np.float32) for k in range(6)])
+    truth = np.zeros((6, 101, 101), bool)
+    scores = np.array([0.4, 0.9, 0.2, 1.0, 0.8, 0.1])
+    ids = [f"id{k}" for k in range(6)]
+    writer = summaries.Summaries(str(tmp_path), images=0, worst_images=3)
+    writer.validation_images(images, truth, np.zeros((6, 101, 101), np.float32), scores, step=1, ids=ids)
+    writer.close()
+    val = accumulate(os.path.join(tmp_path, "events", "val"))
+    text = tf.make_ndarray(val.Tensors("worst_images_ids")[-1].tensor_proto).item().decode()
+    # By hand: the three lowest scores, ascending: images 5 (0.1), 2 (0.2), 0 (0.4).
+    assert text == "tile 1: id5 score 0.1000  \ntile 2: id2 score 0.2000  \ntile 3: id0 score 0.4000"
+    picture = tf.io.decode_png(tf.make_ndarray(val.Tensors("worst_images")[-1].tensor_proto)[2]).numpy()
+    for column, k in enumerate((5, 2, 0)):
+        tile = picture[:, column * 103:column * 103 + 101]
+        expected = summaries.tile_label(summaries.overlay(images[k], truth[k], truth[k]), ids[k], scores[k])
+        np.testing.assert_array_equal(tile, expected)
+        assert (tile[:summaries.LABEL_HEIGHT] == 255).any() and (tile[summaries.LABEL_HEIGHT:] == 20 * (k + 1)).all()
+    assert "fixed_images" not in val.Tags()["tensors"]  # images=0: none
+
+
+def test_validation_tiles_take_their_ids_from_split_csv(tmp_path):
+    """The loop passes no ids: the run directory's split.csv names the validation images, in its order."""
+    import tensorflow as tf
+
+    from salt_tf import summaries
+    from test_summaries import accumulate
+
+    split = pd.DataFrame({"id": ["t0", "v0", "t1", "v1", "v2"], "role": ["train", "val", "train", "val", "val"]})
+    splits.write_split(split, os.path.join(tmp_path, rundir.SPLIT_FILE))
+    writer = summaries.Summaries(str(tmp_path), images=0, worst_images=2)
+    images = np.zeros((3, 101, 101), np.float32)
+    writer.validation_images(images, images > 0, images, np.array([0.5, 0.25, 0.75]), step=1)
+    writer.close()
+    val = accumulate(os.path.join(tmp_path, "events", "val"))
+    text = tf.make_ndarray(val.Tensors("worst_images_ids")[-1].tensor_proto).item().decode()
+    assert text == "tile 1: v1 score 0.2500  \ntile 2: v0 score 0.5000"

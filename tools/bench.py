@@ -32,7 +32,11 @@ import time
 
 from absl import app, flags
 
-from salt_tf import flags as salt_flags
+from salt_tf import tfstart
+
+tfstart.import_tensorflow()  # before salt_tf.flags imports it: the commands' quiet start (no CUDA notices)
+
+from salt_tf import flags as salt_flags  # noqa: E402
 from timing import median_rate  # tools/timing.py (this script's folder is on sys.path)
 
 FLAGS = flags.FLAGS

@@ -28,7 +28,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    import tensorflow as tf
+    from salt_tf import tfstart
+
+    tf = tfstart.import_tensorflow()  # the commands' quiet start (no CUDA notices)
 
     from salt_tf import metrics, pipeline
     from salt_tf.data import kaggle, synthetic

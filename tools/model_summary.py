@@ -23,14 +23,18 @@ import os
 import statistics
 import time
 
-import keras
-import numpy as np
-import tensorflow as tf
-from absl import app, flags
+from salt_tf import tfstart
 
-from salt_tf import IMAGE_SIZE, configs
-from salt_tf import flags as salt_flags
-from salt_tf.model import ModelConfig, build_model, count_params, forward_flops_per_image
+tfstart.import_tensorflow()  # first: the commands' quiet start (no CUDA notices on a machine without a GPU)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from salt_tf import IMAGE_SIZE, configs  # noqa: E402
+from salt_tf import flags as salt_flags  # noqa: E402
+from salt_tf.model import ModelConfig, build_model, count_params, forward_flops_per_image  # noqa: E402
 
 FLAGS = flags.FLAGS
 salt_flags.define_model_flags()

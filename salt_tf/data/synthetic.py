@@ -132,7 +132,8 @@ def foreign_files(out_dir: str, seed: int) -> list[str]:
         return []
     train_csv = os.path.join(out_dir, kaggle.TRAIN_FILE)
     try:
-        if os.path.isfile(train_csv) and str(pd.read_csv(train_csv, dtype=str, nrows=1)["id"].iloc[0]) == first_id(seed):
+        first = pd.read_csv(train_csv, dtype=str, nrows=1)["id"].iloc[0] if os.path.isfile(train_csv) else None
+        if first == first_id(seed):
             return []
     except (ValueError, KeyError, IndexError, OSError):  # unreadable or another layout: not the demo's train.csv
         pass
