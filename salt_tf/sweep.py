@@ -454,12 +454,16 @@ def run_trial(trial, fv: flags.FlagValues, base_args: list[str], stop_signals: S
 
     Raises:
         KeyboardInterrupt, loop.TrainingStopped (a signal): the trial stays RUNNING; a rerun adopts it.
+        SweepError: the train command refused the trial's run directory (the trial is failed).
     """
-    import optuna
-    from absl.testing import flagsaver
+    run_dir, record = start_session(trial, fv, resumed)
+    state, outcome = train_trial(trial, run_dir, record, fv.objective, base_args, stop_signals)
+    return finish_trial(trial, run_dir, record, fv.objective, state, outcome)
 
-    from salt_tf import loop, records, train
 
+def start_session(trial, fv: flags.FlagValues, resumed: bool) -> tuple[str, dict]:
+    """Records in the study where trial `trial` runs and this session; returns (its run directory, the `sweep`
+    entry of its record.json: study, trial, storage, sweep folder, parameters)."""
     run_dir = sweep_report.trial_dir(fv.sweep_dir, trial.number)
     storage = trial.study._storage
     storage.set_trial_user_attr(trial._trial_id, sweep_report.RUN_DIR_ATTR, os.path.abspath(run_dir))
@@ -469,30 +473,53 @@ def run_trial(trial, fv: flags.FlagValues, base_args: list[str], stop_signals: S
     say(f"trial {trial.number} ({', '.join(f'{k}={flag_text(v)}' for k, v in params.items())}): "
         f"{'resumed' if resumed else 'started'} in {run_dir}")
     url = sweep_report.storage_url(fv.storage, fv.sweep_dir)
-    record = {"study": trial.study.study_name, "trial": trial.number, "storage": sweep_report.shown_url(url),
-              "sweep_dir": os.path.abspath(fv.sweep_dir), "params": params}
-    reporter = ReportEpoch(trial, run_dir, fv.objective, record)
-    state, outcome = optuna.trial.TrialState.COMPLETE, {}
+    return run_dir, {"study": trial.study.study_name, "trial": trial.number, "storage": sweep_report.shown_url(url),
+                     "sweep_dir": os.path.abspath(fv.sweep_dir), "params": params}
+
+
+def train_trial(trial, run_dir: str, record: dict, objective: str, base_args: list[str],
+                stop_signals: StopSignals) -> tuple:
+    """The train command's own run of the trial's flags, reporting every epoch (ReportEpoch).
+
+    Returns:
+        (Optuna's state: COMPLETE, PRUNED or FAIL; {"pruned_epoch": e} or {"failed": its one line} or {}).
+    """
+    import optuna
+    from absl.testing import flagsaver
+
+    from salt_tf import loop, train
+
+    reporter = ReportEpoch(trial, run_dir, objective, record)
     with flagsaver.flagsaver(), loop.extra_epoch_end(reporter):
-        parse_trial_flags(base_args, space_arguments(params), run_dir)
+        parse_trial_flags(base_args, space_arguments(record["params"]), run_dir)
         try:
             train.run(stop_signals)
         except loop.StopAfterEpoch:
-            state, outcome = optuna.trial.TrialState.PRUNED, {"pruned_epoch": reporter.pruned_epoch}
+            return optuna.trial.TrialState.PRUNED, {"pruned_epoch": reporter.pruned_epoch}
         except loop.TrainingStopped as e:
             if e.exit_code > 128:
                 raise
-            state, outcome = optuna.trial.TrialState.FAIL, {"failed": str(e)}
+            return optuna.trial.TrialState.FAIL, {"failed": str(e)}
         except train_user_errors() as e:  # e.g. S/trial-n holds a run of other flags: nothing was trained
-            storage.set_trial_user_attr(trial._trial_id, sweep_report.FAILED_ATTR, str(e))
+            trial.study._storage.set_trial_user_attr(trial._trial_id, sweep_report.FAILED_ATTR, str(e))
             trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise SweepError(f"trial {trial.number}: {e}") from None
-    value = trial_value(run_dir, fv.objective)
+    return optuna.trial.TrialState.COMPLETE, {}
+
+
+def finish_trial(trial, run_dir: str, record: dict, objective: str, state, outcome: dict) -> str:
+    """Tells the study the trial's state and value (its best `objective`, trial_value), records both in the
+    study and in record.json, says it in one line; returns the state's name."""
+    import optuna
+
+    from salt_tf import records
+
+    value = trial_value(run_dir, objective)
     if state == optuna.trial.TrialState.COMPLETE and value is None:
         state, outcome = optuna.trial.TrialState.FAIL, {"failed": "no epoch finished"}
     for key, attr in (("pruned_epoch", sweep_report.PRUNED_ATTR), ("failed", sweep_report.FAILED_ATTR)):
         if key in outcome:
-            storage.set_trial_user_attr(trial._trial_id, attr, outcome[key])
+            trial.study._storage.set_trial_user_attr(trial._trial_id, attr, outcome[key])
     records.update_record(run_dir, sweep=dict(record, state=state.name.lower(), value=value, **outcome))
     trial.study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
     say(f"trial {trial.number} {state.name.lower()}" + (f", value {value:.4f}" if value is not None else "") +
