@@ -368,7 +368,7 @@ def _fill(plan: Plan, stage: str, float16: bool, data_dir: str | None) -> dict |
     half = write_float16(plan, stage, data_dir) if float16 else None
     for name, payload in ((rundir.ENSEMBLE_FILE, plan.choice), (rundir.OOF_SUMMARY, plan.scores)):
         if payload is not None:
-            rundir.write_json(os.path.join(stage, name), _rehashed(payload, stage) if float16 else payload)
+            rundir.write_json(os.path.join(stage, name), payload)  # its weights_sha256 are the float32 originals
     changed = [path for path in files if sha256_of_file(os.path.join(stage, path)) != sources[path]] + [
         source for source in _converted_sources(plan, float16) if sha256_of_file(source) != sources[source]]
     if changed:
@@ -493,20 +493,6 @@ def float16_layers(model, source: str, inputs: np.ndarray, reference: tuple) -> 
                 break
     tf.io.gfile.rmtree(folder)
     return kept
-
-
-def _rehashed(payload: dict, stage: str) -> dict:
-    """ensemble.json or oof.json with each model's weights_sha256, where it records one (exports.LoadedModel.info),
-    that of its float16 weights in the release: the choice holds for them (check_float16), and predict checks
-    the hashes against the weights it loads."""
-    from salt_tf import exports  # no TensorFlow; exports imports this module
-
-    def released(m: dict) -> dict:
-        path = os.path.join(stage, m["name"])
-        return dict(m, weights_sha256=exports.LoadedModel(m["name"], path, {}).weights_sha256())
-
-    return dict(payload, models=[released(m) if m.get("weights_sha256") else m for m in payload["models"]]
-                ) if payload.get("models") else payload
 
 
 def _validation_inputs(run: str, data_dir: str | None, use_depth: bool) -> tuple[np.ndarray, np.ndarray]:
