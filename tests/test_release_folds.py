@@ -17,25 +17,10 @@ import numpy as np
 import pytest
 
 from salt_tf import exports, predict, release, rundir, runs, serving
-from test_fold_ensemble import _masks_of, _test_images, collected, head_run  # noqa: F401 (fixtures)
+from test_fold_ensemble import _test_images, collected, head_run  # noqa: F401 (fixtures)
+from test_release import _runs, _tree, _unfinished
 
 WEIGHTS_DATA = "weights.data-00000-of-00001"
-
-
-def _runs(capsys, *argv):
-    status = runs.main(["runs", *[str(a) for a in argv]])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def _tree(folder):
-    """{relative path: bytes} of every file under `folder`."""
-    found = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                found[os.path.relpath(os.path.join(root, name), folder)] = f.read()
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -218,11 +203,6 @@ def test_plain_float16_moves_the_tiny_model_too_much_and_the_check_refuses_it(ev
         release.check_float16(half.model, check, reference, source)
 
 
-def _unfinished(parent):
-    path = os.path.join(parent, "fold-1", "record.json")
-    rundir.write_json(path, dict(json.load(open(path)), started="2999-01-01T00:00:00"))
-
-
 @pytest.mark.parametrize("case, argv, expected", [
     ("unfinished fold", ["--into={into}"], "fold-1: its training has not finished"),
     ("no oof.json", ["--into={into}"], "oof.json: not found; run python -m salt_tf.cv collect"),
@@ -237,7 +217,7 @@ def test_what_cannot_be_released_is_one_line_and_nothing_is_written(evaluated, t
     parent = str(tmp_path / "parent")
     shutil.copytree(evaluated, parent)
     if case == "unfinished fold":
-        _unfinished(parent)
+        _unfinished(os.path.join(parent, "fold-1"))
     if case == "no oof.json":
         os.remove(os.path.join(parent, "oof.json"))
     user = tmp_path / "user"
@@ -245,7 +225,8 @@ def test_what_cannot_be_released_is_one_line_and_nothing_is_written(evaluated, t
     (user / "notes.txt").write_text("mine")
     before = {"parent": _tree(parent), "user": _tree(user)}
     into = tmp_path / "new"
-    status, out, err = _runs(capsys, "release", parent, *[a.format(into=into, user=user, parent=parent) for a in argv])
+    status, out, err = _runs(["release", parent, *[a.format(into=into, user=user, parent=parent) for a in argv]],
+                             capsys)
     assert status == 2 and expected in err and err.count("\n") == 1, err
     assert not into.exists() and {"parent": _tree(parent), "user": _tree(user)} == before
     assert sorted(os.listdir(tmp_path)) == ["parent", "user"]
@@ -258,7 +239,7 @@ def test_a_stale_ensemble_json_stays_behind_with_a_note_and_oof_json_chooses(eva
     stale = json.load(open(path))
     stale["models"][0]["epoch"] = 99  # fitted on an earlier training of fold 0
     rundir.write_json(path, stale)
-    status, out, err = _runs(capsys, "release", parent, f"--into={tmp_path / 'r'}")
+    status, out, err = _runs(["release", parent, f"--into={tmp_path / 'r'}"], capsys)
     assert status == 0, err
     assert f"note: no ensemble.json fitted on that model; `python -m salt_tf.predict evaluate --model_dir={parent}`" \
         in out
