@@ -10,7 +10,8 @@ import pytest
 import scipy.optimize
 import tensorflow as tf
 
-from salt_tf import ensemble, loop, losses, model as model_lib, oof, postprocess, schedules, step as step_lib
+from salt_tf import ensemble, loop, losses, model as model_lib, oof, postprocess, pseudo, schedules
+from salt_tf import step as step_lib
 from salt_tf.data import kaggle
 from test_step import CONFIG, numpy_bce_per_image
 
@@ -50,6 +51,13 @@ def test_a_probability_of_exactly_the_threshold_is_not_salt():
     probabilities[0, 50, 50] = above
     masks = postprocess.apply(probabilities, postprocess.PostProcessing(threshold=0.5))
     assert masks.sum() == 1 and masks[0, 50, 50]
+
+
+def test_a_pseudo_label_of_exactly_the_minimum_confidence_is_kept():
+    at = np.float32(0.9)
+    below = np.nextafter(at, np.float32(0))
+    table = pseudo.table(["at", "below"], np.array([at, below], np.float32), np.zeros((2, 101, 101), bool), 0.9)
+    assert table["kept"].tolist() == [True, False]
 
 
 # ------------------------------------------------------------------------------------------ rule order
