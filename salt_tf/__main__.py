@@ -15,8 +15,8 @@ COMMANDS = (
     ("python -m salt_tf.runs list", "one line per run under a folder, the flags that differ as columns"),
     ("python -m salt_tf.runs diff", "two runs side by side: flags, code, data, weights, metric curves"),
     ("python -m salt_tf.runs reproduce", "re-run a run from its flags.cfg and compare the weights bit for bit"),
-    ("python -m salt_tf.runs release", "copy a finished run's model, record, model card and SHA-256 sums into a "
-                                       "folder to share"),
+    ("python -m salt_tf.runs release", "copy a finished run's model (or a CV parent's fold ensemble), record, "
+                                       "model card and SHA-256 sums into a folder to share"),
     ("python -m salt_tf.cv train", "train the K folds of a flagfile into one parent folder, then collect"),
     ("python -m salt_tf.cv collect", "the out-of-fold predictions and score of a parent's finished folds"),
     ("python -m salt_tf.cv compare", "two cross-validation parents image by image: mean difference, interval"),
