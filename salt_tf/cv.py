@@ -347,6 +347,7 @@ def run_processes(commands: dict[str, list[str]], parallel: int, out=None) -> di
     out = out or sys.stdout
     lock, pending, running, codes = threading.Lock(), list(commands.items()), {}, {}
     previous = _raise_on_sigterm()
+    _hear_sigint()
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -370,6 +371,14 @@ def run_processes(commands: dict[str, list[str]], parallel: int, out=None) -> di
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return codes
+
+
+def _hear_sigint() -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt even where the process inherited SIGINT ignored: a shell starts
+    a script's background jobs so (`cv train ... &` in a script), and `kill -INT` should then stop the folds
+    as it stops `python -m salt_tf.train`, which installs its own handler (stop_signals)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _raise_on_sigterm():

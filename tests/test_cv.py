@@ -330,3 +330,24 @@ def test_pseudo_from_a_cv_parent_averages_the_fold_models(parent, demo_dir, tmp_
     # A folder that exists is not overwritten.
     status, text = _cv(["pseudo", f"--model_dir={path}", f"--images={images}", f"--output={output}"])
     assert status == 2 and "exists" in text and text.count("\n") == 1
+
+
+def test_sigint_stops_the_folds_even_when_inherited_ignored():
+    """A script's background job starts with SIGINT ignored; cv's fold runner still stops on it: one SIGTERM to
+    each running command (which a training turns into a checkpoint), then KeyboardInterrupt."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        started = time.time()
+        with pytest.raises(KeyboardInterrupt):
+            cv.run_processes({"sleeper": [sys.executable, "-c", "import time; time.sleep(60)"]}, 1, out=io.StringIO())
+        assert time.time() - started < 30  # the child got its SIGTERM, not a 60 s wait
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -376,7 +376,7 @@ def test_subcommands_have_their_own_help_and_one_line_errors(tmp_path, capsys):
     assert [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()] == \
         ["list", "diff", "reproduce", "release"]
     for command, own in [("list", {"sort", "where", "csv"}), ("diff", {"plot"}), ("reproduce", {"into"}),
-                         ("release", {"into", "model", "max_mb", "replace"})]:
+                         ("release", {"into", "model", "max_mb", "replace", "float16", "data_dir"})]:
         status, out, _ = cli(capsys, command, "--help")
         assert status == 0 and out.startswith(f"usage: python -m salt_tf.runs {command} ")
         assert set(re.findall(r"^  --(?:\[no\])?(\w+):", out, flags=re.M)) == own | {"flagfile", "undefok"}
