@@ -33,4 +33,7 @@ def test_the_shipped_list_applies_to_the_code():
     assert len(listed) >= 30
     problems = [(m["name"], why) for m in listed if (why := mutate.check_applicable(REPO_ROOT, m))]
     assert not problems, problems
-    assert all(os.path.isfile(os.path.join(REPO_ROOT, t)) for m in listed for t in m["tests"])
+    for test in {t for m in listed for t in m["tests"]}:  # a file, or a file::test node id
+        path, _, node = test.partition("::")
+        assert os.path.isfile(os.path.join(REPO_ROOT, path)), test
+        assert not node or f"def {node.split('[')[0]}(" in open(os.path.join(REPO_ROOT, path)).read(), test
