@@ -155,7 +155,7 @@ def _require(flag_values: flags.FlagValues, *names: str) -> None:
 # cv train: plan the folds, run them, collect.
 
 
-def _train_flags():
+def train_flags():
     """salt_tf.flags with the train command's flags defined, TensorFlow started first (tfstart: no CUDA noise)."""
     from salt_tf import tfstart
 
@@ -218,7 +218,7 @@ def plan_folds(parent: str, train_args: Sequence[str]) -> tuple[int, dict[int, s
     """
     from absl.testing import flagsaver
 
-    _train_flags()
+    train_flags()
     from salt_tf import checkpoints, train
 
     plan = {}
@@ -264,7 +264,7 @@ def fold_budget(train_args: Sequence[str]) -> FoldBudget:
     """
     from absl.testing import flagsaver
 
-    _train_flags()
+    train_flags()
     from salt_tf import configs, model, train
 
     with flagsaver.flagsaver():
@@ -423,7 +423,7 @@ def run_train(fv: flags.FlagValues, train_args: list[str]) -> int:
 
 def train_flags_help() -> str:
     """What `cv train --help` shows after its own flags: the train command's flags, which it passes on."""
-    salt_flags = _train_flags()
+    salt_flags = train_flags()
     return ("Every other argument goes to each fold's `python -m salt_tf.train` (--flagfile=F, --folds=K and any "
             "train flag below); cv sets --fold and --model_dir, and replaces {fold} in any argument by the fold's "
             "number k (e.g. --extra_data_dir=pl/fold-{fold}).\n\n" + flags.FLAGS.module_help(salt_flags.__name__))

@@ -43,7 +43,7 @@ import time
 
 from absl import flags
 
-from salt_tf import cli, sweep_report
+from salt_tf import cli, cv, sweep_report
 from salt_tf.stop_signals import StopSignals
 from salt_tf.sweep_report import SweepError
 
@@ -144,17 +144,6 @@ def edge_values(dist) -> list:
 # The train command's flags: the base command line and every value of the space, checked before any trial.
 
 
-def _train_flags():
-    """salt_tf.flags with the train command's flags defined, TensorFlow started first (tfstart: no CUDA noise)."""
-    from salt_tf import tfstart
-
-    tfstart.import_tensorflow()
-    from salt_tf import flags as salt_flags
-
-    salt_flags.define_flags()
-    return salt_flags
-
-
 def parse_trial_flags(base_args: list[str], params_args: list[str], model_dir: str) -> None:
     """Parses a trial's train command line into absl's FLAGS (from the defaults, not the previous trial's values).
 
@@ -179,7 +168,7 @@ def check_train_flags(base_args: list[str], space: dict, enqueued: list[dict], s
     """
     from absl.testing import flagsaver
 
-    salt_flags = _train_flags()
+    salt_flags = cv.train_flags()
     names = {f.name for f in salt_flags.run_flags()}
     for name in space:
         if name not in names or name in NOT_SWEPT:
@@ -642,7 +631,7 @@ def _finish(fv: flags.FlagValues, study, done: dict) -> int:
 
 def run_command(fv: flags.FlagValues, train_args: list[str]) -> int:
     """`sweep run`, with a trial's signal stop as its exit status (130 / 143, the trial checkpointed)."""
-    _train_flags()  # TensorFlow started by tfstart (no CUDA noise) before salt_tf.loop imports it
+    cv.train_flags()  # TensorFlow started by tfstart (no CUDA noise) before salt_tf.loop imports it
     from salt_tf import loop
 
     try:
@@ -654,7 +643,7 @@ def run_command(fv: flags.FlagValues, train_args: list[str]) -> int:
 
 def train_flags_help() -> str:
     """What `sweep run --help` shows after its own flags: the train command's flags, which it passes on."""
-    salt_flags = _train_flags()
+    salt_flags = cv.train_flags()
     return ("Every other argument goes to each trial's train command (--flagfile=F and any train flag below); the "
             "sweep adds the trial's values and --model_dir=<sweep_dir>/trial-<n>.\n\n" +
             flags.FLAGS.module_help(salt_flags.__name__))
