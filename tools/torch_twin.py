@@ -1,7 +1,9 @@
-"""A PyTorch twin of salt_tf's default U-Net, and the speed ratio of the project's step to it in one sitting.
+"""A PyTorch twin of salt_tf's U-Net (the default model, or a flagfile's: the recipe), and the speed ratio of the
+project's train step to the twin's in one sitting.
 
     python tools/torch_twin.py --steps=8 --repeats=3 --data_dir=../shared/data/tgs_salt --json=twin.json
     python tools/torch_twin.py --systems=tf,eager          # a subset of the systems
+    python tools/torch_twin.py --flagfile=flags/recipe.cfg --data_dir=../shared/data/tgs_salt   # the recipe's step
 
 For comparison only: an optional dependency (``pip install -e '.[torch]'``), never imported by salt_tf.
 
@@ -20,6 +22,17 @@ layers' names, so ``encoder.level1.block0.se.squeeze.weight`` is ``unet/encoder/
                           y = SE(y) = y * sigmoid(excite(relu(squeeze(mean_hw(y)))))  (hidden max(1, c // r));
                           out = (x or conv1x1(pre) when the width changes) + y
 
+and the options of ``ModelConfig`` the recipe uses (flags/recipe.cfg), as salt_tf.model computes them:
+
+    --se_type=scse        the gate is block{i}/scse: scse/se (the channel gate above) + scse/sse, the spatial
+                          gate y * sigmoid(gate(y)), gate a conv1x1 (bias) to one channel; the two outputs added
+    --hypercolumn         the head (BN -> ReLU -> conv1x1) reads the concatenation [level 0, level 1, ...] of every
+                          decoder level's output resized to 101x101
+    --deep_supervision    side/level{L}: conv1x1 (bias) to one logit on decoder level L's output, resized to 101x101;
+                          image_head/dense: the "has salt" logit of the bottleneck's mean over H, W
+    resizes               tf.image.resize bilinear (TensorFlow 2: half-pixel centres, no antialiasing when
+                          upsampling) = F.interpolate(mode="bilinear", align_corners=False), tested equal
+
 Batch norm: epsilon 1e-3 and momentum 0.9 in Keras' convention (0.1 in PyTorch's). Kernels are He-normal as
 Keras' "he_normal" draws them (normal truncated at 2 sigma, sigma = sqrt(2 / fan_in) / 0.8796, Keras' fan_in
 also for transposed convs: kh * kw * output channels), biases zero. One difference that does not change a
@@ -30,11 +43,25 @@ The timed step is the project's (``tools/bench.py``'s "custom step"): forward in
 averaged over the batch), gradients, their global norm (the project's step computes it every step), an Adam
 update (lr 1e-3, Keras' epsilon 1e-7), and the loss and norm copied to the host. Batch 32.
 
+With ``--flagfile=F`` (a train flagfile, e.g. flags/recipe.cfg) the step is F's instead. The tf child parses F with
+the train command's own flags and builds its step with the train command's builders (configs.model_config,
+schedules.build_optimizer, losses.build_losses: loss stage 0, the loop config's batch size and clip norm;
+determinism from F's --seed and --deterministic). A first TensorFlow child (``config``) reads the same objects for
+the twin: its model, its loss (``TwinLoss``: the --loss terms bce, dice, lovasz, lovasz_elu, lovasz_sym,
+lovasz_sym_elu per image, the Lovász hinge sorted by a stable sort as TensorFlow's top_k breaks ties; with deep
+supervision the same loss at the fused output, + --side_loss_weight x its sum over the side outputs on images
+with salt only, + --image_loss_weight x the image head's sigmoid cross-entropy), Adam at F's --learning_rate
+(constant: the schedule moves it per epoch) and clip norm. --base_width, --depth, --blocks_per_level and
+--batch_size, when given, override F's; the batch is the tool's (--data_dir), not F's data. Mixed precision, SGD,
+weight decay, the focal loss, dropout and a padded --input_size are not mirrored: one ``error:`` line (exit 2)
+before any timing.
+
 The command runs, one after another and each in its own child process (thread pools are fixed per process):
 
   tf          the project's deterministic default step: ``determinism.configure(0, True)`` (one inter-op thread,
               op determinism), ``step.TrainStep.train_step`` on a fixed batch, its loss to the host: the code path
-              of tools/bench.py's "custom step, deterministic on", re-implemented here (not imported)
+              of tools/bench.py's "custom step, deterministic on", re-implemented here (not imported); with
+              --flagfile, the flagfile's step as the train command builds it
   eager       the twin in PyTorch eager mode (NCHW)
   eager_cl    the twin in eager mode, channels-last memory format (not in the default set)
   compile     the twin's forward + loss through ``torch.compile`` (default inductor backend; the backward is
@@ -82,13 +109,19 @@ SYSTEM_LABELS = {
     "compile": "PyTorch twin, torch.compile (NCHW)",
     "compile_cl": "PyTorch twin, torch.compile (channels-last)",
 }
+# The tool's model and batch flags: the default model's shape, or (with --flagfile) overrides of the flagfile's.
+SHAPE_FLAGS = {"base_width": 16, "depth": 4, "blocks_per_level": 2, "batch_size": 32}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=None, help="Kaggle layout folder (default: synthetic demo set)")
-    parser.add_argument("--base_width", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--blocks_per_level", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--flagfile", default=None,
+                        help="a train flagfile (e.g. flags/recipe.cfg): time the step the train command builds from "
+                             "it and the twin of that model, loss and optimizer (default: the default model)")
+    for name, default in SHAPE_FLAGS.items():
+        parser.add_argument(f"--{name}", type=int, default=None,
+                            help=f"default {default}; with --flagfile, overrides the flagfile's")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (each system)")
@@ -99,32 +132,109 @@ def parse_args(argv):
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch_file", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--config_file", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.flagfile is None:
+        for name, default in SHAPE_FLAGS.items():
+            setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    return args
 
 
-def tf_child(args) -> dict:
-    """The project's deterministic default step, timed as tools/bench.py times "custom step, deterministic on",
-    and TensorFlow's float32 matmul ceiling measured as bench.py does. Writes the batch to --batch_file."""
+def parse_train_flags(args):
+    """absl's FLAGS with the train command's flags defined and parsed from --flagfile, the tool's shape flags that
+    were given after it (a later flag wins). The tool's batch is its own (--data_dir): the flagfile's data flags
+    are overridden by a demo set that is never written, so its data folder need not exist here.
+
+    Raises:
+      absl.flags.Error: a flag of the flagfile is unknown or fails a train validator.
+    """
+    from absl import flags
+
+    from salt_tf import flags as salt_flags
+
+    salt_flags.define_flags()
+    overrides = [f"--{name}={getattr(args, name)}" for name in SHAPE_FLAGS if getattr(args, name) is not None]
+    flags.FLAGS(salt_flags.join_repeated(["torch_twin", f"--flagfile={args.flagfile}", *overrides,
+                                          "--dataset=demo", f"--data_dir={tempfile.gettempdir()}"]))
+    return flags.FLAGS
+
+
+def flagfile_step(args):
+    """The train step of --flagfile as the train command builds it (train._run): determinism from --seed and
+    --deterministic, the model of configs.model_config, schedules.build_optimizer, losses.build_losses (stage 0
+    is timed), the batch size and clip norm of the loop's config. Returns (TrainStep, ModelConfig, applied)."""
+    from salt_tf import determinism
+
+    flag_values = parse_train_flags(args)
+    applied = determinism.configure(flag_values.seed, flag_values.deterministic)
+    from salt_tf import configs, losses, model as model_lib, schedules, step as step_lib
+
+    model_config, loop_config = configs.model_config(), configs.loop_config()
+    model = model_lib.build_model(model_config, precision=flag_values.precision)
+    optimizer = schedules.build_optimizer(configs.optimizer_config())
+    loss_stages = losses.build_losses(configs.loss_config(), model_config.deep_supervision)
+    step = step_lib.TrainStep(model, optimizer, loss_stages, batch_size=loop_config.batch_size,
+                              clip_norm=loop_config.clip_norm)
+    return step, model_config, applied
+
+
+def default_step(args):
+    """The project's deterministic default step (tools/bench.py's "custom step, deterministic on"): ModelConfig
+    of the tool's shape flags, Adam 1e-3, BCE + Dice. Returns (TrainStep, ModelConfig, applied)."""
     from salt_tf import determinism
 
     applied = determinism.configure(0, True)
     import keras
+
+    from salt_tf import losses, model as model_lib, step as step_lib
+
+    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
+                                   blocks_per_level=args.blocks_per_level)
+    step = step_lib.TrainStep(model_lib.build_model(config), keras.optimizers.Adam(1e-3),
+                              losses.CombinedLoss("bce:1,dice:1"), batch_size=args.batch_size)
+    return step, config, applied
+
+
+def config_child(args) -> dict:
+    """What the twin needs of --flagfile, read from the objects the train command builds (JSON-ready): the model
+    config, the loss of stage 0 (terms, deep-supervision weights), the optimizer config, batch size, clip norm,
+    precision; {"error": one line} when the flagfile does not parse."""
+    from absl import flags
+
+    try:
+        flag_values = parse_train_flags(args)
+    except flags.Error as e:
+        return {"error": str(e)}
+    from salt_tf import configs, losses
+
+    model_config, loop_config = configs.model_config(), configs.loop_config()
+    loss = losses.build_losses(configs.loss_config(), model_config.deep_supervision)[0]
+    mask_loss = loss.mask_loss if model_config.deep_supervision else loss
+    return {"model": dataclasses.asdict(model_config), "loss_spec": loss.spec,
+            "loss": {"terms": [list(term) for term in mask_loss.terms],
+                     "deep_supervision": model_config.deep_supervision,
+                     "side_weight": getattr(loss, "side_weight", 0.0), "image_weight": getattr(loss, "image_weight", 0.0)},
+            "optimizer": dataclasses.asdict(configs.optimizer_config()), "batch_size": loop_config.batch_size,
+            "clip_norm": loop_config.clip_norm, "precision": flag_values.precision}
+
+
+def tf_child(args) -> dict:
+    """The project's deterministic step (the default model's, or --flagfile's), timed as tools/bench.py times
+    "custom step, deterministic on", and TensorFlow's float32 matmul ceiling measured as bench.py does. Writes the
+    batch to --batch_file."""
+    step, config, applied = flagfile_step(args) if args.flagfile else default_step(args)
     import tensorflow as tf
 
-    from salt_tf import losses, model as model_lib, pipeline, step as step_lib
+    from salt_tf import model as model_lib, pipeline
     from salt_tf.data import kaggle, synthetic
 
     data_dir = args.data_dir
+    b = step.batch_size
     if data_dir is None:
         data_dir = os.path.join(tempfile.mkdtemp(), "demo")
-        synthetic.generate(data_dir, num_images=max(200, 2 * args.batch_size), seed=0)
+        synthetic.generate(data_dir, num_images=max(200, 2 * b), seed=0)
     images, masks = pipeline.to_arrays(kaggle.load_labelled(data_dir), use_depth=False)
-    config = model_lib.ModelConfig(base_width=args.base_width, depth=args.depth,
-                                   blocks_per_level=args.blocks_per_level)
-    b = args.batch_size
     val = 400 if len(images) > 800 else len(images) // 5
-    step = step_lib.TrainStep(model_lib.build_model(config), keras.optimizers.Adam(1e-3),
-                              losses.CombinedLoss("bce:1,dice:1"), batch_size=b)
     batch_images, batch_masks = images[val:val + b], masks[val:val + b]
     if args.batch_file:
         np.savez(args.batch_file, images=batch_images, masks=batch_masks)
@@ -138,7 +248,7 @@ def tf_child(args) -> dict:
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
     ceiling = timing.median_rate(lambda: matmul().numpy(), 1, 5, args.repeats, warmup=1)
     return {"images_per_second": rate, "rates": rates, "applied": applied,
-            "parameters": model_lib.count_params(step.model),
+            "parameters": model_lib.count_params(step.model), "loss": repr(step.loss_stages[0]),
             "forward_gflop_per_image": flops / 1e9, "train_gflops_per_second": rate * 3 * flops / 1e9,
             "matmul_gflops_per_second": ceiling * 2 * n ** 3 / 1e9, "tensorflow": tf.__version__,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
@@ -155,9 +265,10 @@ def isa_tf_child() -> dict:
 
 # The command's TensorFlow children stop here, before PyTorch is imported: in one process with TensorFlow loaded,
 # creating a torch optimizer crashed (segmentation fault; torch 2.14.1, TF 2.21), so the two never share a process.
-if __name__ == "__main__" and any(arg in ("--child=tf", "--child=isa_tf") for arg in sys.argv[1:]):
+TF_CHILDREN = {"tf": tf_child, "isa_tf": lambda args: isa_tf_child(), "config": config_child}
+if __name__ == "__main__" and any(arg in [f"--child={c}" for c in TF_CHILDREN] for arg in sys.argv[1:]):
     _args = parse_args(sys.argv[1:])
-    print("TWIN " + json.dumps(tf_child(_args) if _args.child == "tf" else isa_tf_child()), flush=True)
+    print("TWIN " + json.dumps(TF_CHILDREN[_args.child](_args)), flush=True)
     sys.exit(0)
 
 import torch
@@ -178,23 +289,28 @@ class TwinConfig:
     se: bool = True
     se_ratio: int = 4
     input_channels: int = 1
+    se_type: str = "channel"  # "channel" (cSE) or "scse" (channel + spatial gates, added)
+    hypercolumn: bool = False  # the head sees every decoder level, upsampled to 101x101
+    deep_supervision: bool = False  # side logits per decoder level + the image-level "has salt" logit
 
 
 def twin_config(config) -> TwinConfig:
-    """A TwinConfig from a TwinConfig or a ``salt_tf.model.ModelConfig`` (or anything with its attribute names).
+    """A TwinConfig from a TwinConfig, a ``salt_tf.model.ModelConfig`` or a dict (or anything with its attribute
+    names).
 
-    Raises ValueError for a configuration the twin does not mirror (scSE gates, dropout, hypercolumn, deep
-    supervision, padded input, a depth that pools 101 below 2x2).
+    Raises ValueError for a configuration the twin does not mirror (dropout, padded input, an unknown gate type,
+    a depth that pools 101 below 2x2).
     """
-    unsupported = {"se_type": "channel", "dropout": 0.0, "hypercolumn": False, "deep_supervision": False,
-                   "input_size": IMAGE_SIZE}
+    get = config.get if isinstance(config, dict) else lambda name, default: getattr(config, name, default)
+    unsupported = {"dropout": 0.0, "input_size": IMAGE_SIZE}
     for name, supported in unsupported.items():
-        if getattr(config, name, supported) != supported:
-            raise ValueError(f"the torch twin mirrors {name}={supported!r} only, got {getattr(config, name)!r}")
-    result = TwinConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TwinConfig)
-                           if hasattr(config, f.name)})
+        if get(name, supported) != supported:
+            raise ValueError(f"the torch twin mirrors {name}={supported!r} only, got {get(name, None)!r}")
+    result = TwinConfig(**{f.name: get(f.name, f.default) for f in dataclasses.fields(TwinConfig)})
     if result.base_width < 1 or result.blocks_per_level < 1 or result.se_ratio < 1 or result.input_channels < 1:
         raise ValueError(f"invalid twin config {result}")
+    if result.se_type not in ("channel", "scse"):
+        raise ValueError(f"the torch twin mirrors se_type 'channel' or 'scse', got {result.se_type!r}")
     if not 1 <= result.depth or level_sizes(result.depth)[-1] < 2:
         raise ValueError(f"depth {result.depth} pools 101x101 below 2x2")
     return result
@@ -248,8 +364,32 @@ class SqueezeExcite(nn.Module):
         return x * gate[:, :, None, None]
 
 
+class SpatialSqueezeExcite(nn.Module):
+    """Spatial gate (Roy et al. 2018, sSE): conv1x1 (bias) to one channel -> sigmoid -> scale every pixel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gate = _conv(channels, 1, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.gate(x))
+
+
+class ConcurrentSqueezeExcite(nn.Module):
+    """scSE: the channel gate (``se``, named as in a cSE model) and the spatial gate (``sse``), outputs added."""
+
+    def __init__(self, channels: int, ratio: int):
+        super().__init__()
+        self.se = SqueezeExcite(channels, ratio)
+        self.sse = SpatialSqueezeExcite(channels)
+
+    def forward(self, x):
+        return self.se(x) + self.sse(x)
+
+
 class ResidualBlock(nn.Module):
-    """Pre-activation residual block, SE on the residual branch, 1x1 projection of the pre-activated input."""
+    """Pre-activation residual block, the gate on the residual branch (``se``: cSE, or ``scse``), 1x1 projection
+    of the pre-activated input."""
 
     def __init__(self, in_channels: int, channels: int, config: TwinConfig):
         super().__init__()
@@ -257,15 +397,20 @@ class ResidualBlock(nn.Module):
         self.conv1 = _conv(in_channels, channels, 3, bias=False)
         self.bn2 = _bn(channels)
         self.conv2 = _conv(channels, channels, 3)
-        self.se = SqueezeExcite(channels, config.se_ratio) if config.se else None
+        # The attribute is the Keras layer's name (model._gate): "se" for a channel gate, "scse" for both gates.
+        self.gate_name = None
+        if config.se:
+            self.gate_name = "scse" if config.se_type == "scse" else "se"
+            gate = (ConcurrentSqueezeExcite if config.se_type == "scse" else SqueezeExcite)(channels, config.se_ratio)
+            self.add_module(self.gate_name, gate)
         self.projection = _conv(in_channels, channels, 1) if in_channels != channels else None
 
     def forward(self, x):
         pre = F.relu(self.bn1(x))
         shortcut = x if self.projection is None else self.projection(pre)
         y = self.conv2(F.relu(self.bn2(self.conv1(pre))))
-        if self.se is not None:
-            y = self.se(y)
+        if self.gate_name is not None:
+            y = getattr(self, self.gate_name)(y)
         return shortcut + y
 
 
@@ -338,8 +483,43 @@ class Head(nn.Module):
         return self.conv(F.relu(self.bn(x)))
 
 
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``salt_tf.model._resize`` in NCHW: ``tf.image.resize(x, (size, size), "bilinear")`` (TensorFlow 2's half-pixel
+    centres, no antialiasing when upsampling) is ``F.interpolate(..., align_corners=False)``; identity at `size`."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class SideOutputs(nn.Module):
+    """Deep supervision: conv1x1 (bias) to one logit on each decoder level's output (``level{L}``), resized."""
+
+    def __init__(self, config: TwinConfig):
+        super().__init__()
+        self.depth = config.depth
+        for level in range(config.depth):
+            self.add_module(f"level{level}", _conv(config.base_width * 2 ** level, 1, 1))
+
+    def forward(self, level_outputs, size: int):
+        """Logits [B, 1, size, size] per decoder level, deepest first (as level_outputs)."""
+        return [resize(getattr(self, f"level{level}")(x), size)
+                for level, x in zip(reversed(range(self.depth)), level_outputs)]
+
+
+class ImageHead(nn.Module):
+    """The "has salt" classifier: mean over H, W of the bottleneck -> dense -> one logit per image [B]."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dense = _dense(channels, 1)
+
+    def forward(self, x):
+        return self.dense(x.mean(dim=(2, 3)))[:, 0]
+
+
 class UNet(nn.Module):
-    """The twin: [B, C, 101, 101] float32 images -> [B, 1, 101, 101] mask logits (NCHW, PyTorch's layout)."""
+    """The twin: [B, C, 101, 101] float32 images -> [B, 1, 101, 101] mask logits (NCHW, PyTorch's layout);
+    ``outputs(x)`` gives every output, as ``salt_tf.model.UNet.forward``."""
 
     def __init__(self, config: TwinConfig):
         super().__init__()
@@ -351,14 +531,31 @@ class UNet(nn.Module):
         self.decoder = nn.Module()
         for level in reversed(range(depth)):
             self.decoder.add_module(f"level{level}", DecoderLevel(config, level, sizes[level + 1], sizes[level]))
-        self.head = Head(w)
+        self.head = Head(sum(w * 2 ** level for level in range(depth)) if config.hypercolumn else w)
+        if config.deep_supervision:
+            self.side = SideOutputs(config)
+            self.image_head = ImageHead(w * 2 ** depth)
 
-    def forward(self, x):
+    def outputs(self, x) -> dict:
+        """{"mask": [B, 1, 101, 101] logits} and with deep supervision "sides" (tuple of [B, 1, 101, 101] logits,
+        deepest level first) and "has_salt" ([B] logits of the image head)."""
         x, skips = self.encoder(x)
-        x = self.bottleneck(x)
+        bottom = self.bottleneck(x)
+        levels, x = [], bottom
         for level in reversed(range(self.config.depth)):
             x = getattr(self.decoder, f"level{level}")(x, skips[level])
-        return self.head(x)
+            levels.append(x)
+        # The hypercolumn: level 0 first, then 1, 2, ... each resized to full size (model.hypercolumn).
+        features = torch.cat([resize(y, IMAGE_SIZE) for y in reversed(levels)], dim=1) \
+            if self.config.hypercolumn else levels[-1]
+        result = {"mask": self.head(features)}
+        if self.config.deep_supervision:
+            result["sides"] = tuple(self.side(levels, IMAGE_SIZE))
+            result["has_salt"] = self.image_head(bottom)
+        return result
+
+    def forward(self, x):
+        return self.outputs(x)["mask"]
 
 
 def build_model(config=None, seed: int = 0) -> UNet:
@@ -435,6 +632,121 @@ def load_keras_weights(model: UNet, arrays: dict[str, np.ndarray]) -> None:
         raise ValueError(f"twin tensors without a Keras variable: {sorted(missing)}")
 
 
+def _per_image(x: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, N]: every loss reduces over axis 1 only (losses._flatten); NCHW with one channel flattens to
+    the same pixel order as salt_tf's NHWC, which the Lovász sort's tie order depends on."""
+    return x.reshape(x.shape[0], -1)
+
+
+def bce(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``losses.bce``: the pixel-mean sigmoid cross-entropy of each image, [B, N] -> [B]."""
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)
+
+
+def dice(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``losses.dice`` (smooth 1): 1 - (2 sum(p y) + 1) / (sum p + sum y + 1), p = sigmoid(logits), [B, N] -> [B]."""
+    p = torch.sigmoid(logits)
+    return 1.0 - (2.0 * (p * labels).sum(dim=1) + 1.0) / (p.sum(dim=1) + labels.sum(dim=1) + 1.0)
+
+
+def lovasz_weights(labels_sorted: torch.Tensor) -> torch.Tensor:
+    """``lovasz_grad`` of the reference (``losses._lovasz_weights`` before its move back to pixel order): the
+    Jaccard loss's increments along labels sorted by decreasing error, [B, N]. An empty mask gets 1 on its first
+    (largest-error) pixel and 0 elsewhere (the union is >= 1 everywhere)."""
+    positives = labels_sorted.sum(dim=1, keepdim=True)
+    jaccard = 1.0 - (positives - labels_sorted.cumsum(dim=1)) / (positives + (1.0 - labels_sorted).cumsum(dim=1))
+    return torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+
+
+def lovasz(labels: torch.Tensor, logits: torch.Tensor, elu_plus_one: bool = False,
+           symmetric: bool = False) -> torch.Tensor:
+    """``losses.lovasz_hinge`` / ``losses.lovasz_symmetric`` per image, [B, N] -> [B], as the reference's PyTorch
+    ``lovasz_hinge_flat``: errors 1 - logit (2y - 1) sorted in decreasing order (a stable sort: ties keep the lower
+    pixel first, as TensorFlow's top_k), relu(errors) (elu(errors) + 1 with `elu_plus_one`) dotted with the
+    constant Lovász weights of the sorted labels; the gradient reaches the logits through the sort's values.
+
+    symmetric: (hinge(logits, y) + hinge(-logits, 1 - y)) / 2. Both terms have the same errors, bit for bit, so
+    one sort serves both (as in losses.lovasz_symmetric); the mirrored term's weights are those of 1 - y.
+    """
+    errors_sorted, order = torch.sort(1.0 - logits * (2.0 * labels - 1.0), dim=1, descending=True, stable=True)
+    labels_sorted = torch.gather(labels, 1, order)
+    margins = F.elu(errors_sorted) + 1.0 if elu_plus_one else F.relu(errors_sorted)
+    weights = lovasz_weights(labels_sorted)
+    if symmetric:
+        weights = 0.5 * (weights + lovasz_weights(1.0 - labels_sorted))
+    return (margins * weights).sum(dim=1)
+
+
+# The terms of salt_tf's --loss the twin mirrors (losses.LOSS_NAMES but focal), each [B, N] labels and logits -> [B].
+LOSS_TERMS = {
+    "bce": bce,
+    "dice": dice,
+    "lovasz": lovasz,
+    "lovasz_elu": lambda y, z: lovasz(y, z, elu_plus_one=True),
+    "lovasz_sym": lambda y, z: lovasz(y, z, symmetric=True),
+    "lovasz_sym_elu": lambda y, z: lovasz(y, z, elu_plus_one=True, symmetric=True),
+}
+
+
+class TwinLoss:
+    """salt_tf's loss of a run (``losses.build_losses(...)[0]``), averaged over the batch as the step does.
+
+    Without deep supervision ``losses.CombinedLoss(terms)``: per image the weighted sum of the terms of the mask
+    logits. With it ``losses.DeepSupervisionLoss``: that of the fused mask logits, + side_weight x the sum over the
+    side outputs of the same combined loss, on images with salt only (an empty image's side term is 0), +
+    image_weight x the sigmoid cross-entropy of the image head's logit against "the mask has salt" (max > 0.5).
+    """
+
+    def __init__(self, terms=(("bce", 1.0), ("dice", 1.0)), deep_supervision: bool = False,
+                 side_weight: float = 0.1, image_weight: float = 0.05):
+        """Args:
+          terms: (name, weight) pairs, names from LOSS_TERMS (``losses.parse_loss_spec`` of --loss).
+          deep_supervision: score the side outputs and the image head too (the model's deep_supervision).
+          side_weight, image_weight: --side_loss_weight, --image_loss_weight.
+        Raises:
+          ValueError: a term the twin does not mirror.
+        """
+        unknown = [name for name, _ in terms if name not in LOSS_TERMS]
+        if unknown:
+            raise ValueError(f"the torch twin mirrors the losses {', '.join(LOSS_TERMS)}; got {', '.join(unknown)}")
+        self.terms = tuple((name, float(weight)) for name, weight in terms)
+        self.deep_supervision, self.side_weight, self.image_weight = deep_supervision, side_weight, image_weight
+
+    def mask_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The combined loss per image: sum of weight x term, [B, N] labels and logits -> [B]."""
+        total = None
+        for name, weight in self.terms:
+            term = weight * LOSS_TERMS[name](labels, logits)
+            total = term if total is None else total + term
+        return total
+
+    def per_image(self, outputs, masks: torch.Tensor) -> torch.Tensor:
+        """The loss of each image [B].
+
+        Args:
+          outputs: ``UNet.outputs``' dict, or the mask logits alone (without deep supervision).
+          masks: [B, ...] 0/1 labels with as many pixels per image as the logits (any layout).
+        """
+        if not isinstance(outputs, dict):
+            outputs = {"mask": outputs}
+        mask = _per_image(outputs["mask"])
+        labels = _per_image(masks).to(mask.dtype)
+        total = self.mask_loss(labels, mask)
+        if not self.deep_supervision:
+            return total
+        has_salt = (labels.amax(dim=1) > 0.5).to(mask.dtype)
+        side = None
+        for logits in outputs["sides"]:
+            term = self.mask_loss(labels, _per_image(logits))
+            side = term if side is None else side + term
+        image = F.binary_cross_entropy_with_logits(outputs["has_salt"], has_salt, reduction="none")
+        return total + self.side_weight * (side * has_salt) + self.image_weight * image
+
+    def __call__(self, outputs, masks: torch.Tensor) -> torch.Tensor:
+        """The batch mean of ``per_image`` (the step's ``tf.nn.compute_average_loss`` on one replica)."""
+        return self.per_image(outputs, masks).mean()
+
+
 def bce_dice_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """The project's default loss, ``losses.CombinedLoss("bce:1,dice:1")`` averaged over the batch.
 
@@ -444,41 +756,42 @@ def bce_dice_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
       A scalar: mean over images of (pixel-mean sigmoid cross-entropy + 1 - (2 sum(p y) + 1) / (sum p + sum y + 1)),
       p = sigmoid(logits).
     """
-    batch = logits.shape[0]
-    z = logits.reshape(batch, -1).float()
-    y = masks.reshape(batch, -1).float()
-    bce = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(dim=1)
-    p = torch.sigmoid(z)
-    dice = 1.0 - (2.0 * (p * y).sum(dim=1) + 1.0) / (p.sum(dim=1) + y.sum(dim=1) + 1.0)
-    return (bce + dice).mean()
+    return TwinLoss()(logits.float(), masks)
 
 
-def make_step(model: UNet, compile: bool = False):
+def make_step(model: UNet, compile: bool = False, loss: TwinLoss | None = None,
+              learning_rate: float = LEARNING_RATE, clip_norm: float = 0.0):
     """The twin's training step, ``step(images, masks) -> [loss, gradient norm]`` (Python floats).
 
     Args:
       model: the twin (its memory format is the caller's choice; inputs should match it).
       compile: run forward + loss through ``torch.compile`` (default backend); the backward is compiled with it.
+      loss: the loss of every output (default: BCE + Dice of the mask logits).
+      learning_rate: Adam's (constant: the timed steps are a sliver of one epoch of the project's schedule).
+      clip_norm: > 0: scale the gradients by clip_norm / max(norm, clip_norm) (tf.clip_by_global_norm).
     Returns:
-      The step function. Each call: zero the gradients, forward in training mode, BCE + Dice, backward, the gradients'
-      global 2-norm, one Adam update (lr 1e-3, eps 1e-7), and loss and norm to the host (one synchronisation).
+      The step function. Each call: zero the gradients, forward in training mode, the loss, backward, the gradients'
+      global 2-norm (and clipping), one Adam update (eps 1e-7), and loss and norm to the host (one synchronisation).
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, eps=ADAM_EPSILON)
+    loss = loss if loss is not None else TwinLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, eps=ADAM_EPSILON)
     parameters = list(model.parameters())
 
     def forward_loss(images, masks):
-        return bce_dice_loss(model(images), masks)
+        return loss(model.outputs(images), masks)
 
     if compile:
         forward_loss = torch.compile(forward_loss)
 
     def step(images, masks):
         optimizer.zero_grad(set_to_none=True)
-        loss = forward_loss(images, masks)
-        loss.backward()
+        value = forward_loss(images, masks)
+        value.backward()
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
+        if clip_norm > 0:
+            torch._foreach_mul_([p.grad for p in parameters], clip_norm / torch.clamp(norm, min=clip_norm))
         optimizer.step()
-        return torch.stack([loss.detach(), norm]).tolist()
+        return torch.stack([value.detach(), norm]).tolist()
 
     return step
 
@@ -495,7 +808,8 @@ def set_threads(threads: int) -> dict:
 
 def time_twin(config=None, batch_size: int = 32, steps: int = 8, repeats: int = 3, compile: bool = False,
               channels_last: bool = False, images: np.ndarray | None = None, masks: np.ndarray | None = None,
-              threads: int = 2, warmup: int = 2) -> dict:
+              threads: int = 2, warmup: int = 2, loss: TwinLoss | None = None, learning_rate: float = LEARNING_RATE,
+              clip_norm: float = 0.0) -> dict:
     """Times the twin's training step like the project's: warm-up excluded, median of repeats.
 
     Args:
@@ -506,6 +820,7 @@ def time_twin(config=None, batch_size: int = 32, steps: int = 8, repeats: int = 
       images, masks: NHWC float32 batch [B, 101, 101, C] / [B, 101, 101, 1] (the layout salt_tf feeds); None: a
         seeded random batch (images uniform, masks of random rectangles).
       threads: torch intra-op threads (inter-op: 1).
+      loss, learning_rate, clip_norm: the step's (``make_step``; default: BCE + Dice, 1e-3, no clipping).
     Returns:
       {"images_per_second": median, "rates": per repeat, "warmup_seconds", "threads": {...}, "final_loss",
        "torch": version, "cpu_capability"}.
@@ -521,7 +836,7 @@ def time_twin(config=None, batch_size: int = 32, steps: int = 8, repeats: int = 
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
         y = y.contiguous(memory_format=torch.channels_last)
-    step = make_step(model, compile=compile)
+    step = make_step(model, compile=compile, loss=loss, learning_rate=learning_rate, clip_norm=clip_norm)
     start = time.perf_counter()
     for _ in range(warmup):
         out = step(x, y)
@@ -576,14 +891,40 @@ def _load_batch(args, channels: int = 1):
     return random_batch(args.batch_size, channels)
 
 
+def twin_recipe(recipe: dict) -> dict:
+    """The twin's side of a flagfile, from ``config_child``'s dict.
+
+    Returns:
+      {"config": TwinConfig, "loss": TwinLoss, "learning_rate", "clip_norm"} (``time_twin``'s keyword arguments).
+    Raises:
+      ValueError: one line naming what the twin does not mirror (mixed precision, SGD, weight decay, focal loss,
+        dropout, padded input).
+    """
+    optimizer = recipe["optimizer"]
+    if recipe["precision"] != "float32":
+        raise ValueError(f"the torch twin is float32 only, got --precision={recipe['precision']}")
+    if optimizer["optimizer"] != "adam" or optimizer["weight_decay"]:
+        raise ValueError(f"the torch twin mirrors Adam without weight decay only, got --optimizer="
+                         f"{optimizer['optimizer']} --weight_decay={optimizer['weight_decay']}")
+    loss = recipe["loss"]
+    return {"config": twin_config(recipe["model"]),
+            "loss": TwinLoss(loss["terms"], loss["deep_supervision"], loss["side_weight"], loss["image_weight"]),
+            "learning_rate": optimizer["learning_rate"], "clip_norm": recipe["clip_norm"]}
+
+
 def twin_child(args) -> dict:
     system = args.child
-    config = TwinConfig(base_width=args.base_width, depth=args.depth, blocks_per_level=args.blocks_per_level)
+    if args.config_file:
+        with open(args.config_file) as f:
+            step_args = twin_recipe(json.load(f))
+    else:
+        step_args = {"config": TwinConfig(base_width=args.base_width, depth=args.depth,
+                                          blocks_per_level=args.blocks_per_level)}
     images, masks = _load_batch(args)
-    result = time_twin(config, args.batch_size, args.steps, args.repeats, compile=system.startswith("compile"),
-                       channels_last=system.endswith("_cl"), images=images, masks=masks, threads=args.threads,
-                       warmup=args.warmup)
-    result["parameters"] = parameter_count(build_model(config))["total"]
+    result = time_twin(batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
+                       compile=system.startswith("compile"), channels_last=system.endswith("_cl"), images=images,
+                       masks=masks, threads=args.threads, warmup=args.warmup, **step_args)
+    result["parameters"] = parameter_count(build_model(step_args["config"]))["total"]
     if system == "eager":
         result["matmul_gflops_per_second"] = torch_matmul_gflops(args.matmul_size, args.repeats)
     return result
@@ -604,8 +945,8 @@ def isa_torch_child() -> dict:
 
 def _run_child(args, child: str, extra_env: dict | None = None) -> tuple[dict, str]:
     passthrough = [f"--{k}={v}" for k, v in vars(args).items()
-                   if k in ("data_dir", "base_width", "depth", "blocks_per_level", "batch_size", "steps", "repeats",
-                            "warmup", "threads", "matmul_size", "batch_file") and v is not None]
+                   if k in ("data_dir", "flagfile", "config_file", *SHAPE_FLAGS, "steps", "repeats", "warmup",
+                            "threads", "matmul_size", "batch_file") and v is not None]
     # The children import the salt_tf next to this tool (the script's own folder, tools/, is what Python puts first).
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(extra_env or {}))
@@ -629,14 +970,48 @@ def _isa_from_verbose(stdout: str) -> str:
     return f"unknown ({lines[0][:120]})" if lines else "unknown (no oneDNN verbose output)"
 
 
+def _fail(message: str) -> None:
+    """A user's mistake: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def resolve_flagfile(args, workdir: str) -> dict:
+    """Reads --flagfile through the train command's flags (``config_child``, a TensorFlow child), checks that the
+    twin mirrors it, writes it to workdir/config.json for the twin's children (--config_file) and sets the tool's
+    shape flags to its values. Exits with one `error:` line (status 2) before any timing when the file is missing,
+    does not parse, or asks for what the twin does not mirror.
+
+    Returns:
+      config_child's dict.
+    """
+    if not os.path.isfile(args.flagfile):
+        _fail(f"--flagfile={args.flagfile}: no such file; give a train flagfile such as flags/recipe.cfg")
+    args.flagfile = os.path.abspath(args.flagfile)
+    recipe, _ = _run_child(args, "config")
+    if "error" in recipe:
+        _fail(f"--flagfile={args.flagfile}: {recipe['error']}")
+    try:
+        twin_recipe(recipe)
+    except ValueError as e:
+        _fail(f"--flagfile={args.flagfile}: {e}")
+    args.config_file = os.path.join(workdir, "config.json")
+    with open(args.config_file, "w") as f:
+        json.dump(recipe, f)
+    for name in ("base_width", "depth", "blocks_per_level"):
+        setattr(args, name, recipe["model"][name])
+    args.batch_size = recipe["batch_size"]
+    return recipe
+
+
 def main(argv=None) -> dict:
     """Runs the command (see the module docstring); returns the summary that --json writes."""
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.child:
         if args.child == "isa_torch":
             result = isa_torch_child()
-        elif args.child in ("tf", "isa_tf"):  # normally run before PyTorch is imported (see above)
-            result = tf_child(args) if args.child == "tf" else isa_tf_child()
+        elif args.child in TF_CHILDREN:  # normally run before PyTorch is imported (see above)
+            result = TF_CHILDREN[args.child](args)
         else:
             result = twin_child(args)
         print("TWIN " + json.dumps(result), flush=True)
@@ -647,6 +1022,7 @@ def main(argv=None) -> dict:
         sys.exit(f"--systems: unknown {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     workdir = tempfile.mkdtemp()
     args.batch_file = os.path.join(workdir, "batch.npz")
+    recipe = resolve_flagfile(args, workdir) if args.flagfile else None
     results = {}
     for system in systems:
         start = time.perf_counter()
@@ -676,9 +1052,16 @@ def main(argv=None) -> dict:
               f"(cpu capability {cpu.get('torch_cpu_capability')})")
     print(f"float32 {args.matmul_size}^2 matmul ceiling (GFLOP/s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items() if v))
-    print(f"model: base_width={args.base_width} depth={args.depth} blocks={args.blocks_per_level}, float32, batch "
-          f"{args.batch_size}, BCE + Dice, Adam; {args.warmup} warm-up steps, {args.steps} steps x {args.repeats} "
-          f"repeats (median); PyTorch threads: {args.threads} intra-op, 1 inter-op")
+    if recipe is None:
+        model = f"base_width={args.base_width} depth={args.depth} blocks={args.blocks_per_level}, float32, BCE + Dice, Adam"
+    else:
+        m = recipe["model"]
+        model = (f"--flagfile={args.flagfile}: base_width={m['base_width']} depth={m['depth']} blocks="
+                 f"{m['blocks_per_level']} se_type={m['se_type'] if m['se'] else 'none'} hypercolumn={m['hypercolumn']}"
+                 f" deep_supervision={m['deep_supervision']}, float32, loss {recipe['loss_spec']}, Adam "
+                 f"lr {recipe['optimizer']['learning_rate']:g}")
+    print(f"model: {model}, batch {args.batch_size}; {args.warmup} warm-up steps, {args.steps} steps x "
+          f"{args.repeats} repeats (median); PyTorch threads: {args.threads} intra-op, 1 inter-op")
     width = max(len(row["system"]) for row in table)
     print(f"{'system':<{width}}  {'img/s':>8}  {'ratio':>6}")
     for row in table:
@@ -687,8 +1070,10 @@ def main(argv=None) -> dict:
             continue
         ratio = f"{row['ratio_to_project_step']:6.2f}" if row["ratio_to_project_step"] else "     -"
         print(f"{row['system']:<{width}}  {row['images_per_second']:8.2f}  {ratio}")
-    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "batch_file")}, "cpu": cpu,
-               "matmul_gflops_per_second": ceilings, "table": table, "results": results}
+    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "batch_file", "config_file")},
+               "cpu": cpu, "matmul_gflops_per_second": ceilings, "table": table, "results": results}
+    if recipe is not None:
+        summary["flagfile_configs"] = recipe
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
