@@ -246,3 +246,99 @@ def test_a_stale_ensemble_json_stays_behind_with_a_note_and_oof_json_chooses(eva
     assert not (tmp_path / "r" / "ensemble.json").exists() and (tmp_path / "r" / "oof.json").exists()
     card = (tmp_path / "r" / "MODEL_CARD.md").read_text()
     assert "No ensemble.json: `predict submit` takes the mean of the folds at oof.json's threshold" in card
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unit level (issue 38's mutants of the fold release): the float16 choice on a hand-made model whose float16
+# rounding errors are known, and the check of a fold model's files against the release's SHA256SUMS.
+
+
+def _three_kernels(a, b, c):
+    """A Keras model of mask logits x * (a + b + c) + offset (three 1x1 convolutions and a vector, offset =
+    -(a + b + c): logit 0 at x = 1), built and its weights set."""
+    import keras
+
+    class ThreeKernels(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (keras.layers.Conv2D(1, 1, use_bias=False) for _ in range(3))
+            self.offset = self.add_weight(shape=(1,), initializer="zeros", name="offset")
+
+        def call(self, x, training=False):
+            return self.a(x) + self.b(x) + self.c(x) + self.offset
+
+    model = ThreeKernels()
+    model(np.zeros((1, 101, 101, 1), np.float32))
+    for layer, value in zip((model.a, model.b, model.c), (a, b, c)):
+        layer.kernel.assign(np.full((1, 1, 1, 1), value, np.float32))
+    model.offset.assign(np.array([-(np.float32(a) + np.float32(b) + np.float32(c))], np.float32))
+    return model
+
+
+def test_float16_keeps_the_most_harmful_layers_until_half_the_tolerance_and_refuses_nan(tmp_path):
+    import tensorflow as tf
+
+    from salt_tf import checkpoints
+
+    # float16 rounds 32.0128 to 32 (spacing 1/32 there), 16.0064 to 16 and 8.0032 to 8: at x = 1 each kernel's
+    # float16 copy alone lowers the logit from 0 by 0.0128, 0.0064, 0.0032: the probability by ~0.0032, 0.0016,
+    # 0.0008 (sigmoid' = 1/4). Within half the tolerance (5e-4) only with all three kept in float32: A alone
+    # leaves 0.0024, A and B leave 0.0008 (within the whole 1e-3, not within its half).
+    model = _three_kernels(32.0128, 16.0064, 8.0032)
+    checkpoints.export_to(str(tmp_path / "f32"), model, {"model": {}})
+    source = str(tmp_path / "f32" / "weights")
+    reader = tf.train.load_checkpoint(source)
+    layers = {}
+    for key in reader.get_variable_to_shape_map():
+        for name in ("a", "b", "c", "offset"):
+            if f"/{name}/" in f"/{key}/":
+                layers[name] = "/".join(key.split("/")[:3])
+    assert len(set(layers.values())) == 4, layers
+    x = np.ones((2, 101, 101, 1), np.float32)
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    assert abs((sigmoid(0) - sigmoid(-0.0032)) - 0.0008) < 1e-5 and 5e-4 < sigmoid(0) - sigmoid(-0.0032) <= 1e-3
+    reference = (np.full((2, 101, 101), 0.5), None)  # logit 0 everywhere, float64
+    kept = release.float16_layers(model, source, x, reference)
+    assert kept == [layers["a"], layers["b"], layers["c"]]
+
+    # cast_weights: every kernel float16 but the kept ones; the vector (offset) stays float32.
+    release.cast_weights(source, str(tmp_path / "f16" / "weights"), "float16", frozenset([layers["a"]]))
+    half = tf.train.load_checkpoint(str(tmp_path / "f16" / "weights"))
+    values = {name: half.get_tensor(key) for key in half.get_variable_to_shape_map()
+              for name in ("a", "b", "c", "offset") if f"/{name}/" in f"/{key}/"}
+    assert values["a"].dtype == np.float32 and values["a"].item() == np.float32(32.0128)
+    assert values["b"].dtype == values["c"].dtype == np.float16 and (values["b"].item(), values["c"].item()) == (16, 8)
+    assert values["offset"].dtype == np.float32 and values["offset"].item() == -(
+        np.float32(32.0128) + np.float32(16.0064) + np.float32(8.0032))
+
+    # A float16 copy whose logits are not numbers (+-70000 overflow float16 to +-inf, and inf - inf) is refused.
+    nan_model = _three_kernels(70000.0, -70000.0, 1.0)
+    checkpoints.export_to(str(tmp_path / "big"), nan_model, {"model": {}})
+    with np.errstate(over="ignore"):
+        release.cast_weights(str(tmp_path / "big" / "weights"), str(tmp_path / "big16" / "weights"), "float16")
+    release.cast_weights(str(tmp_path / "big16" / "weights"), str(tmp_path / "back" / "weights"), "float32")
+    checkpoints.restore_exported_weights(str(tmp_path / "back"), nan_model)
+    assert np.isnan(np.asarray(nan_model(x))).all()
+    with pytest.raises(release.ReleaseError, match="its float16 weights move a probability by nan"):
+        release.check_float16(nan_model, x, (np.full((2, 101, 101), sigmoid(0.0)), None), "big")
+
+
+def test_a_fold_model_is_checked_against_the_sha256sums_of_its_release(tmp_path):
+    into = tmp_path / "release"
+    files = {"fold-0/snapshots/snapshot-1/model.json": b"{}", "fold-1/export/model.json": b'{"model": {}}',
+             "fold-1/export/weights.index": b"index bytes", "fold-1/flags.cfg": b"--fold=1\n"}
+    for path, content in files.items():
+        (into / path).parent.mkdir(parents=True, exist_ok=True)
+        (into / path).write_bytes(content)
+    (into / "SHA256SUMS").write_text("".join(f"{hashlib.sha256(c).hexdigest()}  {p}\n" for p, c in files.items()))
+    assert release.release_of(str(into / "fold-1" / "export")) == str(into)
+    assert release.release_of(str(into / "fold-0" / "snapshots" / "snapshot-1")) == str(into)
+    assert release.read_checksums(str(into)) == {p: hashlib.sha256(c).hexdigest() for p, c in files.items()}
+    release.check_model_files(str(into / "fold-1" / "export"))  # intact
+    (into / "fold-1" / "export" / "weights.index").write_bytes(b"index bytez")
+    with pytest.raises(release.ReleaseError, match=r"weights.index: does not have the SHA-256 listed in .*SHA256SUMS"):
+        release.check_model_files(str(into / "fold-1" / "export"))
+    # A CV parent (no SHA256SUMS above its folds) is not a release: nothing to check.
+    parent = tmp_path / "parent" / "fold-0" / "export"
+    parent.mkdir(parents=True)
+    assert release.release_of(str(parent)) is None

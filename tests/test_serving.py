@@ -236,6 +236,100 @@ def test_serving_command_user_errors_are_one_line(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The serving graph at unit level (issue 38's mutants of serving): hand-made Keras models whose probabilities
+# are known in closed form, the graph's function called in this process (no SavedModel written), NumPy float64
+# references; then one SavedModel for the flags' precedence.
+
+RAMP = np.broadcast_to(((np.arange(S) - 50) / 25.0)[None, :], (S, S))  # left to right: a flip that is not undone shows
+
+
+class HandMade(keras.Model):
+    """Mask logits gain * (image - 0.5) + ramp * RAMP + offset: no weights, any Keras model serves."""
+
+    def __init__(self, gain, ramp, offset):
+        super().__init__()
+        self.gain, self.ramp, self.offset = float(gain), float(ramp), float(offset)
+
+    def call(self, x, training=False):
+        return self.gain * (x[..., :1] - 0.5) + (self.ramp * RAMP[None, :, :, None] + self.offset).astype(np.float32)
+
+
+def _hand_made_probabilities(images, gain, ramp, offset, views):
+    """NumPy float64: each view's logits of the flipped image, the probabilities un-flipped, averaged."""
+    x = images.astype(np.float64) / 255.0
+    per_view = []
+    for view in views:
+        flip = (lambda a: a[:, :, ::-1]) if view == "hflip" else (lambda a: a)
+        per_view.append(flip(_sigmoid(gain * (flip(x) - 0.5) + ramp * RAMP + offset)))
+    return np.mean(per_view, axis=0)
+
+
+def _serve(models, views, threshold, chosen=None, images=None):
+    """build_module of hand-made models, its serving function on `images`: (probabilities, masks) as NumPy."""
+    entries = [exports.LoadedModel(f"m{k}", "unused", {}, model=model) for k, model in enumerate(models)]
+    out = serving.build_module(entries, views, threshold, chosen).serve(images)
+    return out["probabilities"].numpy(), out["masks"].numpy()
+
+
+def test_serving_graph_averages_unflipped_views_and_models_and_stacks_clipped_logits():
+    images = _images(3, seed=7)
+    a, b = (1.5, 1.0, 0.0), (-2.0, 0.5, -0.4)  # (gain, ramp, offset)
+    views = ("none", "hflip")
+    pa, pb = (_hand_made_probabilities(images, *m, views) for m in (a, b))
+    probabilities, masks = _serve([HandMade(*a), HandMade(*b)], views, 0.46, images=images)
+    np.testing.assert_allclose(probabilities, (pa + pb) / 2, rtol=0, atol=1e-5)
+    clear = np.abs((pa + pb) / 2 - 0.46) > 1e-5  # pixels the reference's float64 puts clearly on one side
+    np.testing.assert_array_equal(masks[clear], ((pa + pb) / 2 > 0.46)[clear].astype(np.uint8))
+    assert clear.mean() > 0.99 and 0 < masks.sum() < masks.size
+    # One view: no flip averaged in.
+    only, _ = _serve([HandMade(*a)], ("none",), 0.5, images=images)
+    np.testing.assert_allclose(only, _hand_made_probabilities(images, *a, ("none",)), rtol=0, atol=1e-5)
+    assert np.abs(only - pa).max() > 1e-2
+    # Stacked, one model saturated (float32 sigmoid(40) == 1): its logit is that of 1 - CLIP, not infinite.
+    stacker = ensemble.Stacker(weights=np.array([0.8, 0.5]), bias=-0.3, models=["m0", "m1"])
+    chosen = ensemble.Ensemble(models=[{"name": "m0"}, {"name": "m1"}], tta=list(views), combine="stacked",
+                               stacker=stacker, postprocessing=postprocess.PostProcessing(threshold=0.996))
+    stacked, masks = _serve([HandMade(*a), HandMade(0, 0, 40)], views, 0.996, chosen, images=images)
+    clip = ensemble.CLIP
+    logit = lambda p: np.log(np.clip(p, clip, 1 - clip)) - np.log1p(-np.clip(p, clip, 1 - clip))  # noqa: E731
+    reference = _sigmoid(0.8 * logit(pa) + 0.5 * logit(np.ones_like(pa)) - 0.3)
+    np.testing.assert_allclose(stacked, reference, rtol=0, atol=1e-5)
+    assert reference.max() < 0.9999 and 0 < masks.sum() < masks.size
+
+
+def test_serving_masks_a_probability_exactly_at_the_threshold_as_no_salt():
+    images = _images(2, seed=8)
+    # Logits 0 everywhere: every probability is exactly 0.5 (float32), in each view and in the mean.
+    probabilities, masks = _serve([HandMade(0, 0, 0)], ("none", "hflip"), 0.5, images=images)
+    assert (probabilities == 0.5).all() and masks.sum() == 0
+    _, masks = _serve([HandMade(0, 0, 0)], ("none", "hflip"), 0.4999, images=images)
+    assert masks.min() == 1
+
+
+def test_threshold_flag_overrides_ensemble_json_whose_tta_the_graph_uses(tmp_path):
+    import tensorflow as tf
+
+    run = tmp_path / "run"
+    model = _write_export(run / "export", seed=4, threshold=0.3, **TINY)
+    images = _images(3, seed=5)
+    x = images[..., None].astype(np.float32) / 255.0
+    no_tta = _sigmoid(model_lib.outputs_of(model, x, training=False)["mask"].numpy()[..., 0])
+    threshold = float(np.round(np.quantile(no_tta, 0.3), 4))  # inside this untrained model's range
+    entries = exports.find_exports(str(run))
+    ensemble.Ensemble(models=[{"name": e.name, "epoch": e.config.get("epoch")} for e in entries], tta=["none"],
+                      combine="mean", postprocessing=postprocess.PostProcessing(threshold=0.9)
+                      ).save(str(run / "ensemble.json"))
+    info = serving.export_savedmodel(str(run), str(tmp_path / "sm" / "1"), threshold=threshold)
+    assert info["tta"] == ["none"] and info["threshold"] == threshold
+    out = tf.saved_model.load(str(tmp_path / "sm" / "1")).signatures[serving.SIGNATURE](images=tf.constant(images))
+    probabilities, masks = out["probabilities"].numpy(), out["masks"].numpy()
+    np.testing.assert_allclose(probabilities, no_tta, rtol=0, atol=1e-5)
+    clear = np.abs(no_tta - threshold) > 1e-5
+    np.testing.assert_array_equal(masks[clear], (no_tta > threshold)[clear].astype(np.uint8))
+    assert clear.mean() > 0.99 and 0 < masks.sum() < masks.size
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The quiet start.
 
 NO_CUDA = ("cuInit", "CUDA error", "Could not find cuda drivers")

@@ -317,3 +317,120 @@ def test_report_of_a_folder_without_a_study_is_one_line(tmp_path, capsys):
     assert err == [f"error: --sweep_dir={tmp_path}: no study.db in it; give the sweep's --storage=URL if its study "
                    "lives elsewhere"]
     assert os.listdir(tmp_path) == []  # no empty study.db made by opening it
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unit level (issue 38's mutants of the sweep): no training, each value checked against a hand computation.
+
+
+def test_space_entries_become_the_distributions_they_name_and_log_ranges_sample_on_a_log_scale(tmp_path):
+    import optuna.distributions as d
+
+    space = sweep.load_space(space_file(str(tmp_path), "learning_rate: {log_float: [1.0e-4, 1.0e-2]}\n"
+                                        "dropout: {float: [0.0, 0.5], step: 0.1}\n"
+                                        "base_width: {log_int: [4, 64]}\n"
+                                        "depth: {int: [2, 5]}\n"
+                                        "se_type: {categorical: [channel, scse]}\n"))
+    assert list(space) == ["learning_rate", "dropout", "base_width", "depth", "se_type"]  # file order
+    assert space["learning_rate"] == d.FloatDistribution(1e-4, 1e-2, log=True)
+    assert space["dropout"] == d.FloatDistribution(0.0, 0.5, step=0.1)
+    assert space["base_width"] == d.IntDistribution(4, 64, log=True)
+    assert space["depth"] == d.IntDistribution(2, 5)
+    assert space["se_type"] == d.CategoricalDistribution(["channel", "scse"])
+    # Sampled: a log range puts half its draws under the geometric mean 1e-3; a linear one would put
+    # (1e-3 - 1e-4) / (1e-2 - 1e-4) = 9 % there. A log int range draws log-uniformly on [low - 0.5, high + 0.5]
+    # and rounds: 4..7 take ln(7.5 / 3.5) / ln(64.5 / 3.5) = 26 % of the draws (linearly: 4 of 61 values, 7 %).
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    draws = [study.ask(fixed_distributions=space).params for _ in range(400)]
+    below = sum(p["learning_rate"] < 1e-3 for p in draws) / len(draws)
+    assert 0.4 < below < 0.6, below
+    assert 0.18 < sum(p["base_width"] < 8 for p in draws) / len(draws) < 0.34
+    assert all(1e-4 <= p["learning_rate"] <= 1e-2 and 4 <= p["base_width"] <= 64 for p in draws)
+    assert {round(p["dropout"], 10) for p in draws} == {0.0, 0.1, 0.2, 0.3, 0.4, 0.5}
+    assert {p["depth"] for p in draws} == {2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("space, says", [
+    # Only the high end is outside momentum's validator ([0, 0.999]): both ends must be checked.
+    ("momentum: {float: [0.5, 1.5]}\n", "--space={space}: momentum=1.5: the train command refuses it"),
+    ("zoom: {categorical: [1.0, 1.2, 2.5]}\n", "--space={space}: zoom=2.5: the train command refuses it"),
+    ("model_dir: {categorical: [a, b]}\n", "--space={space}: model_dir cannot be swept"),
+])
+def test_every_edge_of_the_space_is_checked_against_the_train_flags(space, says, demo_dir, tmp_path, capsys):
+    sweep_dir = str(tmp_path / "never")
+    path = space_file(str(tmp_path), space)
+    assert run_sweep_here(sweep_argv(sweep_dir, path, 2, demo_dir)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if line.startswith("error: ")]) == 1 and says.format(space=path) in err[-1], err
+    assert not os.path.exists(sweep_dir)
+
+
+def test_a_trials_value_is_its_best_epoch_not_its_last(tmp_path):
+    with open(tmp_path / rundir.METRICS_FILE, "w") as f:
+        f.write("epoch,val_metric,val_metric_at_best_threshold\n1,0.50,0.55\n2,0.71,0.69\n3,0.64,0.73\n")
+    assert sweep.trial_value(str(tmp_path), "val_metric") == 0.71
+    assert sweep.trial_value(str(tmp_path), "val_metric_at_best_threshold") == 0.73
+    assert sweep.trial_value(str(tmp_path / "none"), "val_metric") is None  # no epoch finished
+
+
+def _space():
+    return {"learning_rate": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)}
+
+
+def test_an_orphan_is_adopted_as_itself_and_the_budget_counts_neither_it_twice_nor_a_surplus(tmp_path):
+    study = optuna.create_study(direction="maximize", sampler=sweep.make_sampler("random", 0))
+    here, elsewhere = str(tmp_path / "here"), str(tmp_path / "elsewhere")
+    first, held = sweep.new_trial(study, here, 2, _space())
+    assert first.number == 0 and sweep.adopt_orphan(study, here) is None  # its worker (this one) holds the claim
+    other, other_held = sweep.new_trial(study, elsewhere, 2, _space())
+    other_held.release()
+    held.release()  # trial 0's worker died: the next worker on `here` adopts trial 0, not another folder's trial 1
+    adopted, held = sweep.adopt_orphan(study, here)
+    assert (adopted.number, adopted.params) == (0, first.params)
+    study.tell(adopted, 0.5)
+    held.release()
+    assert sweep.adopt_orphan(study, here) is None  # complete: nothing left to adopt here
+    assert sweep.budget_left(study, 3) and not sweep.budget_left(study, 2)  # trials 0 and 1 count, once each
+    # The budget of 2 is full: the next trial asked for is marked surplus, never run, never counted.
+    assert sweep.new_trial(study, here, 2, _space()) is None
+    surplus = study.get_trials()[-1]
+    assert surplus.number == 2 and surplus.state == optuna.trial.TrialState.FAIL
+    assert surplus.user_attrs[sweep_report.NOT_RUN_ATTR] == "surplus"
+    assert [t.number for t in study.get_trials() if sweep_report.counted(t)] == [0, 1]
+    assert sweep.budget_left(study, 3)
+
+
+def test_the_pruned_epoch_is_the_epoch_after_which_the_pruner_stopped(tmp_path):
+    from types import SimpleNamespace
+
+    from salt_tf import loop
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.6))
+    trial = study.ask()
+    run_dir = str(tmp_path / "trial-0")
+    os.makedirs(run_dir)
+    report = sweep.ReportEpoch(trial, run_dir, "val_metric", {"trial": 0})
+    report(SimpleNamespace(epoch=1, row={"val_metric": 0.7}))
+    report(SimpleNamespace(epoch=1, row={"val_metric": 0.2}))  # epoch 1 redone after a crash: reported already
+    with pytest.raises(loop.StopAfterEpoch, match="pruned after epoch 2"):
+        report(SimpleNamespace(epoch=2, row={"val_metric": 0.5}))
+    assert report.pruned_epoch == 2
+    assert study.get_trials()[0].intermediate_values == {1: 0.7, 2: 0.5}
+    assert rundir.read_json(os.path.join(run_dir, rundir.RECORD_FILE))["sweep"] == {"trial": 0}
+
+
+def test_the_best_flagfile_is_the_highest_value_trials_flags_without_model_dir(tmp_path):
+    study = sweep.open_study(optuna.storages.InMemoryStorage(), "s", {}, [], sweep.make_sampler("random", 0),
+                             optuna.pruners.NopPruner())
+    for number, (value, rate) in enumerate([(0.61, "0.003"), (0.74, "0.01"), (0.52, "0.02")]):
+        run_dir = tmp_path / f"trial-{number}"
+        run_dir.mkdir()
+        (run_dir / rundir.FLAGS_FILE).write_text(f"--model_dir={run_dir}\n--learning_rate={rate}\n--epochs=3\n")
+        trial = study.ask()
+        trial.set_user_attr(sweep_report.RUN_DIR_ATTR, str(run_dir))
+        study.tell(trial, value)
+    best, text = sweep_report.best_flagfile_text(study)
+    assert best.number == 1
+    assert text == (f"# The best trial of study s: trial 1, value 0.7400, run {tmp_path / 'trial-1'}.\n"
+                    "# python -m salt_tf.train --flagfile=<this file> --model_dir=<a new run directory>\n"
+                    "--epochs=3\n--learning_rate=0.01\n")
