@@ -248,6 +248,19 @@ def test_a_stale_ensemble_json_stays_behind_with_a_note_and_oof_json_chooses(eva
     assert "No ensemble.json: `predict submit` takes the mean of the folds at oof.json's threshold" in card
 
 
+def test_a_fold_without_a_run_file_is_refused_in_one_line_before_anything_is_written(evaluated, tmp_path, capsys):
+    # fold-1 lost its metrics.csv: its models, record and the out-of-fold files are all there, so only the
+    # release's own check of each fold's run files (the four it copies) stands between it and a half-made copy.
+    parent = str(tmp_path / "parent")
+    shutil.copytree(evaluated, parent)
+    os.remove(os.path.join(parent, "fold-1", "metrics.csv"))
+    before = _tree(parent)
+    status, out, err = _runs(["release", parent, f"--into={tmp_path / 'new'}"], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"{os.path.join(parent, 'fold-1')}: not a run directory with a finished epoch (no metrics.csv)" in err, err
+    assert not (tmp_path / "new").exists() and _tree(parent) == before
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Unit level (issue 38's mutants of the fold release): the float16 choice on a hand-made model whose float16
 # rounding errors are known, and the check of a fold model's files against the release's SHA256SUMS.
