@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from salt_tf import determinism, records, rundir
+from salt_tf import determinism, records, rundir, tfstart
 from train_helpers import REPO_ROOT, assert_bit_identical, train_process, wait_ok
 
 # The runs use the tiny configuration of the other tests (train_helpers.TINY). They used a larger one
@@ -29,9 +29,10 @@ from train_helpers import REPO_ROOT, assert_bit_identical, train_process, wait_o
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_dir):
     """Runs: a and b identical flags; c stopped after epoch 1 and resumed; d another seed; e like a with
-    per-variable summaries on every third step."""
+    per-variable summaries on every third step; f like a under TensorFlow's default CPU allocator instead of the
+    pool every command uses (tfstart.use_pooled_cpu_allocator)."""
     root = tmp_path_factory.mktemp("determinism")
-    paths = {name: str(root / name) for name in "abcde"}
+    paths = {name: str(root / name) for name in "abcdef"}
     first = [train_process(demo_dir, paths["a"]), train_process(demo_dir, paths["b"])]
     for process in first:
         wait_ok(process)
@@ -42,6 +43,7 @@ def runs(tmp_path_factory, demo_dir):
              train_process(demo_dir, paths["e"], summary_every_steps=3)]
     for process in third:
         wait_ok(process)
+    wait_ok(train_process(demo_dir, paths["f"], environment={tfstart.CPU_ALLOCATOR_VARIABLE: "false"}))
     return paths
 
 
@@ -58,6 +60,10 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(runs):
 
 def test_summaries_do_not_change_the_weights(runs):
     assert_bit_identical(runs["a"], runs["e"])
+
+
+def test_the_cpu_allocator_does_not_change_the_weights(runs):
+    assert_bit_identical(runs["a"], runs["f"])
 
 
 def test_other_seed_gives_other_weights(runs):

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from absl import flags
 
-from salt_tf import checkpoints, ensemble, exports, pipeline, predict
+from salt_tf import checkpoints, ensemble, exports, pipeline, predict, tfstart
 from salt_tf import tta as tta_lib  # the tests name their views `tta`
 from salt_tf.data import kaggle
 from train_helpers import REPO_ROOT, run_tiny
@@ -192,6 +192,46 @@ def test_predict_writes_the_submission_of_the_model(tiny_run, demo_dir, tmp_path
     assert decoded.any() and not decoded.all()
     _, pngs = _read_pngs(masks_dir)
     np.testing.assert_array_equal(pngs > 0, decoded)
+
+
+# A child that predicts the demo images with the tiny run's export and prints the SHA-256 of the probabilities
+# and whether TensorFlow's CPU allocator is the pool (only the BFC pool reports memory info for CPU:0).
+_ALLOCATOR_CHILD = """
+import hashlib, sys
+import salt_tf
+from salt_tf import exports, pipeline, tta
+from salt_tf.data import kaggle
+import numpy as np, tensorflow as tf
+entry = exports.find_exports(sys.argv[1])[0]
+exports.restore(entry)
+ids, images, _ = kaggle.read_image_folder(sys.argv[2])
+x = pipeline.model_inputs(ids, images, np.full(len(ids), np.nan, np.float32), False)
+p = tta.predict_probabilities(entry.model, x, batch_size=16, tta=("none", "hflip"))
+try:
+    tf.config.experimental.get_memory_info("CPU:0")
+    pooled = True
+except ValueError:
+    pooled = False
+print("CHILD", hashlib.sha256(p.tobytes()).hexdigest(), pooled, float(p.std()))
+"""
+
+
+def test_commands_use_the_pooled_cpu_allocator_and_it_changes_no_prediction_bit(tiny_run, demo_dir):
+    results = {}
+    for value in ("", "false"):  # "": the environment without the variable, as a user's shell has it
+        env = {k: v for k, v in os.environ.items() if k != tfstart.CPU_ALLOCATOR_VARIABLE}
+        if value:
+            env[tfstart.CPU_ALLOCATOR_VARIABLE] = value
+        done = subprocess.run([sys.executable, "-c", _ALLOCATOR_CHILD, os.path.join(tiny_run, "export"),
+                               os.path.join(demo_dir, "train", "images")],
+                              env=dict(env, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        _, digest, pooled, spread = next(l for l in done.stdout.splitlines() if l.startswith("CHILD")).split()
+        results[value] = (digest, pooled)
+        assert float(spread) > 1e-3  # the probabilities are not a constant that any allocator would reproduce
+    assert results[""][1] == "True"  # salt_tf's import made the pool TensorFlow's CPU allocator
+    assert results["false"][1] == "False"  # the user's choice is kept (and the check above can fail)
+    assert results[""][0] == results["false"][0]
 
 
 def test_bad_png_stops_with_one_line_and_no_csv_or_is_skipped(tiny_run, demo_dir, tmp_path, capsys):

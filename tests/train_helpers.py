@@ -52,10 +52,11 @@ def events_files(model_dir):
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train_process(data_dir, model_dir, **overrides):
-    """Starts a tiny training run as its own `python -m salt_tf.train` process (output on stdout)."""
+def train_process(data_dir, model_dir, environment=None, **overrides):
+    """Starts a tiny training run as its own `python -m salt_tf.train` process (output on stdout); `environment`
+    adds variables to its environment."""
     argv = tiny_argv(data_dir, model_dir, **overrides)[1:]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(environment or {}))
     return subprocess.Popen([sys.executable, "-m", "salt_tf.train", *argv], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
