@@ -31,12 +31,11 @@ CONFIGS = [
     model_lib.ModelConfig(base_width=2, depth=5, blocks_per_level=2, se_ratio=4),
     model_lib.ModelConfig(base_width=6, depth=3, blocks_per_level=1, se_ratio=2),
     model_lib.ModelConfig(base_width=4, depth=4, blocks_per_level=1, se=False),
-    # The recipe's components (flags/recipe.cfg: scSE, hypercolumn, deep supervision) at small widths, and variants:
-    # each component alone, and deep supervision without any gate at depth 5 (3x3 side output resized to 101).
+    # The recipe's components (flags/recipe.cfg: scSE, hypercolumn, deep supervision) at a small width, and
+    # variants: scSE with another ratio and the hypercolumn at depth 2; deep supervision without any gate at depth 5.
     model_lib.ModelConfig(base_width=4, depth=4, blocks_per_level=2, se_type="scse", hypercolumn=True,
                           deep_supervision=True),
-    model_lib.ModelConfig(base_width=3, depth=2, blocks_per_level=1, se_type="scse", se_ratio=2),
-    model_lib.ModelConfig(base_width=2, depth=3, blocks_per_level=1, hypercolumn=True),
+    model_lib.ModelConfig(base_width=3, depth=2, blocks_per_level=1, se_type="scse", se_ratio=2, hypercolumn=True),
     model_lib.ModelConfig(base_width=2, depth=5, blocks_per_level=1, se=False, deep_supervision=True),
 ]
 
@@ -185,10 +184,11 @@ def test_recipe_same_weights_same_outputs(recipe):
         g = g.numpy().transpose(0, 2, 3, 1) if g.ndim == 4 else g.numpy()[:, 0]
         e = e.numpy()
         assert g.shape == e.shape, name
-        # float32 through ~40 layers with different kernels and summation orders: measured max |diff| below
-        # 1e-5 of the output's scale; 1e-4 leaves a margin and still catches any change of function (a missing
-        # gate, resize or term moves outputs by percents).
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max(), err_msg=name)
+        # Measured (width 4, seeds 1-3): the float32 twin is within 7e-6 of the output's scale of itself in float64,
+        # TensorFlow's float32 forward 2e-5 to 3.2e-4 from that float64 twin (its rounding on these small training
+        # batches: batch statistics of 3 x 6 x 6 pixels at the bottleneck). 1e-3 leaves a 3x margin and still
+        # catches a change of function (dropping the spatial gate moves the outputs by their own size).
+        np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-3 * np.abs(e).max(), err_msg=name)
 
 
 def _loss_batch(depth: int = 4, size: int = 9):
