@@ -1,9 +1,9 @@
 """Prediction speed end to end: `predict submit` as a user runs it, its model work against the matmul ceiling.
 
     python tools/bench_predict.py --model_dir=models/salt-recipe --images=../shared/data/tgs_salt/test/images
-    python tools/bench_predict.py --model_dir=... --images=... --tta=none,hflip --allocator=pooled,default --limit=640
+    python tools/bench_predict.py --model_dir=... --images=... --tta=none --tta=hflip --allocator=pooled,default --limit=640
 
-For every configuration (a --tta view set x a CPU allocator) one child process runs
+For every configuration (a --tta value x a CPU allocator) one child process runs
 `python -m salt_tf.predict submit --model_dir=... --images=<the images> --tta=<views>` on the first --limit images
 (sorted by id, linked into a temporary folder; all of them by default), one configuration after another, and
 reports:
@@ -12,13 +12,13 @@ reports:
   predict s   what predict itself reports ("wrote ...: N images in S s"): model calls, post-processing, RLE, CSV
   img/s       images / wall
   GFLOP/s     model work / wall, where model work = the models' forward GFLOP per image (their model.json) x
-              views x images
+              views (salt_tf.tta.parse_tta: --tta=hflip is 2, the image and its mirror) x images
   / ceiling   GFLOP/s over TensorFlow's float32 4096² matmul rate, measured in its own child as tools/bench.py
               does: issue 39's figure of prediction efficiency
 
 Allocators: `pooled` is what every salt_tf command uses (TF_CPU_ALLOCATOR_USE_BFC=true, tfstart.
 use_pooled_cpu_allocator); `default` is TensorFlow's own (=false). The allocator changes no arithmetic, so the
-submissions of one view set must be byte-identical across allocators: checked, and the command exits 1 if not.
+submissions of one --tta value must be byte-identical across allocators: checked, and the command exits 1 if not.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def parse_args(argv):
     parser.add_argument("--model_dir", required=True, help="a run, export folder or CV parent (predict's --model_dir)")
     parser.add_argument("--images", required=True, help="a folder of 101x101 PNG images")
     parser.add_argument("--limit", type=int, default=0, help="only the first N images by id (0: all)")
-    parser.add_argument("--tta", default="none+hflip", help="comma list of predict --tta values (views joined by +)")
+    parser.add_argument("--tta", action="append", help="a predict --tta value (repeatable; default: hflip)")
     parser.add_argument("--allocator", default="pooled", help=f"comma list of {', '.join(ALLOCATORS)}")
     parser.add_argument("--batch_size", type=int, default=64, help="predict's --batch_size")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -96,20 +96,21 @@ def run_submit(args, images: str, views: str, allocator: str, output: str) -> di
 
 def main(argv) -> int:
     args = parse_args(argv)
+    args.tta = args.tta or ["hflip"]
     if args.child == "ceiling":
         print("BENCH " + json.dumps(ceiling_child(args)), flush=True)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         images, count = image_subset(args.images, args.limit, os.path.join(tmp, "images"))
         rows = []
-        for views in args.tta.split(","):
+        for views in args.tta:
             for allocator in args.allocator.split(","):
                 row = run_submit(args, images, views, allocator, os.path.join(tmp, f"{views}-{allocator}.csv"))
                 rows.append(dict(row, images=count))
                 print(f"  {views:12s} {allocator:8s} {row['wall_seconds']:7.1f} s", flush=True)
         same = {v: all(filecmp.cmp(os.path.join(tmp, f"{v}-{a}.csv"), os.path.join(tmp, f"{v}-{b}.csv"), shallow=False)
                        for a in args.allocator.split(",") for b in args.allocator.split(","))
-                for v in args.tta.split(",")}
+                for v in args.tta}
     child = subprocess.run([sys.executable, os.path.abspath(__file__), f"--model_dir={args.model_dir}",
                             "--images=-", "--child=ceiling"], capture_output=True, text=True, cwd=REPO_ROOT)
     measured = json.loads(next(l[6:] for l in child.stdout.splitlines() if l.startswith("BENCH ")))
@@ -117,13 +118,14 @@ def main(argv) -> int:
 
 
 def report(rows: list[dict], measured: dict, same: dict, args) -> int:
-    """Prints the table, writes --json; 1 if the allocators' submissions differ for a view set."""
+    """Prints the table, writes --json; 1 if the allocators' submissions differ for a --tta value."""
+    from salt_tf import tta  # no TensorFlow at import
     ceiling, gflop = measured["matmul_gflops_per_second"], sum(measured["forward_gflop_per_image"])
     print(f"{len(measured['forward_gflop_per_image'])} model(s), {gflop:.2f} GFLOP forward per image; "
           f"float32 matmul ceiling {ceiling:.1f} GFLOP/s; {rows[0]['images']} images of {args.images}")
     print(f"{'tta':12s} {'allocator':9s} {'wall s':>8s} {'predict s':>9s} {'img/s':>7s} {'GFLOP/s':>8s} {'/ceiling':>8s}")
     for row in rows:
-        work = gflop * len(row["views"].split("+")) * row["images"]
+        work = gflop * len(tta.parse_tta(row["views"])) * row["images"]
         row.update(images_per_second=row["images"] / row["wall_seconds"], gflops=work / row["wall_seconds"],
                    of_ceiling=work / row["wall_seconds"] / ceiling)
         print(f"{row['views']:12s} {row['allocator']:9s} {row['wall_seconds']:8.1f} {row['predict_seconds']:9.1f} "
