@@ -30,7 +30,7 @@ from train_helpers import REPO_ROOT, assert_bit_identical, train_process, wait_o
 def runs(tmp_path_factory, demo_dir):
     """Runs: a and b identical flags; c stopped after epoch 1 and resumed; d another seed; e like a with
     per-variable summaries on every third step; f like a under TensorFlow's default CPU allocator instead of the
-    pool every command uses (tfstart.use_pooled_cpu_allocator)."""
+    pool every command uses (salt_tf.CPU_ALLOCATOR_VARIABLE)."""
     root = tmp_path_factory.mktemp("determinism")
     paths = {name: str(root / name) for name in "abcdef"}
     first = [train_process(demo_dir, paths["a"]), train_process(demo_dir, paths["b"])]

@@ -16,8 +16,8 @@ reports:
   / ceiling   GFLOP/s over TensorFlow's float32 4096² matmul rate, measured in its own child as tools/bench.py
               does: issue 39's figure of prediction efficiency
 
-Allocators: `pooled` is what every salt_tf command uses (TF_CPU_ALLOCATOR_USE_BFC=true, tfstart.
-use_pooled_cpu_allocator); `default` is TensorFlow's own (=false). The allocator changes no arithmetic, so the
+Allocators: `pooled` is what every salt_tf command uses (TF_CPU_ALLOCATOR_USE_BFC=true, salt_tf.
+CPU_ALLOCATOR_VARIABLE, set by salt_tf/__init__.py); `default` is TensorFlow's own (=false). The allocator changes no arithmetic, so the
 submissions of one --tta value must be byte-identical across allocators: checked, and the command exits 1 if not.
 """
 
