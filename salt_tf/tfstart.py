@@ -26,8 +26,7 @@ they print about the devices used.
 
 No TensorFlow import at module level: `--help` stays cheap.
 
-The package's import makes TensorFlow's BFC pool its CPU allocator (CPU_ALLOCATOR_VARIABLE; the comment there has the
-measurement).
+The package's import makes TensorFlow's BFC pool its CPU allocator (salt_tf/__init__.py: the measured reason).
 """
 
 from __future__ import annotations
@@ -45,17 +44,6 @@ ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called 
 # An absl / TensorFlow C++ log line: severity letter, MMDD, time, thread, file:line].
 _LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+\s+\S+:\d+\]")
 _SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
-from salt_tf import CPU_ALLOCATOR_VARIABLE  # noqa: E402  (set by the package's import; its measurement below)
-
-# Why the package's import makes TensorFlow's best-fit-with-coalescing pool (BFC) its CPU allocator: TensorFlow's
-# default CPU allocator hands every large buffer back to the kernel when it is freed, and the next model call faults
-# the same memory in again page by page. Measured on the 2-core AVX2 EPYC (89.5 GFLOP/s matmul ceiling),
-# `predict submit` of models/salt-recipe on 640 test images with flip TTA: 16.8 million minor page faults and 44 of
-# 103 CPU-seconds in the kernel; with the pool 0.19 million and 3 s, the model calls 56.2 -> 32.9 s (1.71x); on the
-# 6,000 test images end to end 603.6 -> 327.8 s. The pool keeps what it has grown to until the process ends and
-# changes no arithmetic: the probabilities, and a run's weights, hash the same with and without it
-# (tests/test_predict.py, tests/test_determinism.py). It must be set before TensorFlow creates its CPU allocator (at
-# its first tensor), hence in salt_tf/__init__.py.
 
 
 def nvidia_driver_present() -> bool:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from salt_tf import determinism, records, rundir, tfstart
+import salt_tf
+from salt_tf import determinism, records, rundir
 from train_helpers import REPO_ROOT, assert_bit_identical, train_process, wait_ok
 
 # The runs use the tiny configuration of the other tests (train_helpers.TINY). They used a larger one
@@ -43,7 +44,7 @@ def runs(tmp_path_factory, demo_dir):
              train_process(demo_dir, paths["e"], summary_every_steps=3)]
     for process in third:
         wait_ok(process)
-    wait_ok(train_process(demo_dir, paths["f"], environment={tfstart.CPU_ALLOCATOR_VARIABLE: "false"}))
+    wait_ok(train_process(demo_dir, paths["f"], environment={salt_tf.CPU_ALLOCATOR_VARIABLE: "false"}))
     return paths
 
 

@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from absl import flags
 
-from salt_tf import checkpoints, ensemble, exports, pipeline, predict, tfstart
+import salt_tf
+from salt_tf import checkpoints, ensemble, exports, pipeline, predict
 from salt_tf import tta as tta_lib  # the tests name their views `tta`
 from salt_tf.data import kaggle
 from train_helpers import REPO_ROOT, run_tiny
@@ -219,9 +220,9 @@ print("CHILD", hashlib.sha256(p.tobytes()).hexdigest(), pooled, float(p.std()))
 def test_commands_use_the_pooled_cpu_allocator_and_it_changes_no_prediction_bit(tiny_run, demo_dir):
     results = {}
     for value in ("", "false"):  # "": the environment without the variable, as a user's shell has it
-        env = {k: v for k, v in os.environ.items() if k != tfstart.CPU_ALLOCATOR_VARIABLE}
+        env = {k: v for k, v in os.environ.items() if k != salt_tf.CPU_ALLOCATOR_VARIABLE}
         if value:
-            env[tfstart.CPU_ALLOCATOR_VARIABLE] = value
+            env[salt_tf.CPU_ALLOCATOR_VARIABLE] = value
         done = subprocess.run([sys.executable, "-c", _ALLOCATOR_CHILD, os.path.join(tiny_run, "export"),
                                os.path.join(demo_dir, "train", "images")],
                               env=dict(env, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True, timeout=300)

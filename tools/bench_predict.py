@@ -108,8 +108,9 @@ def main(argv) -> int:
                 row = run_submit(args, images, views, allocator, os.path.join(tmp, f"{views}-{allocator}.csv"))
                 rows.append(dict(row, images=count))
                 print(f"  {views:12s} {allocator:8s} {row['wall_seconds']:7.1f} s", flush=True)
-        same = {v: all(filecmp.cmp(os.path.join(tmp, f"{v}-{a}.csv"), os.path.join(tmp, f"{v}-{b}.csv"), shallow=False)
-                       for a in args.allocator.split(",") for b in args.allocator.split(","))
+        first, *others = args.allocator.split(",")
+        same = {v: all(filecmp.cmp(os.path.join(tmp, f"{v}-{first}.csv"), os.path.join(tmp, f"{v}-{a}.csv"),
+                                   shallow=False) for a in others)
                 for v in args.tta}
     child = subprocess.run([sys.executable, os.path.abspath(__file__), f"--model_dir={args.model_dir}",
                             "--images=-", "--child=ceiling"], capture_output=True, text=True, cwd=REPO_ROOT)
