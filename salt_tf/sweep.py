@@ -2,7 +2,7 @@
 
     python -m salt_tf.sweep run --sweep_dir=S --space=flags/sweep_lr.yaml --trials=N [--storage=URL]
         [--study=NAME] [--sampler=tpe|random|cmaes] [--seed=0] [--pruner=median|hyperband|threshold|none]
-        [--enqueue=FLAG=VALUE,...] [train flags: --flagfile=F --epochs=E ...]
+        [--enqueue=FLAG=VALUE,...] [train flags: --flagfile=F --epochs=E [--folds=K] ...]
     python -m salt_tf.sweep report --sweep_dir=S [--plot=history.png]
 
 `run` is one worker: it asks the study (Optuna, in --storage: SQLite in S by default, any SQLAlchemy URL such as
@@ -13,11 +13,20 @@ after an epoch when the pruner says so; until the study holds --trials trials. S
 with one storage URL) and the workers share the budget. A trial's value is the best, over its epochs, of the
 --objective column of its metrics.csv.
 
+Fold sweeps: when the train flags give --folds=K (K >= 2), each trial is a cross-validation parent S/trial-<n>
+whose folds are trained one after another in this process, each by salt_tf.cv's own plan and arguments
+(cv.plan_folds, cv.fold_arguments: S/trial-<n>/fold-k is `python -m salt_tf.train ... --fold=k
+--model_dir=S/trial-<n>/fold-k`, an ordinary fold run for `cv collect` and `predict`). The trial's value is the
+mean over its K folds of each fold's best --objective; it reports after every epoch of every fold at step
+fold * E + epoch (E: --epochs, or the space's highest), so the pruner compares the same fold and epoch across
+trials.
+
 Resume: rerunning the command resumes the study. A trial left RUNNING by a worker that died (SIGKILL, a lost
 machine) is adopted by the next worker on the same sweep folder: the same trial number, parameters and run
-directory, trained on from its last checkpoint (the train command's resume), so it is neither restarted nor
-counted twice. A worker knows a trial's owner is gone by its claim: the owner holds a lock on
-S/.claims/trial-<n> for as long as it runs the trial (the kernel releases it when the process dies).
+directory, trained on from its last checkpoint (the train command's resume; a fold trial's finished folds are
+kept and its unfinished fold resumed), so it is neither restarted nor counted twice. A worker knows a trial's
+owner is gone by its claim: the owner holds a lock on S/.claims/trial-<n> for as long as it runs the trial (the
+kernel releases it when the process dies).
 
 Budget: every trial asked for counts (running, complete, pruned, failed), in the storage, so N workers on one
 study run --trials trials together. Two workers asking at the same moment may both get a new trial; the one
@@ -27,7 +36,9 @@ never counted) and stops. Trial parameters are a function of --seed, the trial n
 
 Everything a user can get wrong is checked before the first trial, one line and exit status 2: an unknown flag or
 a bad entry in the search space, a range a train flag's validator refuses, an unreachable storage, a study name
-already used with another search space, base flags or objective. A training that fails on its own (non-finite
+already used with another search space, base flags or objective; in a fold sweep also --fold in the train flags
+(the sweep trains every fold), --fold or --folds in the space, and a K that leaves a fold without a validation
+image or a training batch (cv's whole-K-fold check). A training that fails on its own (non-finite
 steps, exit status 3 of train) fails its trial and the sweep goes on. Ctrl-C / SIGTERM: the running trial
 checkpoints and the worker stops (exit 130 / 143); the same command resumes it.
 """
@@ -55,6 +66,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["run"]:
 
 SPACE_TYPES = ("float", "log_float", "int", "log_int", "categorical")
 NOT_SWEPT = ("model_dir", "flagfile")           # the sweep sets --model_dir; a flagfile is not a value
+FOLD_FLAGS = ("fold", "folds")                   # a fold sweep trains every fold of one --folds=K per trial
 OBJECTIVES = ("val_metric", "val_metric_at_best_threshold")
 ABANDONED_AFTER_SECONDS = 120  # a RUNNING trial whose worker never said where it runs, this old, is abandoned
 
@@ -177,6 +189,8 @@ def check_train_flags(base_args: list[str], space: dict, enqueued: list[dict], s
                              f"--space={space_path}: {name} cannot be swept (the sweep sets --model_dir itself)")
     with flagsaver.flagsaver():
         _parse_or_say(base_args, [], "the base train flags")
+        if flags.FLAGS.folds >= 2:
+            check_fold_space(space, space_path)
         # What a resume may change (where the data and run live, logging) may differ between workers.
         base = {k: v for k, v in salt_flags.run_flag_values().items() if k not in salt_flags.RESUME_MAY_CHANGE}
         for name, dist in space.items():
@@ -185,6 +199,37 @@ def check_train_flags(base_args: list[str], space: dict, enqueued: list[dict], s
         for params in enqueued:
             _parse_or_say(base_args, space_arguments(params), f"--enqueue={params}")
     return base
+
+
+def check_fold_space(space: dict, space_path: str) -> None:
+    """The checks of a fold sweep's parsed base flags (--folds=K, K >= 2) and space: no --fold (given on the command
+    line or in a flagfile: the sweep trains every fold k of a trial itself) and no --fold or --folds in the space.
+
+    Raises:
+        SweepError: one line naming the flag.
+    """
+    if flags.FLAGS["fold"].present:
+        raise SweepError(f"--fold={flags.FLAGS.fold}: with --folds={flags.FLAGS.folds} every trial is a "
+                         "cross-validation whose K folds the sweep trains itself (<sweep_dir>/trial-<n>/fold-k); "
+                         "drop --fold")
+    for name in FOLD_FLAGS:
+        if name in space:
+            raise SweepError(f"--space={space_path}: {name} cannot be swept in a fold sweep (--folds="
+                             f"{flags.FLAGS.folds}: every trial trains the same K folds)")
+
+
+def check_fold_trials(base_args: list[str], sweep_dir: str) -> None:
+    """A fold sweep's whole K-fold, before any trial: cv train's own plan of the base flags (cv.plan_folds: every
+    fold's flags parsed, and every fold validates on at least one image and trains on at least one batch),
+    for a parent folder that holds nothing (only read, never written).
+
+    Raises:
+        SweepError: one line (cv's, naming --folds or --batch_size and the fix).
+    """
+    try:
+        cv.plan_folds(os.path.join(os.path.abspath(sweep_dir), ".fold-check"), base_args)
+    except (cv.CVError, flags.Error) as e:
+        raise SweepError(f"the base train flags: {e}") from None
 
 
 def _parse_or_say(base_args: list[str], params_args: list[str], what: str) -> None:
@@ -273,7 +318,12 @@ def make_sampler(name: str, seed: int):
 
 
 def make_pruner(fv: flags.FlagValues, epochs: int):
-    """The pruner of --pruner: median (of the complete trials at the same epoch), hyperband, threshold, none."""
+    """The pruner of --pruner: median (of the complete trials at the same epoch), hyperband, threshold, none.
+
+    Args:
+        fv: the sweep's flags.
+        epochs: the steps of a trial (hyperband's resources): --epochs, or a fold trial's K x fold_stride.
+    """
     import optuna
 
     if fv.pruner == "median":
@@ -391,15 +441,29 @@ def budget_left(study, budget: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One trial: the train command's own run, reporting to the study after every epoch.
+# One trial: the train command's own run, reporting to the study after every epoch; a fold trial: K of them.
 
 
 class ReportEpoch:
-    """Epoch-end action of a trial: reports the objective to the study, says in record.json which study and
-    trial the run is, and stops the run after an epoch the pruner prunes (loop.StopAfterEpoch)."""
+    """Epoch-end action of a trial (or of one fold of a fold trial): reports the objective to the study, says in
+    record.json which study and trial the run is, and stops the run after an epoch the pruner prunes
+    (loop.StopAfterEpoch).
 
-    def __init__(self, trial, run_dir: str, objective: str, sweep_record: dict):
+    Args:
+        trial: the Optuna trial.
+        run_dir: the run directory (a fold trial: the fold's, <trial>/fold-k).
+        objective: the metrics.csv column reported.
+        sweep_record: the `sweep` entry of its record.json (start_session's; a fold's with "fold": k).
+        fold: None for a one-run trial; k for fold k of a fold trial, whose epoch e is reported at step
+            fold * stride + e (fold_step) and is not pruned before epoch `from_epoch` of the fold.
+        stride: the steps of one fold (the most epochs a trial of the study trains, fold_stride).
+        from_epoch: --prune_from_epoch (a one-run trial: the pruner's own warm-up says it).
+    """
+
+    def __init__(self, trial, run_dir: str, objective: str, sweep_record: dict, fold: int | None = None,
+                 stride: int = 0, from_epoch: int = 1):
         self.trial, self.run_dir, self.objective, self.sweep_record = trial, run_dir, objective, sweep_record
+        self.fold, self.stride, self.from_epoch = fold, stride, from_epoch
         self.pruned_epoch: int | None = None
         self._recorded = False
 
@@ -409,12 +473,31 @@ class ReportEpoch:
         if not self._recorded:  # once per session: the run directory exists and is ours now
             records.update_record(self.run_dir, sweep=self.sweep_record)
             self._recorded = True
+        step = end.epoch if self.fold is None else fold_step(self.fold, self.stride, end.epoch)
         frozen = self.trial.study._storage.get_trial(self.trial._trial_id)
-        if end.epoch not in frozen.intermediate_values:  # a redone epoch (after a crash) was reported already
-            self.trial.report(float(end.row[self.objective]), end.epoch)
+        if step not in frozen.intermediate_values:  # a redone epoch (after a crash) was reported already
+            self.trial.report(float(end.row[self.objective]), step)
+        if self.fold is not None and end.epoch < self.from_epoch:
+            return
         if self.trial.should_prune():
             self.pruned_epoch = end.epoch
-            raise loop.StopAfterEpoch(f"pruned after epoch {end.epoch}")
+            raise loop.StopAfterEpoch(f"pruned after epoch {end.epoch}" +
+                                      ("" if self.fold is None else f" of fold {self.fold}"))
+
+
+def fold_step(fold: int, stride: int, epoch: int) -> int:
+    """The study's step of epoch `epoch` (1-based) of fold `fold` of a fold trial: fold * stride + epoch, so a
+    pruner compares the same fold and epoch across trials."""
+    return fold * stride + epoch
+
+
+def fold_stride(base: dict, space: dict) -> int:
+    """The steps one fold of a fold trial takes in the study: the most epochs any trial trains (the base
+    --epochs, or the highest --epochs of the space)."""
+    epochs = int(base["epochs"])
+    if "epochs" in space:
+        epochs = max([epochs] + [int(v) for v in edge_values(space["epochs"])])
+    return epochs
 
 
 def train_user_errors() -> tuple[type, ...]:
@@ -435,8 +518,21 @@ def trial_value(run_dir: str, objective: str) -> float | None:
     return None if rows.empty or objective not in rows else float(rows[objective].max())
 
 
-def run_trial(trial, fv: flags.FlagValues, base_args: list[str], stop_signals: StopSignals, resumed: bool) -> str:
+def fold_mean(values: list) -> float | None:
+    """A fold trial's value: the mean of its folds' values (each fold's best objective), None unless every fold
+    has one."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def run_trial(trial, fv: flags.FlagValues, base_args: list[str], stop_signals: StopSignals, resumed: bool,
+              folds: int = 0, stride: int = 0) -> str:
     """Trains `trial` into its run directory (resuming it when it holds a run) and tells the study the outcome.
+
+    Args:
+        folds: K of a fold sweep (--folds=K in the base flags, K >= 2; run_fold_trial), else 0.
+        stride: a fold trial's steps per fold (fold_stride).
 
     Returns:
         "complete", "pruned" or "failed".
@@ -445,14 +541,70 @@ def run_trial(trial, fv: flags.FlagValues, base_args: list[str], stop_signals: S
         KeyboardInterrupt, loop.TrainingStopped (a signal): the trial stays RUNNING; a rerun adopts it.
         SweepError: the train command refused the trial's run directory (the trial is failed).
     """
+    if folds >= 2:
+        return run_fold_trial(trial, fv, base_args, stop_signals, resumed, stride)
     run_dir, record = start_session(trial, fv, resumed)
-    state, outcome = train_trial(trial, run_dir, record, fv.objective, base_args, stop_signals)
+    train_args = [*base_args, *space_arguments(record["params"]), f"--model_dir={run_dir}"]
+    state, outcome = train_trial(trial, train_args, stop_signals, ReportEpoch(trial, run_dir, fv.objective, record))
     return finish_trial(trial, run_dir, record, fv.objective, state, outcome)
+
+
+def run_fold_trial(trial, fv: flags.FlagValues, base_args: list[str], stop_signals: StopSignals, resumed: bool,
+                   stride: int) -> str:
+    """A fold trial: cv train's plan of its K folds (cv.plan_folds on <trial> as the CV parent: finished folds
+    are kept, an unfinished one resumed from its checkpoint), then each unfinished fold trained in turn by the
+    train command's own code with cv's arguments (cv.fold_arguments), reporting every epoch (ReportEpoch at
+    fold_step); a pruned or failed fold ends the trial. Its value: fold_mean of the folds' trial_value.
+
+    Returns, raises: as run_trial.
+    """
+    import optuna
+
+    from salt_tf import rundir
+
+    parent, record = start_session(trial, fv, resumed)
+    trial_args = [*base_args, *space_arguments(record["params"])]
+    try:
+        folds, plan = cv.plan_folds(parent, trial_args)
+    except (cv.CVError, flags.Error) as e:  # e.g. a fold folder holding a run of other flags
+        refuse_trial(trial, f"trial {trial.number}: {e}")
+    say(f"trial {trial.number}: {folds} folds: " + ", ".join(f"fold-{k} {s}" for k, s in plan.items()))
+    storage, values = trial.study._storage, []
+    state, outcome = optuna.trial.TrialState.COMPLETE, {}
+    for k in range(folds):
+        fold_run, fold_record = rundir.fold_dir(parent, k), dict(record, fold=k)
+        report_recorded_epochs(trial, fold_run, fv.objective, k, stride)
+        if plan[k] != "finished":
+            reporter = ReportEpoch(trial, fold_run, fv.objective, fold_record, fold=k, stride=stride,
+                                   from_epoch=fv.prune_from_epoch)
+            state, outcome = train_trial(trial, cv.fold_arguments(trial_args, parent, k), stop_signals, reporter)
+        values.append(trial_value(fold_run, fv.objective))
+        storage.set_trial_user_attr(trial._trial_id, sweep_report.FOLD_VALUES_ATTR,
+                                    values + [None] * (folds - len(values)))
+        if state != optuna.trial.TrialState.COMPLETE:
+            break
+    return finish_fold_trial(trial, parent, record, state, outcome, values + [None] * (folds - len(values)))
+
+
+def report_recorded_epochs(trial, fold_run: str, objective: str, fold: int, stride: int) -> None:
+    """Reports the epochs of a fold's metrics.csv that the study lacks (a worker killed after an epoch was
+    committed but before its report): a resumed fold trial's steps are then complete."""
+    from salt_tf import records
+
+    rows = records.read_metrics(fold_run)
+    if rows.empty or objective not in rows:
+        return
+    reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
+    for epoch, value in zip(rows["epoch"], rows[objective]):
+        step = fold_step(fold, stride, int(epoch))
+        if step not in reported:
+            trial.report(float(value), step)
 
 
 def start_session(trial, fv: flags.FlagValues, resumed: bool) -> tuple[str, dict]:
     """Records in the study where trial `trial` runs and this session; returns (its run directory, the `sweep`
-    entry of its record.json: study, trial, storage, sweep folder, parameters)."""
+    entry of its record.json: study, trial, storage, sweep folder, parameters). A fold trial's run directory
+    is its CV parent (its folds' record.json: this entry and "fold": k)."""
     run_dir = sweep_report.trial_dir(fv.sweep_dir, trial.number)
     storage = trial.study._storage
     storage.set_trial_user_attr(trial._trial_id, sweep_report.RUN_DIR_ATTR, os.path.abspath(run_dir))
@@ -466,33 +618,44 @@ def start_session(trial, fv: flags.FlagValues, resumed: bool) -> tuple[str, dict
                      "sweep_dir": os.path.abspath(fv.sweep_dir), "params": params}
 
 
-def train_trial(trial, run_dir: str, record: dict, objective: str, base_args: list[str],
-                stop_signals: StopSignals) -> tuple:
-    """The train command's own run of the trial's flags, reporting every epoch (ReportEpoch).
+def refuse_trial(trial, message: str) -> None:
+    """Fails `trial` (nothing was trained: the train command or cv refused its run directory) and raises
+    SweepError(message)."""
+    import optuna
+
+    trial.study._storage.set_trial_user_attr(trial._trial_id, sweep_report.FAILED_ATTR, message)
+    trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    raise SweepError(message)
+
+
+def train_trial(trial, train_args: list[str], stop_signals: StopSignals, reporter: ReportEpoch) -> tuple:
+    """The train command's own run of `train_args` (its whole command line, --model_dir included), with
+    `reporter` as an extra epoch-end action.
 
     Returns:
-        (Optuna's state: COMPLETE, PRUNED or FAIL; {"pruned_epoch": e} or {"failed": its one line} or {}).
+        (Optuna's state: COMPLETE, PRUNED or FAIL; {"pruned_epoch": e} (a fold's also "pruned_fold": k) or
+        {"failed": its one line} or {}).
     """
     import optuna
     from absl.testing import flagsaver
 
     from salt_tf import loop, train
 
-    reporter = ReportEpoch(trial, run_dir, objective, record)
+    fold = {} if reporter.fold is None else {"pruned_fold": reporter.fold}
+    where = "" if reporter.fold is None else f"fold {reporter.fold}: "
     with flagsaver.flagsaver(), loop.extra_epoch_end(reporter):
-        parse_trial_flags(base_args, space_arguments(record["params"]), run_dir)
+        flags.FLAGS.unparse_flags()  # from the defaults, not the previous trial's values
+        train.parse_train_argv(["train", *train_args])
         try:
             train.run(stop_signals)
         except loop.StopAfterEpoch:
-            return optuna.trial.TrialState.PRUNED, {"pruned_epoch": reporter.pruned_epoch}
+            return optuna.trial.TrialState.PRUNED, {"pruned_epoch": reporter.pruned_epoch, **fold}
         except loop.TrainingStopped as e:
             if e.exit_code > 128:
                 raise
-            return optuna.trial.TrialState.FAIL, {"failed": str(e)}
+            return optuna.trial.TrialState.FAIL, {"failed": f"{where}{e}"}
         except train_user_errors() as e:  # e.g. S/trial-n holds a run of other flags: nothing was trained
-            trial.study._storage.set_trial_user_attr(trial._trial_id, sweep_report.FAILED_ATTR, str(e))
-            trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise SweepError(f"trial {trial.number}: {e}") from None
+            refuse_trial(trial, f"trial {trial.number}: {where}{e}")
     return optuna.trial.TrialState.COMPLETE, {}
 
 
@@ -501,19 +664,51 @@ def finish_trial(trial, run_dir: str, record: dict, objective: str, state, outco
     study and in record.json, says it in one line; returns the state's name."""
     import optuna
 
-    from salt_tf import records
-
     value = trial_value(run_dir, objective)
     if state == optuna.trial.TrialState.COMPLETE and value is None:
         state, outcome = optuna.trial.TrialState.FAIL, {"failed": "no epoch finished"}
-    for key, attr in (("pruned_epoch", sweep_report.PRUNED_ATTR), ("failed", sweep_report.FAILED_ATTR)):
+    return tell_trial(trial, {run_dir: record}, state, value, outcome)
+
+
+def finish_fold_trial(trial, parent: str, record: dict, state, outcome: dict, values: list) -> str:
+    """finish_trial of a fold trial: its value is fold_mean(values) (values[k]: fold k's best objective, None
+    for a fold without an epoch); every fold's record.json gets the `sweep` entry with its fold, fold_value and
+    the trial's fold_values, state, value and (pruned) pruned_fold and pruned_epoch."""
+    import optuna
+
+    from salt_tf import rundir
+
+    missing = [k for k, v in enumerate(values) if v is None]
+    if state == optuna.trial.TrialState.COMPLETE and missing:
+        state, outcome = optuna.trial.TrialState.FAIL, {"failed": f"fold {missing[0]}: no epoch finished"}
+    trial.study._storage.set_trial_user_attr(trial._trial_id, sweep_report.FOLD_VALUES_ATTR, values)
+    dirs = {d: dict(record, fold=k, fold_value=values[k], fold_values=values)
+            for k, d in rundir.fold_dirs(parent).items()
+            if k < len(values) and os.path.isfile(os.path.join(d, rundir.RECORD_FILE))}
+    return tell_trial(trial, dirs, state, fold_mean(values), outcome)
+
+
+def tell_trial(trial, records_by_dir: dict[str, dict], state, value: float | None, outcome: dict) -> str:
+    """Tells the study the trial's state and value, records the outcome as trial attributes and in each run
+    directory's record.json (`sweep`: its entry plus state, value and the outcome), says it in one line;
+    returns the state's name."""
+    import optuna
+
+    from salt_tf import records
+
+    for key, attr in (("pruned_epoch", sweep_report.PRUNED_ATTR), ("pruned_fold", sweep_report.PRUNED_FOLD_ATTR),
+                      ("failed", sweep_report.FAILED_ATTR)):
         if key in outcome:
             trial.study._storage.set_trial_user_attr(trial._trial_id, attr, outcome[key])
-    records.update_record(run_dir, sweep=dict(record, state=state.name.lower(), value=value, **outcome))
+    for run_dir, record in records_by_dir.items():
+        records.update_record(run_dir, sweep=dict(record, state=state.name.lower(), value=value, **outcome))
     trial.study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    pruned = ""
+    if "pruned_epoch" in outcome:
+        pruned = f" (pruned after epoch {outcome['pruned_epoch']}" + (
+            f" of fold {outcome['pruned_fold']})" if "pruned_fold" in outcome else ")")
     say(f"trial {trial.number} {state.name.lower()}" + (f", value {value:.4f}" if value is not None else "") +
-        (f" (pruned after epoch {outcome['pruned_epoch']})" if "pruned_epoch" in outcome else "") +
-        (f": {outcome['failed']}" if "failed" in outcome else ""))
+        pruned + (f": {outcome['failed']}" if "failed" in outcome else ""))
     return state.name.lower()
 
 
@@ -541,15 +736,18 @@ def define_run_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_enum("sampler", "tpe", ["tpe", "random", "cmaes"], "Optuna's sampler.", **fv)
     flags.DEFINE_integer("seed", 0, "The sampler's seed (re-seeded per trial from seed and trial number).", **fv)
     flags.DEFINE_enum("pruner", "median", ["median", "hyperband", "threshold", "none"], "median: stop a trial "
-                      "whose value after an epoch is below the median of the complete trials' at that epoch; "
-                      "hyperband; threshold: below --prune_below; none.", **fv)
-    flags.DEFINE_integer("prune_from_epoch", 1, "No pruning before this epoch.", lower_bound=1, **fv)
+                      "whose value after an epoch is below the median of the complete trials' at that epoch (a "
+                      "fold sweep: that epoch of that fold); hyperband; threshold: below --prune_below; none.",
+                      **fv)
+    flags.DEFINE_integer("prune_from_epoch", 1, "No pruning before this epoch (a fold sweep: of each fold).",
+                         lower_bound=1, **fv)
     flags.DEFINE_integer("prune_startup_trials", 2, "median: no pruning until this many trials are complete.",
                          lower_bound=0, **fv)
     flags.DEFINE_float("prune_below", 0.0, "threshold: prune a trial whose value after an epoch is below this.",
                        **fv)
     flags.DEFINE_enum("objective", "val_metric", list(OBJECTIVES), "The metrics.csv column whose best value over "
-                      "a trial's epochs is the trial's value (maximized).", **fv)
+                      "a trial's epochs is the trial's value (maximized); in a fold sweep (--folds=K among the "
+                      "train flags) the trial's value is the mean over its K folds of each fold's best.", **fv)
     flags.DEFINE_multi_string("enqueue", [], "FLAG=VALUE,...: a trial to run first (e.g. the shipped recipe's "
                               "values), when the study is created; repeatable.", **fv)
 
@@ -565,20 +763,26 @@ def check_run_arguments(fv: flags.FlagValues, train_args: list[str]) -> None:
 
 
 def prepare(fv: flags.FlagValues, train_args: list[str]):
-    """Every check before a trial, then the study: (study, space). Nothing is written before the storage opens,
-    and the sweep folder is created only for the default storage, which lives in it."""
+    """Every check before a trial, then the study: (study, space, K of a fold sweep or 0, its fold_stride or 0).
+    Nothing is written before the storage opens, and the sweep folder is created only for the default storage,
+    which lives in it."""
     check_run_arguments(fv, train_args)
     space = load_space(fv.space)
     enqueued = parse_enqueued(fv.enqueue, space)
     base = check_train_flags(train_args, space, enqueued, fv.space)
+    folds = int(base.get("folds") or 0)
+    stride = fold_stride(base, space) if folds >= 2 else 0
+    if folds >= 2:
+        check_fold_trials(train_args, fv.sweep_dir)
     if fv.storage is None:
         os.makedirs(fv.sweep_dir, exist_ok=True)
     storage = sweep_report.open_storage(sweep_report.storage_url(fv.storage, fv.sweep_dir))
     attrs = {sweep_report.SPACE_ATTR: space_json(space), sweep_report.BASE_ATTR: base,
              sweep_report.OBJECTIVE_ATTR: fv.objective}
+    pruner = make_pruner(fv, folds * stride if folds >= 2 else int(base["epochs"]))
     study = open_study(storage, fv.study or sweep_report.default_study_name(fv.sweep_dir), attrs, enqueued,
-                       make_sampler(fv.sampler, fv.seed), make_pruner(fv, int(base["epochs"])))
-    return study, space
+                       make_sampler(fv.sampler, fv.seed), pruner)
+    return study, space, folds, stride
 
 
 def run_sweep(fv: flags.FlagValues, train_args: list[str]) -> int:
@@ -587,7 +791,7 @@ def run_sweep(fv: flags.FlagValues, train_args: list[str]) -> int:
 
     logging.set_verbosity(logging.INFO)
     stop_signals = _PROCESS_STOP_SIGNALS or StopSignals()
-    study, space = prepare(fv, train_args)
+    study, space, folds, stride = prepare(fv, train_args)
     os.makedirs(fv.sweep_dir, exist_ok=True)
     say(f"study {study.study_name} in {sweep_report.shown_url(sweep_report.storage_url(fv.storage, fv.sweep_dir))}: "
         f"{sum(sweep_report.counted(t) for t in study.get_trials(deepcopy=False))} of {fv.trials} trials asked "
@@ -606,7 +810,7 @@ def run_sweep(fv: flags.FlagValues, train_args: list[str]) -> int:
                 break
             trial, held = taken
             try:
-                state = run_trial(trial, fv, train_args, stop_signals, resumed)
+                state = run_trial(trial, fv, train_args, stop_signals, resumed, folds, stride)
             finally:
                 held.release()
             done[state] = done.get(state, 0) + 1
@@ -645,7 +849,9 @@ def train_flags_help() -> str:
     """What `sweep run --help` shows after its own flags: the train command's flags, which it passes on."""
     salt_flags = cv.train_flags()
     return ("Every other argument goes to each trial's train command (--flagfile=F and any train flag below); the "
-            "sweep adds the trial's values and --model_dir=<sweep_dir>/trial-<n>.\n\n" +
+            "sweep adds the trial's values and --model_dir=<sweep_dir>/trial-<n>. With --folds=K (K >= 2, no "
+            "--fold) each trial is a cross-validation: the sweep trains its folds one after another as cv train "
+            "does, --fold=k --model_dir=<sweep_dir>/trial-<n>/fold-k ({fold} in an argument becomes k).\n\n" +
             flags.FLAGS.module_help(salt_flags.__name__))
 
 
@@ -655,7 +861,7 @@ def _user_errors() -> tuple[type, ...]:
 
 PROGRAM = cli.Program(
     module="salt_tf.sweep",
-    overview=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+    overview="\n\n".join(__doc__.split("\n\n")[:3]),  # the usage, a worker's trials, fold sweeps
     commands=(
         cli.Subcommand(name="run", summary="one hyperparameter-sweep worker: Optuna trials, each a run directory, "
                        "until the study's budget is used", usage="--sweep_dir=DIR --space=SPACE.yaml --trials=N "

@@ -2,7 +2,8 @@
 
     <sweep_dir>/
       study.db           STUDY_DB          the default storage: SQLite (any SQLAlchemy URL or journal:PATH instead)
-      trial-<n>/         trial_dir         trial n's run directory: an ordinary `python -m salt_tf.train` run
+      trial-<n>/         trial_dir         trial n's run directory: an ordinary `python -m salt_tf.train` run;
+                                           in a fold sweep (--folds=K) a CV parent of K fold runs, fold-<k>/
       best.cfg           BEST_FLAGFILE     written by `report`: the best trial's flags, without --model_dir
       history.png        (report --plot)   the optimisation history and the parameter importances
       .claims/trial-<n>/ claim_dir         flock-ed by the worker running trial n (records.RunDirLock's .lock)
@@ -39,7 +40,9 @@ OBJECTIVE_ATTR = "salt_tf.objective"   # the metrics.csv column whose best value
 RUN_DIR_ATTR = "salt_tf.run_dir"       # absolute path of the trial's run directory
 SWEEP_DIR_ATTR = "salt_tf.sweep_dir"   # absolute path of the sweep folder of the worker that asked for it
 SESSIONS_ATTR = "salt_tf.sessions"     # one entry per training session: worker (host:pid), resumed or not
-PRUNED_ATTR = "salt_tf.pruned_epoch"   # the epoch after which the pruner stopped it
+PRUNED_ATTR = "salt_tf.pruned_epoch"   # the epoch after which the pruner stopped it (a fold trial: of that fold)
+PRUNED_FOLD_ATTR = "salt_tf.pruned_fold"  # a fold trial: the fold the pruner stopped it in
+FOLD_VALUES_ATTR = "salt_tf.fold_values"  # a fold trial: [fold k's best objective or None], its value their mean
 FAILED_ATTR = "salt_tf.failed"         # why a trial failed (its training's one line)
 NOT_RUN_ATTR = "salt_tf.not_run"       # "surplus" (asked past the budget) or "abandoned": never counts
 
@@ -159,38 +162,90 @@ def define_report_flags(flag_values: flags.FlagValues) -> None:
 
 def trial_rows(study, sweep_dir: str) -> tuple[list[dict], list[str]]:
     """The trials table: per counted trial, what `runs list` shows of its run directory (run_table) plus trial,
-    state, value and pruned epoch. Returns (rows, columns)."""
+    state, value and pruned epoch. A fold trial's row (fold_run_row): its folds together, plus pruned_fold and
+    fold_values (each fold's best objective, k = 0..K-1). Returns (rows, columns)."""
     trials = [t for t in study.get_trials(deepcopy=False) if counted(t)]
-    runs, extra = [], []
+    runs, extra, folds = [], [], {}
     for t in trials:
         path = t.user_attrs.get(RUN_DIR_ATTR) or trial_dir(sweep_dir, t.number)
+        fold_runs = {k: d for k, d in rundir.fold_dirs(path).items()
+                     if os.path.isfile(os.path.join(d, rundir.FLAGS_FILE))}
         if os.path.isfile(os.path.join(path, rundir.FLAGS_FILE)):
             runs.append(run_table.load_run(path, name=os.path.basename(path)))
+        elif fold_runs or FOLD_VALUES_ATTR in t.user_attrs:
+            folds[t.number] = {k: run_table.load_run(d, name=os.path.basename(d)) for k, d in fold_runs.items()}
+            runs.append(fold_trial_run(path, folds[t.number]))
         else:  # not started yet (or its folder is on another machine): the study's fields only
             runs.append(run_table.Run(path=path, name=os.path.basename(path), flags={}, record={},
                                       metrics=records.read_metrics(path)))
         extra.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value,
                       "pruned_epoch": t.user_attrs.get(PRUNED_ATTR)})
+        if t.number in folds or FOLD_VALUES_ATTR in t.user_attrs:
+            extra[-1].update(pruned_fold=t.user_attrs.get(PRUNED_FOLD_ATTR),
+                             fold_values=fold_values_text(t.user_attrs.get(FOLD_VALUES_ATTR)))
     flag_names = run_table.differing_flags([r for r in runs if r.flags])
     rows = [dict(e, **r) for e, r in zip(extra, run_table.table_rows(runs, flag_names))]
-    columns = ["trial", "state", "value", "pruned_epoch", "name", "started", "best_val_metric", "best_epoch",
-               "epochs_completed", "train_seconds_total", *flag_names]
+    for row in rows:
+        if row["trial"] in folds:
+            row.update(fold_run_row(folds[row["trial"]]))
+    fold_columns = ["pruned_fold", "fold_values"] if any("fold_values" in e for e in extra) else []
+    columns = ["trial", "state", "value", "pruned_epoch", *fold_columns, "name", "started", "best_val_metric",
+               "best_epoch", "epochs_completed", "train_seconds_total", *flag_names]
     return rows, columns
 
 
+def fold_trial_run(path: str, fold_runs: dict) -> run_table.Run:
+    """A fold trial as one row's run: its first fold's flags without --fold (the trial's flags) and record (when
+    it started); no metrics of its own (fold_run_row sums its folds')."""
+    first = fold_runs[min(fold_runs)] if fold_runs else None
+    flags_of = {k: v for k, v in (first.flags if first else {}).items() if k != "fold"}
+    return run_table.Run(path=path, name=os.path.basename(path), flags=flags_of,
+                         record=first.record if first else {}, metrics=records.read_metrics(path))
+
+
+def fold_run_row(fold_runs: dict) -> dict:
+    """The `runs list` numbers of a fold trial's row: epochs and wall time summed over its folds, best_val_metric
+    the mean of the folds' best (blank unless all K folds have one), no single best epoch."""
+    progress = [run_table.run_progress(r) for r in fold_runs.values()]
+    bests = [p["best_val_metric"] for p in progress]
+    counts = {(r.record.get("split") or {}).get("folds") for r in fold_runs.values()}
+    whole = len(counts) == 1 and len(bests) == next(iter(counts)) and None not in bests
+    return {"best_val_metric": sum(bests) / len(bests) if whole else None, "best_epoch": None,
+            "epochs_completed": sum(p["epochs_completed"] or 0 for p in progress) if progress else None,
+            "train_seconds_total": sum(p["train_seconds_total"] or 0.0 for p in progress) if progress else None}
+
+
+def fold_values_text(values: list | None) -> str | None:
+    """A fold trial's per-fold values as one cell, "0.6123/0.5987/-" (-: a fold without a value yet)."""
+    if not values:
+        return None
+    return "/".join("-" if v is None else f"{v:.4f}" for v in values)
+
+
 def best_flagfile_text(study) -> tuple[Any, str] | None:
-    """(the best complete trial, its run's flags.cfg without --model_dir), or None without a complete trial."""
+    """(the best complete trial, its run's flags.cfg without --model_dir), or None without a complete trial. A
+    fold trial's: its fold-0's flags.cfg without --model_dir and --fold (a flagfile for `cv train`, or for
+    another fold sweep)."""
     try:
         best = study.best_trial
     except ValueError:
         return None
     path = best.user_attrs.get(RUN_DIR_ATTR)
-    values = rundir.read_flagfile(path) if path and os.path.isdir(path) else None
+    fold_trial = bool(path) and not os.path.isfile(os.path.join(path, rundir.FLAGS_FILE)) and \
+        os.path.isfile(os.path.join(rundir.fold_dir(path, 0), rundir.FLAGS_FILE))
+    source = rundir.fold_dir(path, 0) if fold_trial else path
+    values = rundir.read_flagfile(source) if source and os.path.isdir(source) else None
     if values is None:
         return None
-    lines = [f"# The best trial of study {study.study_name}: trial {best.number}, value {best.value:.4f}, run "
-             f"{path}.", "# python -m salt_tf.train --flagfile=<this file> --model_dir=<a new run directory>"]
-    lines += [f"--{name}={value}" for name, value in sorted(values.items()) if name != "model_dir"]
+    dropped = ("model_dir", "fold") if fold_trial else ("model_dir",)
+    if fold_trial:
+        lines = [f"# The best trial of study {study.study_name}: trial {best.number}, value {best.value:.4f} (the "
+                 f"mean of its folds' {fold_values_text(best.user_attrs.get(FOLD_VALUES_ATTR))}), run {path}.",
+                 "# python -m salt_tf.cv train --flagfile=<this file> --parent=<a new folder>"]
+    else:
+        lines = [f"# The best trial of study {study.study_name}: trial {best.number}, value {best.value:.4f}, run "
+                 f"{path}.", "# python -m salt_tf.train --flagfile=<this file> --model_dir=<a new run directory>"]
+    lines += [f"--{name}={value}" for name, value in sorted(values.items()) if name not in dropped]
     return best, "\n".join(lines) + "\n"
 
 
@@ -251,7 +306,10 @@ def run_report(fv: flags.FlagValues) -> int:
     if best is not None:
         path = fv.best_flagfile or os.path.join(fv.sweep_dir, BEST_FLAGFILE)
         rundir.write_text(path, best[1])
-        print(f"best: trial {best[0].number}, value {best[0].value:.4f}; its flags: {path}")
+        folds = best[0].user_attrs.get(FOLD_VALUES_ATTR)
+        print(f"best: trial {best[0].number}, value {best[0].value:.4f}" +
+              (f" (the mean of its {len(folds)} folds' {fold_values_text(folds)})" if folds else "") +
+              f"; its flags: {path}")
     scores = importances(study)
     print("importances: " + (", ".join(f"{n} {v:.3f}" for n, v in scores.items()) if scores else
                              "need two or more complete trials"))
