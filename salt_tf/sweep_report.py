@@ -237,15 +237,15 @@ def best_flagfile_text(study) -> tuple[Any, str] | None:
     values = rundir.read_flagfile(source) if source and os.path.isdir(source) else None
     if values is None:
         return None
-    dropped = ("model_dir", "fold") if fold_trial else ("model_dir",)
     if fold_trial:
+        values.pop("fold", None)  # cv train sets each fold's own
         lines = [f"# The best trial of study {study.study_name}: trial {best.number}, value {best.value:.4f} (the "
                  f"mean of its folds' {fold_values_text(best.user_attrs.get(FOLD_VALUES_ATTR))}), run {path}.",
                  "# python -m salt_tf.cv train --flagfile=<this file> --parent=<a new folder>"]
     else:
         lines = [f"# The best trial of study {study.study_name}: trial {best.number}, value {best.value:.4f}, run "
                  f"{path}.", "# python -m salt_tf.train --flagfile=<this file> --model_dir=<a new run directory>"]
-    lines += [f"--{name}={value}" for name, value in sorted(values.items()) if name not in dropped]
+    lines += [f"--{name}={value}" for name, value in sorted(values.items()) if name != "model_dir"]
     return best, "\n".join(lines) + "\n"
 
 
