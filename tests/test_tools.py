@@ -109,3 +109,41 @@ def test_model_summary_init_scale_covers_every_block(commands):
     assert all(0 < float(row[-1]) < 100 for row in scales), result.stdout
     bce, norm = re.fullmatch(r"\s*BCE ([0-9.]+), gradient norm ([0-9.]+)", lines[start + 1 + len(blocks)]).groups()
     assert float(bce) > 0 and float(norm) > 0, result.stdout
+
+
+def test_fused_adam_patch_follows_adam_and_moves_the_bits():
+    """perf_variants' fused_adam (issue 39's experiment) is Adam: three steps on one variable within float32
+    rounding of Adam in float64 NumPy (hand-written, independent of Keras and the kernel), and, as its docstring
+    and docs/performance.md say, not bit-identical to Keras 3's Adam."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+    import keras
+    import numpy as np
+    import perf_variants
+    from keras.src.optimizers import adam
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(64,)).astype(np.float32)
+    grads = [rng.normal(size=(64,)).astype(np.float32) for _ in range(3)]
+
+    def run():
+        variable = keras.Variable(start)
+        optimizer = keras.optimizers.Adam(learning_rate=0.01)
+        for g in grads:
+            optimizer.apply_gradients([(g, variable)])
+        return np.asarray(variable.numpy())
+
+    keras_result = run()
+    original = adam.Adam.update_step
+    try:
+        perf_variants.patch_fused_adam()
+        fused_result = run()
+    finally:
+        adam.Adam.update_step = original
+    x, m, v = start.astype(np.float64), np.zeros(64), np.zeros(64)
+    for t, g in enumerate(grads, start=1):
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g.astype(np.float64) ** 2
+        x = x - 0.01 * np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t) * m / (np.sqrt(v) + 1e-7)
+    np.testing.assert_allclose(fused_result, x, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(keras_result, x, rtol=0, atol=1e-5)
+    assert not np.array_equal(fused_result, keras_result)

@@ -37,7 +37,7 @@ from salt_tf import tfstart
 tfstart.import_tensorflow()  # before salt_tf.flags imports it: the commands' quiet start (no CUDA notices)
 
 from salt_tf import flags as salt_flags  # noqa: E402
-from timing import median_rate  # tools/timing.py (this script's folder is on sys.path)
+from timing import median_rate, tf_matmul_gflops  # tools/timing.py (this script's folder is on sys.path)
 
 FLAGS = flags.FLAGS
 
@@ -200,10 +200,8 @@ def child(args) -> dict:
 
         # Matmul ceiling: the best float32 GFLOP/s this machine's TensorFlow reaches.
         # In the step's compute dtype: a bfloat16 step is measured against a bfloat16 matmul.
-        n = args.matmul_size
-        a = tf.cast(tf.random.normal([n, n]), tf.bfloat16 if args.precision == "mixed_bfloat16" else tf.float32)
-        matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
-        results["matmul_gflops_per_second"] = median_rate(lambda: matmul().numpy(), 1, 5, args.repeats) * 2 * n ** 3 / 1e9
+        results["matmul_gflops_per_second"] = tf_matmul_gflops(
+            tf, args.matmul_size, args.repeats, tf.bfloat16 if args.precision == "mixed_bfloat16" else tf.float32)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
 

@@ -59,13 +59,9 @@ def ceiling_child(args) -> dict:
 
     from salt_tf import exports, model as model_lib
 
-    n = 4096
-    a = tf.random.normal([n, n])
-    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
-    rate = timing.median_rate(lambda: matmul().numpy(), 1, 5, 3)
     gflop = [model_lib.forward_flops_per_image(model_lib.ModelConfig(**e.config["model"])) / 1e9
              for e in exports.find_exports(args.model_dir)]
-    return {"matmul_gflops_per_second": rate * 2 * n ** 3 / 1e9, "forward_gflop_per_image": gflop}
+    return {"matmul_gflops_per_second": timing.tf_matmul_gflops(tf), "forward_gflop_per_image": gflop}
 
 
 def image_subset(images: str, limit: int, into: str) -> tuple[str, int]:

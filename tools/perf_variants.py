@@ -18,6 +18,8 @@ experiment, not a second code path in salt_tf/). The outcomes are recorded in do
   bf16            Keras mixed_bfloat16 policy (bfloat16 convolutions, float32 variables and loss)
   onednn_off      TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own Eigen kernels)
   xla             the step with jit_compile=True (deterministic mode off: XLA conflicts with it)
+  fused_adam      Adam as one ResourceApplyAdam kernel per variable instead of Keras 3's ~8 elementwise ops
+                  (other bits: the kernel rounds 1 - beta_1 in float32; see patch_fused_adam)
   nchw_conv       micro-benchmark: one 3x3 conv (16->16 channels, 101x101) forward+backward, NCHW vs NHWC
 """
 
@@ -38,7 +40,7 @@ import timing  # tools/timing.py
 FLAGS = flags.FLAGS
 
 VARIANTS = ("baseline", "no_se", "no_bn", "keras_bn", "fit", "fit_keras_bn", "steps_per_loop", "bf16",
-            "onednn_off", "xla", "nchw_conv")
+            "onednn_off", "xla", "fused_adam", "nchw_conv")
 STEPS_PER_LOOP = 4
 
 
@@ -78,6 +80,31 @@ def nchw_conv(args) -> dict:
     return {"images_per_second": results["NHWC"], "nchw_images_per_second": results["NCHW"]}
 
 
+def patch_fused_adam() -> None:
+    """Makes every Keras Adam apply its update as TensorFlow's fused `ResourceApplyAdam` kernel, one per variable.
+
+    Keras 3's Adam.update_step spends ~8 elementwise ops per variable (~2,200 for the recipe's 275 variables). The
+    kernel does the same arithmetic in one pass but rounds `1 - beta_1` and `1 - beta_2` in float32 where Keras
+    computes them in Python's float64 and rounds once (0.100000024 against 0.1 for beta_1 = 0.9), so the weights
+    differ from the first step: an experiment, not a free change (docs/performance.md, issue 39).
+    """
+    import tensorflow as tf
+    from keras.src.optimizers import adam
+
+    def update_step(self, gradient, variable, learning_rate):
+        step = tf.cast(self.iterations + 1, variable.dtype)
+        index = self._get_variable_index(variable)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].handle, v=self._velocities[index].handle,
+            beta1_power=tf.pow(tf.cast(self.beta_1, variable.dtype), step),
+            beta2_power=tf.pow(tf.cast(self.beta_2, variable.dtype), step),
+            lr=tf.cast(learning_rate, variable.dtype), beta1=tf.constant(self.beta_1, variable.dtype),
+            beta2=tf.constant(self.beta_2, variable.dtype), epsilon=tf.constant(self.epsilon, variable.dtype),
+            grad=tf.cast(gradient, variable.dtype))
+
+    adam.Adam.update_step = update_step
+
+
 def child(args) -> dict:
     variant = args.child
     from salt_tf import determinism
@@ -90,6 +117,8 @@ def child(args) -> dict:
 
     from salt_tf import configs, losses, model as model_lib, step as step_lib
 
+    if variant == "fused_adam":
+        patch_fused_adam()
     if variant == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     if variant == "no_bn":

@@ -243,14 +243,10 @@ def tf_child(args) -> dict:
                          warmup=args.warmup)
     rate = statistics.median(rates)
     flops = model_lib.forward_flops_per_image(config)
-    n = args.matmul_size
-    a = tf.random.normal([n, n])
-    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
-    ceiling = timing.median_rate(lambda: matmul().numpy(), 1, 5, args.repeats, warmup=1)
     return {"images_per_second": rate, "rates": rates, "applied": applied,
             "parameters": model_lib.count_params(step.model), "loss": repr(step.loss_stages[0]),
             "forward_gflop_per_image": flops / 1e9, "train_gflops_per_second": rate * 3 * flops / 1e9,
-            "matmul_gflops_per_second": ceiling * 2 * n ** 3 / 1e9, "tensorflow": tf.__version__,
+            "matmul_gflops_per_second": timing.tf_matmul_gflops(tf, args.matmul_size, args.repeats), "tensorflow": tf.__version__,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()}
 
