@@ -19,7 +19,8 @@ whose folds are trained one after another in this process, each by salt_tf.cv's 
 --model_dir=S/trial-<n>/fold-k`, an ordinary fold run for `cv collect` and `predict`). The trial's value is the
 mean over its K folds of each fold's best --objective; it reports after every epoch of every fold at step
 fold * E + epoch (E: --epochs, or the space's highest), so the pruner compares the same fold and epoch across
-trials.
+trials. --folds=K with --fold=k in the train flags is a sweep on one fold instead: every trial is one run
+validating on fold k (1/K of a fold sweep's compute).
 
 Resume: rerunning the command resumes the study. A trial left RUNNING by a worker that died (SIGKILL, a lost
 machine) is adopted by the next worker on the same sweep folder: the same trial number, parameters and run
@@ -36,8 +37,8 @@ never counted) and stops. Trial parameters are a function of --seed, the trial n
 
 Everything a user can get wrong is checked before the first trial, one line and exit status 2: an unknown flag or
 a bad entry in the search space, a range a train flag's validator refuses, an unreachable storage, a study name
-already used with another search space, base flags or objective; in a fold sweep also --fold in the train flags
-(the sweep trains every fold), --fold or --folds in the space, and a K that leaves a fold without a validation
+already used with another search space, base flags or objective; in a fold sweep also --fold or --folds in the
+space (every trial trains the same K folds), and a K that leaves a fold without a validation
 image or a training batch (cv's whole-K-fold check). A training that fails on its own (non-finite
 steps, exit status 3 of train) fails its trial and the sweep goes on. Ctrl-C / SIGTERM: the running trial
 checkpoints and the worker stops (exit 130 / 143); the same command resumes it.
@@ -168,12 +169,14 @@ def parse_trial_flags(base_args: list[str], params_args: list[str], model_dir: s
     train.parse_train_argv(["train", *base_args, *params_args, f"--model_dir={model_dir}"])
 
 
-def check_train_flags(base_args: list[str], space: dict, enqueued: list[dict], space_path: str) -> dict:
+def check_train_flags(base_args: list[str], space: dict, enqueued: list[dict], space_path: str) -> tuple[dict, bool]:
     """Checks the base train flags, each value at the edges of the space and each enqueued trial, the way the
     train command checks its own (validators included), in this process; FLAGS are left as they were.
 
     Returns:
-        {flag: value} of the base flags (for the study's record; salt_flags.RESUME_MAY_CHANGE left out).
+        ({flag: value} of the base flags (for the study's record; salt_flags.RESUME_MAY_CHANGE left out),
+         whether it is a fold sweep: --folds=K with K >= 2 and no --fold. With --fold=k as well, every trial is
+         one run validating on fold k, a sweep on one fold that costs 1/K of a fold sweep.)
 
     Raises:
         SweepError: one line naming the flag, and the space entry or enqueued trial that set it.
@@ -189,7 +192,8 @@ def check_train_flags(base_args: list[str], space: dict, enqueued: list[dict], s
                              f"--space={space_path}: {name} cannot be swept (the sweep sets --model_dir itself)")
     with flagsaver.flagsaver():
         _parse_or_say(base_args, [], "the base train flags")
-        if flags.FLAGS.folds >= 2:
+        fold_sweep = flags.FLAGS.folds >= 2 and not flags.FLAGS["fold"].present
+        if fold_sweep:
             check_fold_space(space, space_path)
         # What a resume may change (where the data and run live, logging) may differ between workers.
         base = {k: v for k, v in salt_flags.run_flag_values().items() if k not in salt_flags.RESUME_MAY_CHANGE}
@@ -198,20 +202,16 @@ def check_train_flags(base_args: list[str], space: dict, enqueued: list[dict], s
                 _parse_or_say(base_args, space_arguments({name: value}), f"--space={space_path}: {name}={value}")
         for params in enqueued:
             _parse_or_say(base_args, space_arguments(params), f"--enqueue={params}")
-    return base
+    return base, fold_sweep
 
 
 def check_fold_space(space: dict, space_path: str) -> None:
-    """The checks of a fold sweep's parsed base flags (--folds=K, K >= 2) and space: no --fold (given on the command
-    line or in a flagfile: the sweep trains every fold k of a trial itself) and no --fold or --folds in the space.
+    """The check of a fold sweep's space (--folds=K, K >= 2, no --fold in the base flags): no --fold or --folds
+    in it (every trial trains the same K folds, each fold k of a trial itself).
 
     Raises:
         SweepError: one line naming the flag.
     """
-    if flags.FLAGS["fold"].present:
-        raise SweepError(f"--fold={flags.FLAGS.fold}: with --folds={flags.FLAGS.folds} every trial is a "
-                         "cross-validation whose K folds the sweep trains itself (<sweep_dir>/trial-<n>/fold-k); "
-                         "drop --fold")
     for name in FOLD_FLAGS:
         if name in space:
             raise SweepError(f"--space={space_path}: {name} cannot be swept in a fold sweep (--folds="
@@ -769,8 +769,8 @@ def prepare(fv: flags.FlagValues, train_args: list[str]):
     check_run_arguments(fv, train_args)
     space = load_space(fv.space)
     enqueued = parse_enqueued(fv.enqueue, space)
-    base = check_train_flags(train_args, space, enqueued, fv.space)
-    folds = int(base.get("folds") or 0)
+    base, fold_sweep = check_train_flags(train_args, space, enqueued, fv.space)
+    folds = int(base["folds"]) if fold_sweep else 0  # --folds=K --fold=k: one-run trials on fold k
     stride = fold_stride(base, space) if folds >= 2 else 0
     if folds >= 2:
         check_fold_trials(train_args, fv.sweep_dir)

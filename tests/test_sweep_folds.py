@@ -198,10 +198,6 @@ def test_sigkill_mid_fold_then_rerun_resumes_that_fold_and_keeps_the_finished_on
 
 
 @pytest.mark.parametrize("space, overrides, flagfile, says", [
-    ("learning_rate: {log_float: [1.0e-3, 3.0e-2]}\n", dict(fold=1), None,
-     "--fold=1: with --folds=2 every trial is a cross-validation"),
-    ("learning_rate: {log_float: [1.0e-3, 3.0e-2]}\n", {}, "--fold=1\n",
-     "--fold=1: with --folds=2 every trial is a cross-validation"),
     ("learning_rate: {log_float: [1.0e-3, 3.0e-2]}\n", dict(folds=200), None,
      "the base train flags: --folds=200 with 160 labelled images leaves 40 folds without a validation image"),
     ("learning_rate: {log_float: [1.0e-3, 3.0e-2]}\n", dict(folds=20, batch_size=160), None,
@@ -220,6 +216,25 @@ def test_bad_fold_sweep_input_is_one_line_before_anything_is_written(space, over
     err = capsys.readouterr().err.strip().splitlines()
     assert len([line for line in err if line.startswith("error: ")]) == 1 and says in err[-1], err
     assert not os.path.exists(sweep_dir)
+
+
+@pytest.mark.parametrize("where", ["command line", "flagfile"])
+def test_folds_with_fold_is_a_sweep_on_that_one_fold(where, demo_dir, tmp_path):
+    """--folds=2 --fold=1 (on the command line or in a flagfile): every trial is one run validating on fold 1, as
+    the train command's --fold=1 run is, not a cross-validation parent."""
+    sweep_dir = str(tmp_path / "one_fold")
+    space = space_file(str(tmp_path), "learning_rate: {log_float: [1.0e-3, 3.0e-2]}\n")
+    if where == "flagfile":
+        (tmp_path / "f.cfg").write_text("--fold=1\n")
+        argv = fold_sweep_argv(sweep_dir, space, 1, demo_dir, f"--flagfile={tmp_path / 'f.cfg'}", epochs=1)
+    else:
+        argv = fold_sweep_argv(sweep_dir, space, 1, demo_dir, epochs=1, fold=1)
+    assert run_sweep_here(argv) == 0
+    trial_dir = os.path.join(sweep_dir, "trial-0")
+    assert os.path.isfile(os.path.join(trial_dir, rundir.METRICS_FILE))
+    assert not os.path.exists(os.path.join(trial_dir, "fold-0"))
+    assert str(rundir.read_json(os.path.join(trial_dir, rundir.RECORD_FILE))["flags"]["fold"]) == "1"
+    assert len(pd.read_csv(os.path.join(trial_dir, rundir.METRICS_FILE))) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
