@@ -14,13 +14,36 @@ from train_helpers import selected, side_by_side
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _write_tiny_export(folder):
+    """An untrained model (width 4, depth 2, one block, hypercolumn) written as salt_tf exports one (as
+    test_serving's _write_export)."""
+    import dataclasses
+
+    import keras
+
+    from salt_tf import checkpoints, model as model_lib
+
+    keras.utils.set_random_seed(0)
+    config = model_lib.ModelConfig(base_width=4, depth=2, blocks_per_level=1, hypercolumn=True)
+    checkpoints.export_to(folder, model_lib.build_model(config), {"model": dataclasses.asdict(config),
+                                                                  "threshold": 0.5, "use_depth": False, "epoch": 1})
+
+
+# profile_step's command lines a user can get wrong: {fixture name: the start of its one stderr line}.
+PROFILE_ERRORS = {
+    "profile_both": "error: flags train_flagfile=",
+    "profile_missing_flagfile": "error: flag --train_flagfile=",
+    "profile_no_export": "error: flag --model_dir=",
+}
+
+
 @pytest.fixture(scope="module")
 def commands(request, tmp_path_factory, demo_dir):
-    """bench.py, perf_variants.py, profile_step.py and model_summary.py, started together when the module starts:
-    each runs its measuring children one after the other, and those are mostly single-threaded TensorFlow start-up
-    and tracing, so the four commands (and this module's in-process test) share the 2 cores instead of waiting in
-    turn. No figure is checked for speed. Returns {name: (Future of the CompletedProcess, its --json path or
-    None)}; a test's .result() waits for its command."""
+    """bench.py, perf_variants.py, profile_step.py (its three modes and three command-line mistakes) and
+    model_summary.py, started together when the module starts: each runs its measuring children one after the
+    other, and those are mostly single-threaded TensorFlow start-up and tracing, so the commands (and this module's
+    in-process tests) share the 2 cores instead of waiting in turn. No figure is checked for speed. Returns
+    {name: (Future of the CompletedProcess, its --json path or None)}; a test's .result() waits for its command."""
     out = tmp_path_factory.mktemp("tools")
     # bench.py times whole epochs and validations of its data: 48 images (39 training, 9 validation) report
     # every figure as 160 do, in 4 steps an epoch instead of 16.
@@ -30,6 +53,19 @@ def commands(request, tmp_path_factory, demo_dir):
     synthetic.generate(small, num_images=48, seed=0)
     tool = lambda name: os.path.join(REPO_ROOT, "tools", name)  # noqa: E731
     model = ["--base_width=4", "--depth=2", "--blocks_per_level=1"]
+    # profile_step --train_flagfile: the recipe's model and loss flags (flags/recipe.cfg) at width 4, depth 2, one
+    # block, batch 4; the command line's --depth=3 overrides the file's depth (test_profile_step_train_flagfile).
+    flagfile = out / "tiny_recipe.cfg"
+    flagfile.write_text("\n".join(["--base_width=4", "--depth=2", "--blocks_per_level=1", "--se", "--se_ratio=2",
+                                   "--se_type=scse", "--hypercolumn", "--deep_supervision", "--side_loss_weight=0.1",
+                                   "--image_loss_weight=0.05", "--loss=bce:1,lovasz_sym_elu:1", "--optimizer=adam",
+                                   "--learning_rate=0.001", "--batch_size=4", "--seed=0", ""]))
+    export = out / "export"  # profile_step --model_dir: an untrained tiny export (hypercolumn: resizes forward)
+    if selected(request, "test_profile_step_model_dir_profiles_prediction"):
+        _write_tiny_export(str(export))
+    profile = [sys.executable, tool("profile_step.py"), f"--data_dir={demo_dir}"]
+    empty = out / "empty"  # no export in it
+    empty.mkdir()
     runs = {
         "bench": ([sys.executable, tool("bench.py"), f"--data_dir={small}", *model, "--batch_size=8", "--steps=2",
                    "--repeats=1", "--matmul_size=128", f"--json={out / 'bench.json'}"], out / "bench.json", 600),
@@ -37,13 +73,26 @@ def commands(request, tmp_path_factory, demo_dir):
                            "--variants=baseline,keras_bn,steps_per_loop", *model, "--batch_size=4", "--steps=4",
                            "--repeats=1", f"--json={out / 'variants.json'}"], out / "variants.json", 600),
         # A child process: the profiler and determinism's thread settings want a fresh TensorFlow.
-        "profile_step": ([sys.executable, tool("profile_step.py"), f"--data_dir={demo_dir}", *model, "--batch_size=4",
-                          "--steps=2", "--top=40"], None, 300),
+        "profile_step": ([*profile, *model, "--batch_size=4", "--steps=2", "--top=40",
+                          f"--json={out / 'profile.json'}"], out / "profile.json", 300),
+        "profile_flagfile": ([*profile, f"--train_flagfile={flagfile}", "--depth=3", "--steps=2", "--by_name=6",
+                              f"--json={out / 'profile_flagfile.json'}"], out / "profile_flagfile.json", 300),
+        "profile_model_dir": ([*profile, f"--model_dir={export}", "--tta=hflip", "--steps=2", "--batch_size=4",
+                               f"--json={out / 'profile_model_dir.json'}"], out / "profile_model_dir.json", 300),
+        "profile_both": ([*profile, f"--train_flagfile={flagfile}", f"--model_dir={export}",
+                          f"--json={out / 'both.json'}"], out / "both.json", 300),
+        "profile_missing_flagfile": ([*profile, f"--train_flagfile={out / 'missing.cfg'}",
+                                      f"--json={out / 'missing.json'}"], out / "missing.json", 300),
+        "profile_no_export": ([*profile, f"--model_dir={empty}", f"--json={out / 'no_export.json'}"],
+                              out / "no_export.json", 300),
         "model_summary": ([sys.executable, tool("model_summary.py"), *model, "--se_type=scse", "--nobench",
                            "--init_scale", "--batch_size=4"], None, 300),
     }
     tests = {"bench": "test_bench_reports_every_figure", "perf_variants": "test_perf_variants_reports_each_variant",
              "profile_step": "test_profile_step_lists_the_convolutions",
+             "profile_flagfile": "test_profile_step_train_flagfile_counts_the_sorts_and_resizes",
+             "profile_model_dir": "test_profile_step_model_dir_profiles_prediction",
+             **{name: "test_profile_step_errors_are_one_line" for name in PROFILE_ERRORS},
              "model_summary": "test_model_summary_init_scale_covers_every_block"}
     runs = {name: run for name, run in runs.items() if selected(request, tests[name])}  # those of the selected tests
     with side_by_side({name: functools.partial(subprocess.run, command, capture_output=True, text=True,
@@ -87,12 +136,80 @@ def test_perf_variants_reports_each_variant(commands):
 
 
 def test_profile_step_lists_the_convolutions(commands):
-    result = commands["profile_step"][0].result()
+    future, out = commands["profile_step"]
+    result = future.result()
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
     conv_rows = [r for r in rows if "Conv2D" in r[0]]
     assert conv_rows, result.stdout
     assert all(float(r[1]) > 0 for r in conv_rows)
+    # The default step's loss is BCE + Dice: no Lovász sort (the flagfile's test counts them), no resize.
+    report = json.loads(out.read_text())
+    assert report["mode"] == "default" and report["batch_size"] == 4
+    assert "TopKV2" not in report["counts"] and "ResizeBilinear" not in report["counts"], report["counts"]
+
+
+def test_profile_step_train_flagfile_counts_the_sorts_and_resizes(commands):
+    """--train_flagfile profiles the step the train command builds of the flagfile (the recipe's scSE, hypercolumn,
+    deep supervision and bce + lovasz_sym_elu at depth 3, the command line's --depth over the file's 2). Op counts
+    per step, by hand from salt_tf/model.py and salt_tf/losses.py:
+
+      decoder levels 0, 1, 2 at 101, 50, 25 pixels; model._resize is a no-op at 101 already, so
+      hypercolumn():   levels 1 and 2 resized to 101                                    2 ResizeBilinear
+      SideOutputs:     the side logits of levels 1 and 2 resized to 101                   2 ResizeBilinear
+      -> 4 ResizeBilinear forward and their 4 ResizeBilinearGrad (each feeds the loss)
+      lovasz_symmetric: ONE _descending_order (one tf.math.top_k) per call; DeepSupervisionLoss calls the mask
+      loss on the fused output and on each of the 3 side outputs                         4 TopKV2
+      (4 distinct sort ops, each once a step), and 2 steps."""
+    future, out = commands["profile_flagfile"]
+    result = future.result()
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    steps, depth = 2, 3
+    assert report["mode"] == "train_flagfile" and report["batch_size"] == 4 and report["model"]["depth"] == depth
+    assert report["loss"].startswith("bce:1,lovasz_sym_elu:1") and report["applied"]["op_determinism"]
+    counts = report["counts"]
+    assert counts.get("TopKV2") == steps * (1 + depth), counts
+    assert counts.get("ResizeBilinear") == counts.get("ResizeBilinearGrad") == steps * (2 * (depth - 1)), counts
+    sorts = {name: n for name, n in report["name_counts"].items() if name.endswith(":TopKV2")}
+    assert len(sorts) == 1 + depth and set(sorts.values()) == {steps}, sorts
+    # --by_name=6: six "<op name>:<op type>  seconds" rows after the types, by decreasing time, no wrapper (the
+    # function call "KernelAndDeviceFunc::Run", its executor's "Process", "EagerLocalExecute: __inference_...")
+    lines = result.stdout.splitlines()
+    start = lines.index("op names by time (top 6):") + 1
+    rows = [re.fullmatch(r"  (\S+)  ([0-9.]+) s .*", line) for line in lines[start:]]
+    assert len(rows) == 6 and all(rows), result.stdout
+    names, times = [row[1] for row in rows], [float(row[2]) for row in rows]
+    assert times == sorted(times, reverse=True) and all(name in report["name_seconds"] for name in names)
+    assert not [name for name in names if name.rsplit(":", 1)[1] in ("Run", "Process") or "__inference" in name]
+
+
+def test_profile_step_model_dir_profiles_prediction(commands):
+    """--model_dir profiles predict submit's batch: inference only (no gradient: no *Grad* op, no weight gradient
+    Conv2DBackpropFilter, nothing under gradient_tape/; the decoder's transposed convolution is a
+    Conv2DBackpropInput forward), and tta.tta_function's flips for --tta=hflip (views none, hflip): the input's
+    hflip view and its probability's un-flip, 2 ReverseV2 a call, 2 calls (the identity view flips nothing)."""
+    future, out = commands["profile_model_dir"]
+    result = future.result()
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["mode"] == "model_dir" and report["batch_size"] == 4 and report["views"] == ["none", "hflip"]
+    counts = report["counts"]
+    assert counts.get("ResizeBilinear") == 2 * 1  # the hypercolumn's level 1 (depth 2), one model call per call
+    assert not [op for op in counts if "Grad" in op or "BackpropFilter" in op], counts
+    assert not [name for name in report["name_counts"] if name.startswith("gradient_tape/")]
+    assert counts.get("ReverseV2") == 2 * 2, counts
+
+
+@pytest.mark.parametrize("name", PROFILE_ERRORS)
+def test_profile_step_errors_are_one_line(commands, name):
+    future, out = commands[name]
+    result = future.result()
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and not out.exists(), result.stdout + result.stderr
+    assert len(lines) == 1 and lines[0].startswith(PROFILE_ERRORS[name]), result.stderr
+    assert {"profile_both": "not both", "profile_missing_flagfile": "no such file",
+            "profile_no_export": "no exported model"}[name] in lines[0]
 
 
 def test_model_summary_init_scale_covers_every_block(commands):
