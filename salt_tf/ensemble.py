@@ -407,27 +407,55 @@ def evaluate(truth: np.ndarray, tta_probabilities: np.ndarray, names: Sequence[s
     return rows, final
 
 
-def error_breakdown(truth: np.ndarray, masks: np.ndarray) -> dict:
+RESCUE_STEP = 0.02  # the lower thresholds error_breakdown tries on missed images: 0.02, 0.04, ... below the mask's
+
+
+def error_breakdown(truth: np.ndarray, masks: np.ndarray, probabilities: np.ndarray | None = None,
+                    threshold: float = 0.5) -> dict:
     """Where a prediction loses points: the score per coverage group, how many images without salt got
     some ("false salt") and how many with salt got none ("missed"), and the score if no image without salt
-    got any — what a perfect empty/not-empty decision on top of these masks would reach at most."""
+    got any — what a perfect empty/not-empty decision on top of these masks would reach at most.
+
+    With the `probabilities` the masks were thresholded from (at `threshold`), also what a lower threshold could
+    recover of the missed images: each missed image at its own best threshold of RESCUE_STEP, 2 x RESCUE_STEP, ...
+    below `threshold` — an upper bound for any threshold rule (a rescue threshold where the mask comes out empty,
+    a threshold per predicted size), since it is chosen per image with the truth. "rescuable_images": missed
+    images that score above 0 at some lower threshold; "with_missed_rescued": the score if each did so.
+    """
     truth = np.asarray(truth).reshape(np.shape(masks)).astype(bool)
     masks = np.asarray(masks, dtype=bool)
     scores = metrics.image_scores(truth, masks)
     has_salt = truth.reshape(len(truth), -1).any(axis=1)
     predicted_salt = masks.reshape(len(masks), -1).any(axis=1)
-    return {"all": float(scores.mean()), **metrics.coverage_group_scores(truth, scores),
-            "false_salt_images": int((predicted_salt & ~has_salt).sum()),
-            "missed_images": int((has_salt & ~predicted_salt).sum()),
-            "without_false_salt": float(metrics.image_scores(truth, masks & has_salt[:, None, None]).mean())}
+    missed = has_salt & ~predicted_salt
+    result = {"all": float(scores.mean()), **metrics.coverage_group_scores(truth, scores),
+              "false_salt_images": int((predicted_salt & ~has_salt).sum()),
+              "missed_images": int(missed.sum()),
+              "without_false_salt": float(metrics.image_scores(truth, masks & has_salt[:, None, None]).mean())}
+    if probabilities is not None:
+        best = _best_lower_threshold_scores(truth[missed], np.asarray(probabilities)[missed], threshold)
+        rescued = scores.copy()
+        rescued[missed] = best
+        result.update(rescuable_images=int((best > 0).sum()), with_missed_rescued=float(rescued.mean()))
+    return result
+
+
+def _best_lower_threshold_scores(truth: np.ndarray, probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """[N] each image's best score over the thresholds RESCUE_STEP, 2 x RESCUE_STEP, ... below `threshold`."""
+    best = np.zeros(len(truth))
+    if not len(truth):
+        return best
+    for k in range(1, int(np.ceil(threshold / RESCUE_STEP - 1e-9))):
+        best = np.maximum(best, metrics.image_scores(truth, probabilities > k * RESCUE_STEP))
+    return best
 
 
 def format_breakdown(named: Sequence[tuple[str, dict]]) -> str:
     """error_breakdown results of several predictions as one aligned table."""
     width = max(len("model"), *(len(name) for name, _ in named))
     columns = ["all", "empty", "small", "medium", "large", "false_salt_images", "missed_images",
-               "without_false_salt"]
-    heads = ["all", "empty", "small", "medium", "large", "false+", "missed", "no false+"]
+               "without_false_salt", "rescuable_images", "with_missed_rescued"]
+    heads = ["all", "empty", "small", "medium", "large", "false+", "missed", "no false+", "rescuable", "rescued"]
     lines = [f"{'model':<{width}}  " + "  ".join(f"{h:>9}" for h in heads)]
     for name, b in named:
         cells = [("n/a" if c not in b else f"{b[c]:d}" if isinstance(b[c], int) else f"{b[c]:.4f}")

@@ -563,12 +563,14 @@ def _report_breakdown(names: list[str], truth: np.ndarray, views: Sequence[str],
     """Prints where the points are lost per model (and their mean), and the choice against the best single."""
     shown = ensemble.views_label(views)
     label = "plain" if shown == "none" else f"tta {shown}"
-    named = [(f"{name} ({label})", ensemble.error_breakdown(truth, p > 0.5)) for name, p in zip(names, with_tta)]
+    named = [(f"{name} ({label})", ensemble.error_breakdown(truth, p > 0.5, p)) for name, p in zip(names, with_tta)]
     if len(names) > 1:
-        named.append((f"mean of {len(names)} ({label})",
-                      ensemble.error_breakdown(truth, np.mean(with_tta, 0) > 0.5)))
+        mean = np.mean(with_tta, 0)
+        named.append((f"mean of {len(names)} ({label})", ensemble.error_breakdown(truth, mean > 0.5, mean)))
     _say("where the points are lost, at threshold 0.5 (score per coverage group; images without salt that got "
-         "some; images with salt that got none; the score with no salt on images without any):")
+         "some; images with salt that got none; the score with no salt on images without any; missed images that "
+         "score at some lower threshold, and the score if each got its best: the most a threshold rule can win "
+         "back on them):")
     _say(ensemble.format_breakdown(named))
     versus = chosen.scores["vs_best_single"]
     _say(f"vs the best single model by cv, {versus['model']} ({versus['cv']:.4f}): {versus['difference']:+.4f} "

@@ -201,7 +201,33 @@ def test_error_breakdown_by_hand():
     assert (b["false_salt_images"], b["missed_images"]) == (1, 1)
     assert b["without_false_salt"] == 0.75     # image 0 cleared: 1, 0, 1, 1
     table = ensemble.format_breakdown([("m", b)]).splitlines()
-    assert table[1].split() == ["m", "0.5000", "0.0000", "1.0000", "0.0000", "1.0000", "1", "1", "0.7500"]
+    assert table[1].split() == ["m", "0.5000", "0.0000", "1.0000", "0.0000", "1.0000", "1", "1", "0.7500",
+                                "n/a", "n/a"]  # no probabilities: nothing said of lower thresholds
+
+
+def test_error_breakdown_rescue_by_hand():
+    """The missed images at their best lower threshold, against scores worked out by hand."""
+    truth = np.zeros((5, 10, 10), dtype=bool)
+    p = np.zeros((5, 10, 10), dtype=np.float32)
+    truth[0, :4, :5] = True; p[0, :4, :5] = 0.9         # found at 0.5: score 1, not a missed image
+    truth[1, :2, :5] = True; p[1, :2, :5] = 0.3         # missed; exact at 0.02 .. 0.28: 1
+    p[1, 5:, 5:] = 0.1                                   # ... and 25 false pixels at 0.02 .. 0.08 (IoU 10/35)
+    truth[2, :4, :5] = True; p[2, :4, :4] = 0.2         # missed; 16 of 20 px at 0.02 .. 0.18: IoU 0.8 -> 6/10
+    truth[3, 5:, 5:] = True; p[3, :5, :5] = 0.4         # missed; a wrong place at every threshold: 0
+    p[4, 0, 0] = 0.45                                    # no salt, empty at 0.5: 1 (and not a missed image)
+    b = ensemble.error_breakdown(truth, p > 0.5, p, threshold=0.5)
+    # At 0.5: scores 1, 0, 0, 0, 1. Best lower thresholds: image 1 -> 1, image 2 -> 0.6 (IoU 0.8 > 0.5 .. 0.75), 3 -> 0.
+    assert b["missed_images"] == 3 and b["all"] == pytest.approx(0.4)
+    assert b["rescuable_images"] == 2
+    assert b["with_missed_rescued"] == pytest.approx((1 + 1 + 0.6 + 0 + 1) / 5)
+    # Below 0.1 only 0.02 .. 0.08 are tried (0.1 itself is not below): image 1 keeps its 25 false pixels (IoU
+    # 10/35: 0), image 2 still scores 0.6.
+    low = ensemble.error_breakdown(truth, p > 0.5, p, threshold=0.1)
+    assert low["rescuable_images"] == 1 and low["with_missed_rescued"] == pytest.approx((1 + 0 + 0.6 + 0 + 1) / 5)
+    nothing_below = ensemble.error_breakdown(truth, p > 0.5, p, threshold=0.02)
+    assert nothing_below["rescuable_images"] == 0 and nothing_below["with_missed_rescued"] == pytest.approx(0.4)
+    none_missed = ensemble.error_breakdown(truth[[0, 4]], p[[0, 4]] > 0.5, p[[0, 4]])
+    assert none_missed["rescuable_images"] == 0 and none_missed["with_missed_rescued"] == 1.0
 
 
 def test_evaluate_with_one_model_says_n_a_for_stacking():
