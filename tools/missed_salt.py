@@ -180,13 +180,17 @@ def load(args):
         arrays = oof.load(os.path.join(args.oof, rundir.OOF_FILE))
         return arrays["masks"].astype(bool).reshape(arrays["probabilities"].shape), arrays["probabilities"], \
             arrays.get("has_salt")
-    from salt_tf import exports, pipeline, rundir, tta
+    from salt_tf import exports, rundir, tfstart
     from salt_tf.data import kaggle, splits
 
+    # Every check a user can fail first, without TensorFlow: the models, the split, the data.
     entries = exports.find_exports(args.model_dir)
     run = args.model_dir
     split = splits.read_split(os.path.join(run, rundir.SPLIT_FILE))
     data = kaggle.load_labelled(args.data_dir or rundir.data_dir(run), list(split.loc[split["role"] == "val", "id"]))
+    tfstart.import_tensorflow()  # the commands' quiet start (no CUDA notices)
+    from salt_tf import pipeline, tta
+
     predictions = []
     for entry in entries:
         inputs, truth = pipeline.to_arrays(data, exports.restore(entry).use_depth)
