@@ -1,17 +1,13 @@
 """tools/missed_salt.py: the missed-salt measures against cases worked out by hand (NumPy only, no TensorFlow)."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-try:
-    import missed_salt
-finally:
-    sys.path.pop(0)
+from tool_modules import import_tool
+
+missed_salt = import_tool("missed_salt")
 
 
 def _two_images():

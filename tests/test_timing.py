@@ -1,15 +1,10 @@
 """tools/timing.py, the benchmark tools' one timing helper, against a callable whose duration is known."""
 
-import os
-import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-try:
-    import timing
-finally:
-    sys.path.pop(0)
+from tool_modules import import_tool
+
+timing = import_tool("timing")
 
 
 def test_rates_count_warmup_and_timed_calls_and_measure_the_sleep():

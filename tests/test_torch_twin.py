@@ -17,12 +17,11 @@ import keras  # noqa: E402
 from salt_tf import model as model_lib  # noqa: E402
 from train_helpers import selected, side_by_side  # noqa: E402
 
+from tool_modules import import_tool  # noqa: E402
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-try:
-    import torch_twin  # noqa: E402
-finally:
-    sys.path.pop(0)
+torch_twin = import_tool("torch_twin")
+
 
 # Small configs covering both upsampling cases ('valid' 50->101 and 12->25, 'same' 25->50, 6->12 and 3->6), one and
 # two blocks, projections, an SE hidden width clamped to 1 (2 // 4 = 0 -> 1), another SE ratio, no SE, depth 5.
