@@ -433,14 +433,14 @@ def error_breakdown(truth: np.ndarray, masks: np.ndarray, probabilities: np.ndar
               "missed_images": int(missed.sum()),
               "without_false_salt": float(metrics.image_scores(truth, masks & has_salt[:, None, None]).mean())}
     if probabilities is not None:
-        best = _best_lower_threshold_scores(truth[missed], np.asarray(probabilities)[missed], threshold)
+        best = best_lower_threshold_scores(truth[missed], np.asarray(probabilities)[missed], threshold)
         rescued = scores.copy()
         rescued[missed] = best
         result.update(rescuable_images=int((best > 0).sum()), with_missed_rescued=float(rescued.mean()))
     return result
 
 
-def _best_lower_threshold_scores(truth: np.ndarray, probabilities: np.ndarray, threshold: float) -> np.ndarray:
+def best_lower_threshold_scores(truth: np.ndarray, probabilities: np.ndarray, threshold: float) -> np.ndarray:
     """[N] each image's best score over the thresholds RESCUE_STEP, 2 x RESCUE_STEP, ... below `threshold`."""
     best = np.zeros(len(truth))
     if not len(truth):

@@ -35,7 +35,7 @@ import numpy as np
 RESCUE_THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 RESCUE_HEAD = (0.0, 0.3, 0.5, 0.7)
 RESCUE_MIN_PIXELS = (0, 50, 200, 500)
-GRID = np.round(np.arange(0.02, 0.99, 0.02), 2)  # the thresholds a per-image or per-size best is chosen from
+GRID = np.round(np.arange(0.02, 0.99, 0.02), 2)  # the thresholds a per-size best is chosen from
 
 
 def rescue(truth, probabilities, head, threshold: float, r: float, g: float, m: int) -> np.ndarray:
@@ -75,7 +75,7 @@ def rescue_rules(truth, probabilities, head, threshold: float) -> list[dict]:
 
 def small_masks(truth, probabilities, threshold: float) -> dict:
     """The salt images of coverage group "small" (metrics.COVERAGE_GROUPS): how they fare at `threshold`."""
-    from salt_tf import metrics
+    from salt_tf import ensemble, metrics
 
     truth = np.asarray(truth, bool)
     n = len(truth)
@@ -88,8 +88,7 @@ def small_masks(truth, probabilities, threshold: float) -> dict:
     inter = (truth & masks).reshape(n, -1).sum(axis=1)
     union = (truth | masks).reshape(n, -1).sum(axis=1)
     partly = small & (scores > 0) & (scores < 1)
-    best = np.max([metrics.image_scores(truth[small], probabilities[small] > t) for t in GRID], axis=0) \
-        if small.any() else np.zeros(0)
+    best = ensemble.best_lower_threshold_scores(truth[small], probabilities[small], 1.0)  # 0.02 .. 0.98
     return {"images": int(small.sum()), "score": float(scores[small].mean()) if small.any() else float("nan"),
             "empty": int((small & ~predicted).sum()), "wrong_place": int((small & predicted & (scores == 0)).sum()),
             "partly": int(partly.sum()), "exact": int((small & (scores == 1)).sum()),
